@@ -1,0 +1,140 @@
+"""Shared configuration defaults and validation.
+
+Every file in `configs/` starts from `base_config()` and changes what differs.
+The defaults are the reference's hyper-parameters (METHOD.md sections 4-12) for
+GTA5 -> Cityscapes at 512x512 crops; `validate` turns a bad combination into a
+one-line `ValueError` before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+WEAK_LABEL_KINDS = ("none", "image", "point", "coarse")
+STAGES = ("source_only", "adapt", "oracle")
+DEPTHS = (18, 34, 50, 101)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the reference's hyper-parameters; configs override what differs."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_classes = 19
+    # 'source_only': stage 1 on source labels; 'adapt': stage 2 (the method);
+    # 'oracle': supervised training on the target's fine labels.
+    c.stage = "adapt"
+    # Target weak label: 'none' (plain UDA), 'image', 'point' or 'coarse'.
+    c.weak_label = "coarse"
+    c.num_steps = 150_000
+    c.batch_size = 4  # Global, per domain: 4 source + 4 target images per step.
+    c.compute_dtype = "float32"  # or 'bfloat16' (parameters and losses stay float32).
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 101
+    c.model.width = 64  # Channels of the stem; torchvision ResNets use 64.
+    c.model.proj_dim = 256
+    c.model.aspp_dilations = (12, 24, 36, 48)
+
+    c.init = ml_collections.ConfigDict()
+    c.init.imagenet = ""  # Converted torchvision ResNet (.pth or .npz), stage 1.
+    c.init.init_from = ""  # Stage-1 checkpoint directory (student and teacher), stage 2.
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "gta5"
+    c.data.target = "cityscapes_weak"
+    c.data.data_dir = "~/tensorflow_datasets"  # Where prepared datasets live.
+    c.data.manual_dir = ""  # Raw download, used only to prepare.
+    c.data.source_manual_dir = ""  # Raw source download when it differs from manual_dir.
+    c.data.crop_size = (512, 512)  # (height, width)
+    c.data.scale_range = (0.5, 2.0)
+    c.data.flip = True
+    c.data.jitter = 0.25
+    c.data.num_workers = 2
+    c.data.prefetch_buffer_size = 2
+    c.data.points_per_class = 1
+    c.data.eval_resize = ()  # (height, width) to resize val images, () = full size.
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.seg_mix = 1.0
+    c.loss.seg_s = 1.0
+    c.loss.seg_u = 1.0
+    c.loss.edge_s = 10.0
+    c.loss.inter = 0.5
+    c.loss.intra_tgt = 0.25
+    c.loss.intra_src = 0.25
+    c.loss.im_u = 1.0
+    c.loss.im_proto = 1.0
+    c.loss.contrast_start = 10_000  # Steps before the contrastive and image losses switch on.
+    c.loss.use_contrast = True
+    c.loss.temperature = 0.1
+    c.loss.base_temperature = 0.07
+    c.loss.max_views = 20
+    c.loss.inter_max_samples = 512
+    c.loss.intra_max_samples = 256
+    c.loss.inter_easy_threshold = 0.95
+    c.loss.intra_easy_threshold = 0.96
+    c.loss.boundary_tau = 0.5
+
+    c.pseudo = ml_collections.ConfigDict()
+    c.pseudo.threshold = 0.968  # Confidence for the ClassMix pixel weight.
+    c.pseudo.proto_threshold = 0.95  # Confidence for prototype members / inter labels.
+    c.pseudo.ignore_top = 15
+    c.pseudo.ignore_bottom = 120
+    c.pseudo.filter_by_presence = False  # Improvement for 'image': drop absent classes.
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.decay = 0.999
+    c.ema.ramp = False  # a = min(1 - 1/(step+1), decay), the reference's other mode.
+
+    c.classmix = ml_collections.ConfigDict()
+    c.classmix.enabled = True
+    c.classmix.per_image = False  # Faithful default: classes drawn from the whole batch.
+    c.classmix.jitter_prob = 0.8
+    c.classmix.jitter_strength = 0.25
+    c.classmix.blur_prob = 0.5
+    c.classmix.blur_sigma = (0.15, 1.15)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2.5e-3
+    c.optim.head_lr_mult = 10.0
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+    c.optim.warmup_steps = 1500
+    c.optim.power = 0.9
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 5000
+    c.eval.batch_size = 2
+    c.eval.scales = (1.0,)
+    c.eval.flip = False
+    c.eval.num_panels = 4
+    c.eval.max_images = 0  # 0 = the whole split.
+
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 2000
+    c.keep_checkpoints = 3
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises a one-line ValueError for a configuration that cannot run."""
+    if config.weak_label not in WEAK_LABEL_KINDS:
+        raise ValueError(f"config.weak_label={config.weak_label!r}: expected one of {WEAK_LABEL_KINDS}")
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
+    if config.model.depth not in DEPTHS:
+        raise ValueError(f"config.model.depth={config.model.depth}: expected one of {DEPTHS}")
+    if config.batch_size % num_devices:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices"
+        )
+    if config.loss.contrast_start < 0:
+        raise ValueError(f"config.loss.contrast_start={config.loss.contrast_start} must be >= 0")
+    height, width = config.data.crop_size
+    if height < 16 or width < 16 or height % 8 or width % 8:
+        raise ValueError(
+            f"config.data.crop_size={tuple(config.data.crop_size)}: both sides must be multiples "
+            "of the output stride 8 and at least 16"
+        )
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
