@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.width = 64  # Channels of the stem; torchvision ResNets use 64.
     c.model.proj_dim = 256
     c.model.aspp_dilations = (12, 24, 36, 48)
+    c.model.stage_sizes = ()  # Blocks per stage; () = the depth's standard (3, 4, 23, 3) etc.
 
     c.init = ml_collections.ConfigDict()
     c.init.imagenet = ""  # Converted torchvision ResNet (.pth or .npz), stage 1.
@@ -53,6 +54,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prefetch_buffer_size = 2
     c.data.points_per_class = 1
     c.data.eval_resize = ()  # (height, width) to resize val images, () = full size.
+    # The embedded procedural dataset (data.source='synthetic_source',
+    # data.target='synthetic_target'), generated on first use.
+    c.data.synthetic = ml_collections.ConfigDict()
+    c.data.synthetic.height = 128
+    c.data.synthetic.width = 256
+    c.data.synthetic.num_source = 2000
+    c.data.synthetic.num_target_train = 1000
+    c.data.synthetic.num_target_val = 200
+    c.data.synthetic.seed = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.seg_mix = 1.0
