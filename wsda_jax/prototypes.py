@@ -1,0 +1,90 @@
+"""Class prototypes from pixel features (METHOD.md section 7).
+
+For every class c present in `center`: `m_c` = mean feature over the `center == c`
+pixels; over the `member == c` pixels the weights `w_i = F_i . m_c` are normalised
+to sum to 1 and `P_c = sum_i w_i F_i`. Classes absent from `center` keep their
+previous prototype. All per-class sums are one-hot matmuls (no loop over classes)
+and, with `axis_name`, are `psum`-ed before any division, so every device holds the
+prototypes of the global batch (never an average of per-device means).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wsda_jax import label_ops
+
+
+def _class_sums(
+    features: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """Per-class feature sums `[C, D]` and pixel counts `[C]` (labels outside [0, C) skipped)."""
+    flat = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
+    one_hot = jax.nn.one_hot(labels.reshape(-1), num_classes, dtype=jnp.float32)
+    return one_hot.T @ flat, jnp.sum(one_hot, axis=0)
+
+
+def update_prototypes(
+    prototypes: jax.Array,
+    features: jax.Array,
+    center: jax.Array,
+    member: jax.Array,
+    *,
+    center_features: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Returns the updated prototypes `[C, D]` float32, under stop_gradient.
+
+    Args:
+      prototypes: float `[C, D]`, the previous prototypes.
+      features: float `[B, h, w, D]` pixel features (members are weighted from these).
+      center: int `[B, H', W']` label map that selects the pixels of the class means,
+        at the resolution of `center_features` (of `features` when that is None).
+      member: int `[B, h, w]` label map that selects the pixels averaged into `P_c`.
+      center_features: optional float `[B, H', W', D]` for the class means, e.g. the
+        features upsampled to label resolution so that point labels survive.
+      axis_name: mapped axis over which the sums and counts are `psum`-ed.
+
+    A class present in `center` whose member weights sum to exactly 0 (in particular
+    one with no member pixel) also keeps its previous prototype: dividing by zero
+    would otherwise write NaN into the state.
+    """
+    if prototypes.ndim != 2:
+        raise ValueError(f"prototypes must be [C, D], got shape {prototypes.shape}")
+    num_classes, dim = prototypes.shape
+    if features.ndim != 4 or features.shape[-1] != dim:
+        raise ValueError(f"features must be [B, h, w, D={dim}], got shape {features.shape}")
+    if member.shape != features.shape[:3]:
+        raise ValueError(f"member {member.shape} must match features {features.shape[:3]}")
+    if center_features is None:
+        center_features = features
+    if center_features.ndim != 4 or center_features.shape[-1] != dim:
+        raise ValueError(
+            f"center_features must be [B, H', W', D={dim}], got shape {center_features.shape}"
+        )
+    if center.shape != center_features.shape[:3]:
+        raise ValueError(
+            f"center {center.shape} must match center_features {center_features.shape[:3]}"
+        )
+    label_ops.check_label_values(center, num_classes, "center")
+    label_ops.check_label_values(member, num_classes, "member")
+
+    features = jax.lax.stop_gradient(features)
+    center_features = jax.lax.stop_gradient(center_features)
+    psum = (lambda x: jax.lax.psum(x, axis_name)) if axis_name is not None else (lambda x: x)
+
+    center_sum, center_count = _class_sums(center_features, center, num_classes)
+    center_sum, center_count = psum(center_sum), psum(center_count)
+    means = center_sum / jnp.maximum(center_count, 1.0)[:, None]  # m_c, [C, D]
+
+    flat = features.reshape(-1, dim).astype(jnp.float32)
+    member_hot = jax.nn.one_hot(member.reshape(-1), num_classes, dtype=jnp.float32)
+    weights = (flat @ means.T) * member_hot  # w_i for member == c, else 0; [N, C]
+    weighted_sum = psum(weights.T @ flat)  # [C, D]
+    weight_total = psum(jnp.sum(weights, axis=0))  # [C]
+
+    update = (center_count > 0) & (weight_total != 0)
+    new = weighted_sum / jnp.where(update, weight_total, 1.0)[:, None]
+    result = jnp.where(update[:, None], new, prototypes.astype(jnp.float32))
+    return jax.lax.stop_gradient(result)
