@@ -1,0 +1,295 @@
+"""Tests of the TFDS builders, record format and sources on tiny trees in the real layouts."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import fixture_trees
+import numpy as np
+import pytest
+
+from wsda_jax import classes, config_lib
+from wsda_jax.data import builders, records, sources
+from wsda_jax.data.builders import base
+
+
+def _config_data(data_dir, manual_dir=""):
+    config_data = config_lib.base_config().data
+    config_data.data_dir = str(data_dir)
+    config_data.manual_dir = str(manual_dir)
+    config_data.num_workers = 1
+    config_data.points_per_class = 2
+    config_data.synthetic.height = 32
+    config_data.synthetic.width = 64
+    config_data.synthetic.num_source = 2
+    config_data.synthetic.num_target_train = 3
+    config_data.synthetic.num_target_val = 2
+    return config_data
+
+
+def _prepare(dataset, data_dir, manual_dir, **kwargs):
+    builder = builders.make_builder(dataset, _config_data(data_dir, manual_dir), **kwargs)
+    return builders.prepare(builder)
+
+
+def _read(dataset, split, data_dir):
+    source = sources.open_split(dataset, split, _config_data(data_dir))
+    examples = [records.decode_example(source[i]) for i in range(len(source))]
+    return {example["name"]: example for example in examples}
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    return {
+        "gta5": fixture_trees.make_gta5_tree(str(root / "gta5")),
+        "synthia": fixture_trees.make_synthia_tree(str(root / "synthia")),
+        "cityscapes": fixture_trees.make_cityscapes_tree(str(root / "cityscapes")),
+        "folder": fixture_trees.make_folder_tree(str(root / "folder")),
+    }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, trees):
+    """One data_dir with every real-layout dataset prepared once; summaries by dataset."""
+    data_dir = tmp_path_factory.mktemp("prepared")
+    summaries = {
+        "gta5": _prepare("gta5", data_dir, trees["gta5"].root),
+        "gta5/skip": _prepare("gta5/skip", data_dir, trees["gta5"].root),
+        "synthia": _prepare("synthia", data_dir, trees["synthia"].root),
+        "cityscapes_weak": _prepare("cityscapes_weak", data_dir, trees["cityscapes"].root),
+        "folder_pairs/mine": _prepare(
+            "folder_pairs/mine",
+            data_dir,
+            trees["folder"].root,
+            options={
+                "image_glob": "img/*_rgb.png",
+                "label_glob": "gt/*_ids.png",
+                "id_map": trees["folder"].info["id_map"],
+            },
+        ),
+    }
+    return data_dir, summaries
+
+
+def test_png_rgb16_reader_all_filters():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 65536, (21, 13, 3), dtype=np.uint16)
+    array[:5] = 7  # Flat rows too, as in real label maps.
+    np.testing.assert_array_equal(
+        records.read_png_rgb16(fixture_trees.encode_png_rgb16(array)), array
+    )
+    rgb8 = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    decoded = records.read_png_rgb16(records.encode_png(rgb8))
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded, rgb8)
+
+
+def test_record_round_trip():
+    rng = np.random.default_rng(1)
+    example = {
+        "image": rng.integers(0, 256, (6, 7, 3), dtype=np.uint8),
+        "label": rng.integers(0, 19, (6, 7), dtype=np.uint8),
+        "coarse_label": np.full((6, 7), 255, np.uint8),
+        "point_label": np.full((6, 7), 255, np.uint8),
+        "presence": np.eye(19, dtype=np.uint8)[3],
+        "name": "aachen_000000_000019",
+    }
+    record = records.encode_example(example)
+    assert record["image"].startswith(records.PNG_SIGNATURE)
+    assert record["label"].startswith(records.PNG_SIGNATURE)
+    decoded = records.decode_example(dict(record, name=record["name"].encode()))
+    for key, value in example.items():
+        np.testing.assert_array_equal(decoded[key], value)
+    assert decoded["name"] == "aachen_000000_000019"
+    with pytest.raises(ValueError, match="unknown record key"):
+        records.encode_example({"depth": example["label"]})
+
+
+def test_gta5_labels_resize_and_counts(trees, data_dir):
+    data_dir, summaries = data_dir
+    tree = trees["gta5"]
+    examples = _read("gta5", "train", data_dir)
+    assert sorted(examples) == sorted(tree.labels)
+    for name, example in examples.items():
+        np.testing.assert_array_equal(example["label"], tree.labels[name])
+        assert example["image"].shape == (*tree.labels[name].shape, 3)
+        assert set(example) == {"image", "label", "name"}
+    np.testing.assert_array_equal(examples["00001"]["image"], tree.images["00001"])
+    assert tree.images["00002"].shape != examples["00002"]["image"].shape  # Resized to the label.
+    counts = summaries["gta5"]["splits"]["train"]
+    assert counts["images"] == 3 and counts["resized"] == 1
+    assert counts["out_of_map_pixels"] == tree.info["out_of_map_pixels"]
+
+
+def test_gta5_skip_variant(trees, data_dir):
+    data_dir, summaries = data_dir
+    examples = _read("gta5/skip", "train", data_dir)
+    assert sorted(examples) == ["00001", "00003"]
+    assert summaries["gta5/skip"]["splits"]["train"]["skipped"] == 1
+
+
+def test_synthia_16bit_labels(trees, data_dir):
+    data_dir, summaries = data_dir
+    tree = trees["synthia"]
+    examples = _read("synthia", "train", data_dir)
+    assert sorted(examples) == sorted(tree.labels)
+    for name, example in examples.items():
+        np.testing.assert_array_equal(example["label"], tree.labels[name])
+        np.testing.assert_array_equal(example["image"], tree.images[name])
+    assert summaries["synthia"]["splits"]["train"]["out_of_map_pixels"] == 4
+
+
+def _check_weak_labels(example, k):
+    fine, points, coarse = example["label"], example["point_label"], example["coarse_label"]
+    present = [c for c in np.unique(fine) if c != 255]
+    np.testing.assert_array_equal(np.flatnonzero(example["presence"]), present)
+    labelled = points != 255
+    np.testing.assert_array_equal(points[labelled], fine[labelled])
+    for c in present:
+        assert np.count_nonzero(points == c) == min(k, np.count_nonzero(fine == c))
+    kept = coarse != 255
+    np.testing.assert_array_equal(coarse[kept], fine[kept])
+
+
+def test_cityscapes_weak(trees, data_dir):
+    data_dir, summaries = data_dir
+    tree = trees["cityscapes"]
+    train, val = (
+        _read("cityscapes_weak", "train", data_dir),
+        _read("cityscapes_weak", "val", data_dir),
+    )
+    splits = tree.info["splits"]
+    assert sorted(train) == sorted(n for n, s in splits.items() if s == "train")
+    assert sorted(val) == sorted(n for n, s in splits.items() if s == "val")
+    for name, example in {**train, **val}.items():
+        np.testing.assert_array_equal(example["label"], tree.labels[name])
+        np.testing.assert_array_equal(example["image"], tree.images[name])
+        _check_weak_labels(example, k=2)
+    for name, example in train.items():  # gtCoarse, mapped to train ids.
+        np.testing.assert_array_equal(
+            example["coarse_label"], fixture_trees.coarse_of(tree.labels[name])
+        )
+    counts = summaries["cityscapes_weak"]["splits"]
+    assert counts["train"]["images"] == 4 and "coarse_synthesised" not in counts["train"]
+    assert counts["val"]["coarse_synthesised"] == 2  # The fixture has no gtCoarse/val.
+
+
+def test_point_labels_identical_across_preparations(trees, data_dir, tmp_path):
+    data_dir, _ = data_dir
+    _prepare("cityscapes_weak", tmp_path, trees["cityscapes"].root, num_workers=2)
+    first, second = (
+        _read("cityscapes_weak", "train", data_dir),
+        _read("cityscapes_weak", "train", tmp_path),
+    )
+    for name in first:
+        for key in ("image", "label", "coarse_label", "point_label", "presence"):
+            np.testing.assert_array_equal(first[name][key], second[name][key])
+
+
+def test_folder_pairs(trees, data_dir):
+    data_dir, summaries = data_dir
+    tree = trees["folder"]
+    examples = _read("folder_pairs/mine", "train", data_dir)
+    assert sorted(examples) == sorted(tree.labels)
+    for name, example in examples.items():
+        np.testing.assert_array_equal(example["label"], tree.labels[name])
+    assert summaries["folder_pairs/mine"]["splits"]["train"]["out_of_map_pixels"] == 0
+    with pytest.raises(ValueError, match="prepared with options"):
+        _prepare("folder_pairs/mine", data_dir, tree.root, options={"image_glob": "img/*.png"})
+
+
+def test_synthetic_prepared_on_first_use(tmp_path):
+    config_data = _config_data(tmp_path)
+    source = sources.open_split("synthetic_target", "val", config_data)
+    assert len(source) == 2
+    example = records.decode_example(source[0])
+    assert example["image"].shape == (32, 64, 3)
+    _check_weak_labels(example, k=2)
+    assert len(sources.open_split("synthetic_target", "train", config_data)) == 3
+    assert len(sources.open_split("synthetic_source", "train", config_data)) == 2
+    config_data.synthetic.seed = 1  # A new identity: prepared anew, not reused.
+    sources.open_split("synthetic_source", "train", config_data)
+    assert len(os.listdir(tmp_path / "synthetic_source")) == 2
+
+
+def test_unprepared_dataset_error_shows_command(tmp_path):
+    config_data = _config_data(tmp_path, "/data/cityscapes")
+    with pytest.raises(sources.DatasetNotPreparedError) as error:
+        sources.open_split("cityscapes_weak", "train", config_data)
+    command = (
+        f"python -m wsda_jax.data.prepare --dataset=cityscapes_weak --manual_dir=/data/cityscapes "
+        f"--data_dir={tmp_path} --points_per_class=2"
+    )
+    assert command in str(error.value)
+
+
+def test_missing_manual_dir_lists_expected_paths(tmp_path):
+    with pytest.raises(base.LayoutError) as error:
+        _prepare("gta5", tmp_path / "data", tmp_path / "nowhere")
+    assert "images/*.png" in str(error.value) and "labels/*.png" in str(error.value)
+    assert "does not exist" in str(error.value)
+
+
+def test_wrong_layout_lists_expected_and_found(trees, tmp_path):
+    # A SYNTHIA tree given as GTA5.
+    with pytest.raises(base.LayoutError) as error:
+        _prepare("gta5", tmp_path / "data", trees["synthia"].root)
+    message = str(error.value)
+    assert "images/*.png" in message and "RGB/" in message and "GT/" in message
+    assert not os.path.exists(tmp_path / "data" / "gta5" / "resize" / "1.0.0")
+
+
+def test_corrupt_png_is_named(trees, tmp_path):
+    raw = tmp_path / "gta5"
+    shutil.copytree(trees["gta5"].root, raw)
+    bad = raw / "labels" / "00003.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(base.PreparationError, match="00003.png"):
+        _prepare("gta5", tmp_path / "data", raw)
+    builder = builders.make_builder("gta5", _config_data(tmp_path / "data", raw))
+    assert not builder.is_prepared()
+    assert os.listdir(tmp_path / "data" / "gta5" / "resize") == []  # The temp folder is removed.
+
+
+def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
+    """A process killed in the middle of writing leaves only an `incomplete.*` folder."""
+    data_dir = tmp_path / "data"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import test_builders
+        from wsda_jax.data.builders import base
+        original, seen = base.finish_example, []
+        def crash(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == 3:
+                os._exit(3)  # Like a kill: no exception handling, no cleanup.
+            return original(*args, **kwargs)
+        base.finish_example = crash
+        test_builders._prepare("cityscapes_weak", {str(data_dir)!r}, {trees["cityscapes"].root!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == 3, result.stderr.decode()[-2000:]
+    variant = data_dir / "cityscapes_weak" / "points2"
+    assert [p.startswith("incomplete.") for p in os.listdir(variant)] == [True]
+    with pytest.raises(sources.DatasetNotPreparedError):
+        sources.open_split("cityscapes_weak", "train", _config_data(data_dir))
+    _prepare("cityscapes_weak", data_dir, trees["cityscapes"].root)  # A rerun completes.
+    assert len(sources.open_split("cityscapes_weak", "val", _config_data(data_dir))) == 2
+
+
+def test_label_reader_handles_palette_and_grey(tmp_path):
+    ids = np.array([[7, 26], [33, 0]], np.uint8)
+    fixture_trees.save_palette_png(str(tmp_path / "p.png"), ids)
+    fixture_trees.save_png(str(tmp_path / "g.png"), ids)
+    np.testing.assert_array_equal(base.read_label_ids(str(tmp_path / "p.png")), ids)
+    np.testing.assert_array_equal(base.read_label_ids(str(tmp_path / "g.png")), ids)
+    mapped, _ = classes.map_labels(
+        base.read_label_ids(str(tmp_path / "p.png")), classes.CITYSCAPES_ID_TO_TRAIN
+    )
+    np.testing.assert_array_equal(mapped, [[0, 13], [18, 255]])

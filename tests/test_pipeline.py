@@ -1,0 +1,225 @@
+"""Tests of the grain training and evaluation pipelines on tiny in-memory records."""
+
+import time
+
+import numpy as np
+import pytest
+
+from wsda_jax import config_lib
+from wsda_jax.data import pipeline, records
+
+H, W, C = 32, 64, 19
+
+
+def _records(num, *, target, first=0):
+    """Records whose image is the constant `first + i + 1`, so a pixel traces the record."""
+    out = []
+    for i in range(first, first + num):
+        example = {
+            "image": np.full((H, W, 3), i + 1, np.uint8),
+            "label": np.full((H, W), 3, np.uint8),
+            "name": f"record_{i}",
+        }
+        if target:
+            example["coarse_label"] = (
+                np.where(np.arange(W) < W // 2, 1, 255).astype(np.uint8)[None].repeat(H, 0)
+            )
+            example["point_label"] = np.full((H, W), 255, np.uint8)
+            example["point_label"][5, 7] = 2
+            example["presence"] = (np.arange(C) % 3 == i % 3).astype(np.uint8)
+        out.append(records.encode_example(example))
+    return out
+
+
+def _config(*, augment=False, weak_label="coarse", batch_size=2, seed=0, num_workers=0):
+    config = config_lib.base_config()
+    config.seed = seed
+    config.batch_size = batch_size
+    config.weak_label = weak_label
+    config.data.num_workers = num_workers
+    config.data.prefetch_buffer_size = 2
+    config.eval.batch_size = 2
+    if augment:
+        config.data.crop_size = (24, 40)
+        config.data.scale_range = (0.5, 2.0)
+    else:  # identity transforms so that pixels trace records
+        config.data.crop_size = (H, W)
+        config.data.scale_range = (1.0, 1.0)
+        config.data.flip = False
+        config.data.jitter = 0.0
+    return config
+
+
+SOURCE = _records(5, target=False)
+TARGET = _records(7, target=True, first=100)
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+    for x, y in zip(a, b, strict=True):
+        for domain in ("source", "target"):
+            for key in x[domain]:
+                np.testing.assert_array_equal(x[domain][key], y[domain][key])
+
+
+def test_train_batch_shapes_and_dtypes():
+    iterator = pipeline.make_train_iterator(_config(augment=True), SOURCE, TARGET)
+    batch = next(iterator)
+    assert set(batch) == {"source", "target"}
+    assert set(batch["source"]) == {"image", "label"}
+    assert set(batch["target"]) == {"image", "weak_label", "presence", "label"}
+    assert batch["source"]["image"].dtype == np.uint8
+    assert batch["source"]["image"].shape == (2, 24, 40, 3)
+    assert batch["source"]["label"].dtype == np.int32
+    assert batch["source"]["label"].shape == (2, 24, 40)
+    assert batch["target"]["image"].shape == (2, 24, 40, 3)
+    for key in ("weak_label", "label"):
+        assert batch["target"][key].dtype == np.int32
+        assert batch["target"][key].shape == (2, 24, 40)
+    assert batch["target"]["presence"].dtype == np.float32
+    assert batch["target"]["presence"].shape == (2, C)
+    assert set(np.unique(batch["source"]["label"])) <= {3, 255}
+    assert set(np.unique(batch["target"]["weak_label"])) <= {1, 255}
+
+
+def test_same_seed_same_batches_other_seed_differs():
+    a = _take(pipeline.make_train_iterator(_config(augment=True), SOURCE, TARGET), 3)
+    b = _take(pipeline.make_train_iterator(_config(augment=True), SOURCE, TARGET), 3)
+    _assert_batches_equal(a, b)
+    c = _take(pipeline.make_train_iterator(_config(augment=True, seed=1), SOURCE, TARGET), 3)
+    assert any(
+        not np.array_equal(x["target"]["image"], y["target"]["image"])
+        for x, y in zip(a, c, strict=True)
+    )
+
+
+def test_epochs_are_reshuffled_and_cover_the_data():
+    iterator = pipeline.make_train_iterator(_config(batch_size=1), SOURCE, TARGET)
+    ids = [int(b["source"]["image"][0, 0, 0, 0]) - 1 for b in _take(iterator, 15)]
+    epochs = [ids[0:5], ids[5:10], ids[10:15]]
+    assert all(sorted(e) == list(range(5)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_restored_state_replays_the_next_batches(num_workers):
+    start = time.perf_counter()
+    config = _config(augment=True, num_workers=num_workers)
+    iterator = pipeline.make_train_iterator(config, SOURCE, TARGET)
+    _take(iterator, 2)
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+    restored = pipeline.make_train_iterator(config, SOURCE, TARGET)
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 3), expected)
+    if num_workers:
+        iterator.close()
+        restored.close()
+    assert time.perf_counter() - start < 30
+
+
+def test_orbax_checkpoint_of_the_iterator(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    import grain
+
+    config = _config(augment=True)
+    iterator = pipeline.make_train_iterator(config, SOURCE, TARGET)
+    _take(iterator, 2)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(2, args=ocp.args.Composite(it=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+        expected = _take(iterator, 2)
+        restored = pipeline.make_train_iterator(config, SOURCE, TARGET)
+        manager.restore(2, args=ocp.args.Composite(it=grain.checkpoint.CheckpointRestore(restored)))
+    _assert_batches_equal(_take(restored, 2), expected)
+
+
+def test_two_hosts_get_disjoint_shards_covering_the_data():
+    config = _config(batch_size=2)  # 1 image per host and domain
+    seen = {"source": [], "target": []}
+    for process_index in range(2):
+        iterator = pipeline.make_train_iterator(
+            config, SOURCE, TARGET, process_index=process_index, process_count=2
+        )
+        shard = {"source": len(SOURCE[process_index::2]), "target": len(TARGET[process_index::2])}
+        batches = _take(iterator, max(shard.values()))
+        for domain, records_in_shard in shard.items():
+            ids = [int(b[domain]["image"][0, 0, 0, 0]) - 1 for b in batches[:records_in_shard]]
+            assert len(set(ids)) == records_in_shard  # one epoch of this host's shard
+            seen[domain].append(set(ids))
+    for domain, first in (("source", 0), ("target", 100)):
+        host0, host1 = seen[domain]
+        assert not host0 & host1
+        assert host0 | host1 == set(range(first, first + len(SOURCE if first == 0 else TARGET)))
+
+
+def test_batch_size_must_divide_over_hosts():
+    with pytest.raises(ValueError, match="divisible"):
+        pipeline.make_train_iterator(_config(batch_size=3), SOURCE, TARGET, process_count=2)
+
+
+@pytest.mark.parametrize(
+    "weak_label,expected", [("coarse", {1, 255}), ("point", {2, 255}), ("image", {255})]
+)
+def test_weak_label_selection(weak_label, expected):
+    batch = next(pipeline.make_train_iterator(_config(weak_label=weak_label), SOURCE, TARGET))
+    weak = batch["target"]["weak_label"]
+    assert set(np.unique(weak)) == expected
+    if weak_label == "coarse":
+        assert (weak[:, :, : W // 2] == 1).all() and (weak[:, :, W // 2 :] == 255).all()
+    if weak_label == "point":
+        assert (weak[:, 5, 7] == 2).all() and (weak == 2).sum() == weak.shape[0]
+    np.testing.assert_array_equal(batch["target"]["label"], 3)
+    ids = batch["target"]["image"][:, 0, 0, 0].astype(int) - 1
+    expected_presence = np.stack([(np.arange(C) % 3 == i % 3) for i in ids]).astype(np.float32)
+    np.testing.assert_array_equal(batch["target"]["presence"], expected_presence)
+
+
+def test_target_without_fine_label_gets_ignore():
+    target = [dict(r) for r in TARGET]
+    for record in target:
+        del record["label"]
+    batch = next(pipeline.make_train_iterator(_config(weak_label="none"), SOURCE, target))
+    assert (batch["target"]["label"] == 255).all()
+    assert (batch["target"]["weak_label"] == 255).all()
+
+
+@pytest.mark.parametrize("num_records", [5, 4, 1])
+def test_eval_covers_every_record_once_across_hosts(num_records):
+    config = _config()
+    evaluated = []
+    num_batches = []
+    for process_index in range(2):
+        batches = list(
+            pipeline.make_eval_iterator(
+                config, SOURCE[:num_records], process_index=process_index, process_count=2
+            )
+        )
+        num_batches.append(len(batches))
+        for batch in batches:
+            assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, H, W, 3)
+            assert batch["label"].dtype == np.int32 and batch["mask"].dtype == bool
+            assert batch["index"].dtype == np.int32
+            for i in range(2):
+                if batch["mask"][i]:
+                    assert batch["image"][i, 0, 0, 0] == batch["index"][i] + 1
+                    assert (batch["label"][i] == 3).all()
+                    evaluated.append(int(batch["index"][i]))
+                else:
+                    assert batch["index"][i] == -1 and (batch["label"][i] == 255).all()
+    assert num_batches[0] == num_batches[1]  # hosts stay in lockstep
+    assert sorted(evaluated) == list(range(num_records))
+
+
+def test_eval_resize_and_max_images():
+    config = _config()
+    config.data.eval_resize = (16, 24)
+    config.eval.max_images = 3
+    batches = list(pipeline.make_eval_iterator(config, SOURCE))
+    assert len(batches) == 2
+    assert batches[0]["image"].shape == (2, 16, 24, 3) and batches[0]["label"].shape == (2, 16, 24)
+    assert batches[1]["mask"].tolist() == [True, False]
+    assert [int(i) for b in batches for i in b["index"]] == [0, 1, 2, -1]

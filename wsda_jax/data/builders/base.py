@@ -1,0 +1,403 @@
+"""What every dataset builder shares: features, per-example work, parallel map, summary.
+
+Builders are TFDS `GeneratorBasedBuilder`s prepared to ArrayRecord without
+TensorFlow: every feature is a raw numpy `Tensor` or `Text`, so TFDS only
+serialises bytes. The per-example work (read PNGs, map ids, resize, weak labels,
+encode PNGs) is a module-level function of a small picklable task, run in a
+process pool. TFDS writes into `incomplete.*` and renames the folder only when
+every split is written, so an interrupted preparation leaves nothing that looks
+prepared.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import io
+import json
+import multiprocessing
+import os
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+from PIL import Image
+
+from wsda_jax import classes
+from wsda_jax.data import records, weak_labels
+
+SUMMARY_FILE = "preparation_summary.json"
+
+
+class LayoutError(FileNotFoundError):
+    """The raw dataset folder is missing or does not have the expected layout."""
+
+
+class PreparationError(ValueError):
+    """An input file could not be used (corrupt PNG, size mismatch); names the file."""
+
+
+def source_features() -> tfds.features.FeaturesDict:
+    """image, label: PNG bytes; name: str (ARCHITECTURE.md record format)."""
+    png = tfds.features.Tensor(shape=(), dtype=np.object_)
+    return tfds.features.FeaturesDict({"image": png, "label": png, "name": tfds.features.Text()})
+
+
+def target_features(num_classes: int = classes.NUM_CLASSES) -> tfds.features.FeaturesDict:
+    """Source features plus coarse_label, point_label (PNG bytes) and presence uint8 (C,)."""
+    png = tfds.features.Tensor(shape=(), dtype=np.object_)
+    return tfds.features.FeaturesDict(
+        {
+            "image": png,
+            "label": png,
+            "coarse_label": png,
+            "point_label": png,
+            "presence": tfds.features.Tensor(shape=(num_classes,), dtype=np.uint8),
+            "name": tfds.features.Text(),
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMap:
+    """Source id -> train id: `lookup` uint8 (N,), `known` bool (N,) ids the source defines."""
+
+    lookup: np.ndarray
+    known: np.ndarray
+
+
+LABEL_MAPS = {
+    "cityscapes": LabelMap(classes.CITYSCAPES_ID_TO_TRAIN, classes.CITYSCAPES_KNOWN_IDS),
+    "synthia": LabelMap(classes.SYNTHIA_ID_TO_TRAIN, classes.SYNTHIA_KNOWN_IDS),
+    "identity": LabelMap(classes.IDENTITY_TO_TRAIN, classes.IDENTITY_KNOWN_IDS),
+}
+
+
+def label_map_from_spec(spec: str | dict[int, int]) -> LabelMap:
+    """'cityscapes' | 'synthia' | 'identity' | {source id: train id} (other ids are out of map)."""
+    if isinstance(spec, str):
+        if spec not in LABEL_MAPS:
+            raise ValueError(
+                f"unknown id map {spec!r}: expected one of {sorted(LABEL_MAPS)} or a dict"
+            )
+        return LABEL_MAPS[spec]
+    size = max(256, max(int(k) for k in spec) + 1)
+    lookup = np.full((size,), classes.IGNORE_LABEL, np.uint8)
+    known = np.zeros((size,), bool)
+    for source_id, train_id in spec.items():
+        lookup[int(source_id)] = int(train_id)
+        known[int(source_id)] = True
+    return LabelMap(lookup, known)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeakSpec:
+    """How a target's weak labels are made: k points per class (seeded by image name),
+    coarse from a gtCoarse-style file when the task has one, else synthesised from fine."""
+
+    points_per_class: int
+    point_margin: int = 0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PairTask:
+    """One example from files on disk: image, id label, optional coarse id label."""
+
+    name: str
+    image_path: str
+    label_path: str
+    label_map: LabelMap
+    size_mismatch: str = "error"  # 'resize' (image to label size), 'skip' or 'error'.
+    coarse_path: str | None = None
+    weak: WeakSpec | None = None
+
+
+def read_image(path: str) -> np.ndarray:
+    """uint8 (H, W, 3) RGB; the error names the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"), np.uint8)
+    except Exception as error:
+        raise PreparationError(f"cannot read image {path}: {error}") from error
+
+
+def read_label_ids(path: str) -> np.ndarray:
+    """Integer (H, W) label ids from a PNG.
+
+    Single-channel PNGs (8-bit grey, or palette as in GTA5, where the palette index
+    is the id) give their values; 16-bit 3-channel PNGs (SYNTHIA) give the red
+    channel. The error names the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) > 26 and data.startswith(records.PNG_SIGNATURE):
+            bit_depth, color_type = struct.unpack(">BB", data[24:26])
+            if bit_depth == 16 and color_type == 2:
+                return records.read_png_rgb16(data)[..., 0]
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise ValueError(f"expected single-channel label ids, got mode {image.mode}")
+            return np.asarray(image)
+    except Exception as error:
+        raise PreparationError(f"cannot read label {path}: {error}") from error
+
+
+def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, np.uint8)
+
+
+def finish_example(
+    name: str,
+    image: np.ndarray,
+    label: np.ndarray,
+    coarse: np.ndarray | None,
+    weak: WeakSpec | None,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Adds weak labels for targets and encodes the record. Returns (record, counts)."""
+    example = {"image": image, "label": label, "name": name}
+    counts = {"images": 1}
+    if weak is not None:
+        if coarse is None:
+            erosion, min_region = weak_labels.coarse_parameters(*label.shape)
+            coarse = weak_labels.coarse_from_fine(label, erosion=erosion, min_region=min_region)
+            counts["coarse_synthesised"] = 1
+        example["coarse_label"] = coarse
+        example["point_label"] = weak_labels.point_labels(
+            label,
+            points_per_class=weak.points_per_class,
+            seed=weak.seed,
+            name_or_index=name,
+            margin=weak.point_margin,
+        )
+        example["presence"] = weak_labels.presence_vector(label, classes.NUM_CLASSES)
+    return records.encode_example(example), counts
+
+
+def process_pair(task: PairTask) -> tuple[str, dict[str, Any] | None, dict[str, int]]:
+    """Reads, maps, checks and encodes one file pair. Returns (key, record or None, counts)."""
+    image = read_image(task.image_path)
+    label, out_of_map = classes.map_labels(
+        read_label_ids(task.label_path), task.label_map.lookup, task.label_map.known
+    )
+    counts = collections.Counter(out_of_map_pixels=out_of_map)
+    if image.shape[:2] != label.shape:
+        message = (
+            f"image {task.image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+            f"{task.label_path} is {label.shape[1]}x{label.shape[0]}"
+        )
+        if task.size_mismatch == "skip":
+            return task.name, None, dict(counts, skipped=1)
+        if task.size_mismatch != "resize":
+            raise PreparationError(message)
+        image = _resize_image(image, *label.shape)
+        counts["resized"] += 1
+    coarse = None
+    if task.coarse_path is not None:
+        coarse, coarse_out = classes.map_labels(
+            read_label_ids(task.coarse_path), task.label_map.lookup, task.label_map.known
+        )
+        counts["out_of_map_pixels"] += coarse_out
+        if coarse.shape != label.shape:
+            raise PreparationError(
+                f"coarse label {task.coarse_path} does not match {task.label_path}"
+            )
+    record, finish_counts = finish_example(task.name, image, label, coarse, task.weak)
+    counts.update(finish_counts)
+    return task.name, record, dict(counts)
+
+
+def parallel_map(
+    fn: Callable[[Any], Any], tasks: Sequence[Any], *, num_workers: int, desc: str
+) -> Iterator[Any]:
+    """Yields fn(task) in task order, with a progress bar.
+
+    num_workers > 1 uses a 'forkserver' process pool: workers fork from a fresh
+    server process that imported this module once (cheap to start, and safe when
+    the caller already runs JAX threads, unlike plain fork); fn and tasks must be
+    picklable.
+    """
+    progress = tqdm.tqdm(total=len(tasks), desc=desc, unit="img", leave=False)
+    try:
+        if num_workers <= 1 or len(tasks) <= 1:
+            for task in tasks:
+                yield fn(task)
+                progress.update()
+            return
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        chunksize = max(1, min(16, len(tasks) // (4 * num_workers)))
+        with context.Pool(num_workers) as pool:
+            for result in pool.imap(fn, tasks, chunksize=chunksize):
+                yield result
+                progress.update()
+    finally:
+        progress.close()
+
+
+def describe_found(root: str, limit: int = 12) -> str:
+    """A short listing of what is under `root` (two levels), for layout errors."""
+    if not os.path.isdir(root):
+        return f"{root} does not exist"
+    found = []
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if os.path.isdir(path):
+            children = sorted(os.listdir(path))
+            shown = ", ".join(children[:4]) + (", ..." if len(children) > 4 else "")
+            found.append(f"{entry}/ ({len(children)} entries: {shown})")
+        else:
+            found.append(entry)
+    if not found:
+        return f"{root} is empty"
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return f"{root} contains: " + "; ".join(found[:limit]) + more
+
+
+def layout_error(manual_dir: str, expected: Sequence[str], problem: str) -> LayoutError:
+    patterns = "\n".join(f"  {os.path.join(manual_dir, p)}" for p in expected)
+    return LayoutError(
+        f"{problem}\nExpected files matching:\n{patterns}\nFound: {describe_found(manual_dir)}"
+    )
+
+
+def glob_files(manual_dir: str, pattern: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(manual_dir, pattern), recursive=True))
+
+
+def pair_by_key(
+    manual_dir: str,
+    expected: Sequence[str],
+    images: dict[str, str],
+    labels: dict[str, str],
+    what: str,
+) -> list[tuple[str, str, str]]:
+    """Sorted (key, image path, label path); every image needs a label and vice versa."""
+    if not images or not labels:
+        raise layout_error(
+            manual_dir, expected, f"{what}: found {len(images)} images and {len(labels)} labels"
+        )
+    unmatched = sorted(set(images) ^ set(labels))
+    if unmatched:
+        shown = ", ".join(unmatched[:5])
+        raise layout_error(
+            manual_dir,
+            expected,
+            f"{what}: {len(unmatched)} images or labels without a partner, e.g. {shown}",
+        )
+    return [(key, images[key], labels[key]) for key in sorted(images)]
+
+
+class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base: options -> config name, manual_dir, worker count, preparation summary.
+
+    Subclasses set `name`, `SPLITS`, `TARGET` and implement `config_name(options)`,
+    `expected_layout(options)` and `_tasks(split) -> (fn, tasks)`.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = "See wsda_jax/data/builders for the expected layout."
+    SPLITS: tuple[str, ...] = ("train",)
+    TARGET = False
+    NEEDS_MANUAL_DIR = True
+    # Nothing is downloaded, so there are no URL checksums; TFDS's lookup of them
+    # inspects the builder's source path and needs `importlib_resources`, which is
+    # not installed. A plain class attribute replaces that class property.
+    url_infos = None
+
+    def __init__(
+        self,
+        *,
+        data_dir: str,
+        options: dict[str, Any] | None = None,
+        manual_dir: str = "",
+        num_workers: int = 1,
+        **kwargs: Any,
+    ):
+        self.options = dict(self.default_options(), **(options or {}))
+        self.manual_dir = os.path.expanduser(manual_dir) if manual_dir else ""
+        self.num_workers = num_workers
+        self.summary: dict[str, dict[str, int]] = {}
+        config = tfds.core.BuilderConfig(
+            name=self.config_name(self.options),
+            description=json.dumps(self.options, sort_keys=True),
+        )
+        super().__init__(data_dir=os.path.expanduser(data_dir), config=config, **kwargs)
+
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def config_name(cls, options: dict[str, Any]) -> str:
+        del options
+        return "default"
+
+    @classmethod
+    def expected_layout(cls, options: dict[str, Any]) -> list[str]:
+        del options
+        return []
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        features = target_features() if self.is_target() else source_features()
+        return tfds.core.DatasetInfo(builder=self, features=features, description=self.__doc__)
+
+    def is_target(self) -> bool:
+        """Targets carry coarse_label, point_label and presence."""
+        return self.TARGET
+
+    def _tasks(self, split: str) -> tuple[Callable[[Any], Any], list[Any]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _tasks")
+
+    def check_manual_dir(self) -> None:
+        """Raises LayoutError when the raw dataset folder is missing or empty."""
+        if not self.NEEDS_MANUAL_DIR:
+            return
+        expected = self.expected_layout(self.options)
+        if not self.manual_dir:
+            raise layout_error("<manual_dir>", expected, f"{self.name}: --manual_dir is required")
+        if not os.path.isdir(self.manual_dir) or not os.listdir(self.manual_dir):
+            raise layout_error(
+                self.manual_dir, expected, f"{self.name}: manual_dir is missing or empty"
+            )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
+        del dl_manager  # Raw files come from self.manual_dir; nothing is downloaded.
+        self.check_manual_dir()
+        # Build every split's task list first, so a layout problem fails before writing.
+        tasks = {split: self._tasks(split) for split in self.SPLITS}
+        return {split: self._generate_examples(split, *tasks[split]) for split in self.SPLITS}
+
+    def _generate_examples(
+        self, split: str, fn: Callable[[Any], Any], tasks: list[Any]
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        counts: collections.Counter[str] = collections.Counter()
+        desc = f"{self.name} {split}"
+        for key, record, task_counts in parallel_map(
+            fn, tasks, num_workers=self.num_workers, desc=desc
+        ):
+            counts.update(task_counts)
+            if record is not None:
+                yield key, record
+        self.summary[split] = dict(sorted(counts.items()))
+        # data_dir is the `incomplete.*` folder here, renamed with the dataset at the end.
+        summary = {"options": self.options, "splits": self.summary}
+        with open(os.path.join(self.data_dir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=1, sort_keys=True)
+
+
+def read_summary(data_path: str) -> dict[str, Any]:
+    """The preparation summary saved next to a prepared dataset ({} if absent)."""
+    path = os.path.join(data_path, SUMMARY_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)

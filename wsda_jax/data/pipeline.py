@@ -1,0 +1,242 @@
+"""grain input pipelines: the two-domain training stream and the padded eval stream.
+
+Training, per domain (source, target):
+
+    MapDataset.source(records)[process_index::process_count]   # disjoint host shards
+      .seed(s).shuffle().repeat()                              # reshuffled every epoch
+      .map(decode + pick labels).random_map(scale/crop, flip, jitter)
+
+then the two infinite streams are zipped into {'source': ..., 'target': ...},
+converted to an IterDataset, batched with drop_remainder and prefetched in
+`config.data.num_workers` processes. Everything before the batch is a
+MapDataset indexed by step, so `iterator.get_state()` / `set_state()` (and
+`grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax checkpoint)
+replay exactly.
+
+Evaluation: every record exactly once across hosts (host p takes records p, p+P,
+...), in order, padded to the same number of batches on every host (so jitted
+multi-host steps stay in lockstep); padding has mask False, label 255, index -1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+from absl import flags
+
+from wsda_jax.data import records as records_lib
+from wsda_jax.data import transforms
+
+IGNORE = 255
+# Threads that decode and augment inside each process (Pillow releases the GIL
+# while decoding and resizing), and the elements each process reads ahead.
+READ_THREADS = 4
+READ_BUFFER = 16
+WEAK_LABEL_KEYS = {"coarse": "coarse_label", "point": "point_label", "image": None, "none": None}
+
+
+def _derived_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (config seed, domain, host), independent per tuple."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class _DecodeSource(grain.transforms.Map):
+    """Record -> {'image' uint8 (H,W,3), 'label' int32 (H,W)}; decodes only what it needs."""
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        example = records_lib.decode_example({k: record[k] for k in ("image", "label")})
+        return {"image": example["image"], "label": example["label"]}
+
+
+class _DecodeTarget(grain.transforms.Map):
+    """Record -> {'image', 'weak_label', 'label', 'presence' float32 (C,)}.
+
+    'weak_label' is the record's coarse or point label for those kinds and all
+    255 for 'image'/'none'; 'label' (fine, used by the oracle stage) is all 255
+    when the record has none.
+    """
+
+    def __init__(self, weak_label: str, num_classes: int):
+        if weak_label not in WEAK_LABEL_KEYS:
+            raise ValueError(f"weak_label={weak_label!r}: expected one of {tuple(WEAK_LABEL_KEYS)}")
+        self.weak_key = WEAK_LABEL_KEYS[weak_label]
+        self.needs_presence = weak_label != "none"
+        self.num_classes = num_classes
+
+    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+        keys = ["image", *(k for k in ("label", self.weak_key) if k and k in record)]
+        if self.weak_key and self.weak_key not in record:
+            raise KeyError(f"target record lacks {self.weak_key!r}; it has {sorted(record)}")
+        example = records_lib.decode_example({k: record[k] for k in keys})
+        ignore = np.full(example["image"].shape[:2], IGNORE, np.uint8)
+        if "presence" in record:
+            presence = np.asarray(record["presence"], np.float32)
+        elif self.needs_presence:
+            raise KeyError(f"target record lacks 'presence'; it has {sorted(record)}")
+        else:
+            presence = np.zeros((self.num_classes,), np.float32)
+        return {
+            "image": example["image"],
+            "weak_label": example[self.weak_key] if self.weak_key else ignore,
+            "presence": presence,
+            "label": example.get("label", ignore),
+        }
+
+
+def _labels_to_int32(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = dict(example)
+    for key in transforms.label_keys(example):
+        out[key] = example[key].astype(np.int32)
+    return out
+
+
+def _pair_to_dict(pair: tuple) -> dict[str, dict[str, np.ndarray]]:
+    return {"source": pair[0], "target": pair[1]}
+
+
+def _domain_dataset(
+    config: ml_collections.ConfigDict,
+    records: Sequence[Any],
+    decode: grain.transforms.Map,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> grain.MapDataset:
+    """One domain's infinite, shuffled, augmented MapDataset of examples (this host's shard)."""
+    if len(records) < process_count:
+        raise ValueError(f"{len(records)} records cannot be sharded over {process_count} hosts")
+    ds = grain.MapDataset.source(records)[process_index::process_count]
+    ds = ds.seed(seed).shuffle().repeat()
+    ds = ds.map(decode)
+    ds = ds.random_map(
+        transforms.RandomScaleCrop(tuple(config.data.scale_range), tuple(config.data.crop_size))
+    )
+    if config.data.flip:
+        ds = ds.random_map(transforms.RandomFlip())
+    if config.data.jitter > 0:
+        ds = ds.random_map(transforms.ColorJitter(config.data.jitter))
+    return ds.map(_labels_to_int32)
+
+
+def per_host_batch_size(batch_size: int, process_count: int) -> int:
+    """The global batch size split over hosts; raises if it does not divide."""
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    return batch_size // process_count
+
+
+def _prefetch(ds: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
+    if config.data.num_workers <= 0:
+        return ds
+    # grain's worker processes read absl flags; outside absl.app (tests, notebooks)
+    # nobody parsed them, so accept the defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    options = grain.MultiprocessingOptions(
+        num_workers=config.data.num_workers,
+        per_worker_buffer_size=config.data.prefetch_buffer_size,
+    )
+    return ds.mp_prefetch(options)
+
+
+def make_train_iterator(
+    config: ml_collections.ConfigDict,
+    source_records: Sequence[Any],
+    target_records: Sequence[Any],
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """The infinite, checkpointable iterator of training batches for this host.
+
+    Yields {'source': {'image' uint8 (b,H,W,3), 'label' int32 (b,H,W)},
+            'target': {'image' uint8, 'weak_label' int32, 'presence' float32 (b,C),
+                       'label' int32}}
+    with b = config.batch_size // process_count and (H, W) = config.data.crop_size.
+    Source records need 'image' and 'label'; target records 'image', 'presence' and
+    the weak label chosen by config.weak_label ('label' is optional).
+    """
+    b = per_host_batch_size(config.batch_size, process_count)
+    seeds = [_derived_seed(config.seed, domain, process_index) for domain in (0, 1)]
+    source = _domain_dataset(
+        config, source_records, _DecodeSource(), seeds[0], process_index, process_count
+    )
+    target_decode = _DecodeTarget(config.weak_label, config.num_classes)
+    target = _domain_dataset(
+        config, target_records, target_decode, seeds[1], process_index, process_count
+    )
+    ds = grain.experimental.ZipMapDataset([source, target]).map(_pair_to_dict)
+    ds = ds.to_iter_dataset(
+        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(READ_BUFFER, 2 * b))
+    )
+    ds = ds.batch(b, drop_remainder=True)
+    return iter(_prefetch(ds, config))
+
+
+class _EvalExample(grain.transforms.Map):
+    """Host-local position k -> the k-th record of this host's shard, or masked padding."""
+
+    def __init__(
+        self,
+        records: Sequence[Any],
+        num_records: int,
+        process_index: int,
+        process_count: int,
+        resize: Sequence[int],
+    ):
+        self.records, self.num_records = records, num_records
+        self.process_index, self.process_count = process_index, process_count
+        self.resize = tuple(resize)
+
+    def map(self, position: int) -> dict[str, np.ndarray]:
+        index = self.process_index + position * self.process_count
+        valid = index < self.num_records
+        record = self.records[index if valid else 0]
+        example = records_lib.decode_example({k: record[k] for k in ("image", "label")})
+        example = {"image": example["image"], "label": example["label"]}
+        if self.resize:
+            example = transforms.resize(example, *self.resize)
+        label = example["label"].astype(np.int32)
+        return {
+            "image": example["image"],
+            "label": label if valid else np.full_like(label, IGNORE),
+            "mask": np.asarray(valid),
+            "index": np.asarray(index if valid else -1, np.int32),
+        }
+
+
+def num_eval_batches(num_records: int, batch_size: int, process_count: int) -> int:
+    """Batches per host so that every host covers its shard (the same count on all hosts)."""
+    return math.ceil(math.ceil(num_records / process_count) / batch_size)
+
+
+def make_eval_iterator(
+    config: ml_collections.ConfigDict,
+    records: Sequence[Any],
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """Deterministic single pass over `records`, each evaluated exactly once across hosts.
+
+    Yields {'image' uint8 (b,H,W,3), 'label' int32 (b,H,W), 'mask' bool (b,),
+    'index' int32 (b,)} with b = config.eval.batch_size (per host), full resolution
+    or config.data.eval_resize. Only the first config.eval.max_images records are
+    used when that is > 0. All hosts yield `num_eval_batches` batches; padding
+    entries repeat record 0 with mask False, label all 255 and index -1.
+    """
+    num_records = len(records)
+    if config.eval.max_images > 0:
+        num_records = min(num_records, config.eval.max_images)
+    b = config.eval.batch_size
+    total = num_eval_batches(num_records, b, process_count) * b
+    ds = grain.MapDataset.range(total).map(
+        _EvalExample(records, num_records, process_index, process_count, config.data.eval_resize)
+    )
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * b))
+    return iter(ds.batch(b, drop_remainder=True))

@@ -1,0 +1,77 @@
+r"""Prepares a dataset to ArrayRecord under --data_dir and prints the summary.
+
+  python -m wsda_jax.data.prepare --dataset=cityscapes_weak \
+      --manual_dir=/data/cityscapes --data_dir=~/tensorflow_datasets --num_workers=8
+
+Datasets: gta5 (gta5/skip), synthia, cityscapes_weak (cityscapes_weak/synthetic_coarse),
+folder_pairs/NAME (with --image_glob, --label_glob, --id_map), synthetic_source,
+synthetic_target. An interrupted run leaves only an `incomplete.*` folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from wsda_jax import config_lib
+from wsda_jax.data import builders
+
+_DATASET = flags.DEFINE_string("dataset", None, "Dataset name, e.g. gta5 or folder_pairs/mine.")
+_MANUAL_DIR = flags.DEFINE_string(
+    "manual_dir", "", "The raw download (not needed for synthetic_*)."
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "~/tensorflow_datasets", "Where prepared datasets live."
+)
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 4, "Processes that decode and encode images.")
+_POINTS = flags.DEFINE_integer("points_per_class", 1, "Point labels per present class (targets).")
+_IMAGE_GLOB = flags.DEFINE_string("image_glob", "images/*.png", "folder_pairs: image pattern.")
+_LABEL_GLOB = flags.DEFINE_string("label_glob", "labels/*.png", "folder_pairs: label pattern.")
+_ID_MAP = flags.DEFINE_string(
+    "id_map",
+    "identity",
+    "folder_pairs: cityscapes, synthia, identity or a JSON dict {id: train id}.",
+)
+_SIZE_MISMATCH = flags.DEFINE_enum(
+    "size_mismatch",
+    "error",
+    ["error", "resize", "skip"],
+    "folder_pairs: image/label size mismatch.",
+)
+_WEAK_LABELS = flags.DEFINE_bool("weak_labels", False, "folder_pairs: add target weak labels.")
+flags.mark_flag_as_required("dataset")
+
+
+def _folder_pairs_options() -> dict:
+    id_map = _ID_MAP.value
+    if id_map.lstrip().startswith("{"):
+        id_map = {str(k): int(v) for k, v in json.loads(id_map).items()}
+    return {
+        "image_glob": _IMAGE_GLOB.value,
+        "label_glob": _LABEL_GLOB.value,
+        "id_map": id_map,
+        "size_mismatch": _SIZE_MISMATCH.value,
+        "weak_labels": _WEAK_LABELS.value,
+        "points_per_class": _POINTS.value,
+    }
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config_data = config_lib.base_config().data
+    config_data.data_dir = _DATA_DIR.value
+    config_data.manual_dir = _MANUAL_DIR.value
+    config_data.points_per_class = _POINTS.value
+    dataset = _DATASET.value
+    options = _folder_pairs_options() if dataset.startswith("folder_pairs") else None
+    builder = builders.make_builder(
+        dataset, config_data, options=options, num_workers=_NUM_WORKERS.value
+    )
+    summary = builders.prepare(builder)
+    print(f"Prepared {dataset} in {builder.data_path}")
+    print(json.dumps(summary, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,158 @@
+"""Host-side numpy transforms on example dicts, for the grain pipelines.
+
+An example holds 'image' uint8 (H, W, 3), any number of label maps under keys
+ending in 'label' (uint8 or int32 (H, W), 255 = ignore) and other entries
+(presence, name) that the geometric transforms pass through unchanged. Every
+label map moves with the image; images are resampled bilinearly, labels with
+nearest neighbour so no new label values appear. Randomness comes from the
+`np.random.Generator` that grain hands to a `RandomMap`, so a pipeline replays
+exactly from its seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+Example = dict[str, Any]
+IGNORE = 255
+
+
+def label_keys(example: Example) -> list[str]:
+    """The keys of the example's label maps ('label', 'weak_label', 'coarse_label', ...)."""
+    return [key for key in example if key.endswith("label")]
+
+
+def _resize_box(array: np.ndarray, size: tuple[int, int], box: tuple, resample: int) -> np.ndarray:
+    """Pillow resize of the source window `box` (x0, y0, x1, y1) to size (height, width)."""
+    image = Image.fromarray(array)
+    out = image.resize((size[1], size[0]), resample=resample, box=box)
+    return np.asarray(out, dtype=array.dtype)
+
+
+def resize(example: Example, height: int, width: int) -> Example:
+    """Resizes the image (bilinear) and every label map (nearest) to (height, width)."""
+    h, w = example["image"].shape[:2]
+    box = (0, 0, w, h)
+    out = dict(example)
+    out["image"] = _resize_box(example["image"], (height, width), box, Image.BILINEAR)
+    for key in label_keys(example):
+        out[key] = _resize_box(example[key], (height, width), box, Image.NEAREST)
+    return out
+
+
+def scale_crop(
+    example: Example, scale: float, top: int, left: int, crop_size: tuple[int, int]
+) -> Example:
+    """The crop at (top, left) of size crop_size of the example rescaled by `scale`.
+
+    Equivalent to resizing the whole example to round((H, W) * scale) and then
+    cropping, but only the needed window is resampled (Pillow's `box`), which keeps
+    the cost proportional to the crop, not to the scaled image. Where the crop
+    extends past the scaled image (bottom/right), the image is padded with 0 and
+    the label maps with 255.
+    """
+    h, w = example["image"].shape[:2]
+    scaled_h, scaled_w = max(1, round(h * scale)), max(1, round(w * scale))
+    crop_h, crop_w = crop_size
+    valid_h, valid_w = min(crop_h, scaled_h - top), min(crop_w, scaled_w - left)
+    if valid_h <= 0 or valid_w <= 0:
+        raise ValueError(f"crop at ({top}, {left}) misses the {scaled_h}x{scaled_w} image")
+    sy, sx = h / scaled_h, w / scaled_w  # source pixels per scaled pixel
+    box = (left * sx, top * sy, (left + valid_w) * sx, (top + valid_h) * sy)
+    out = dict(example)
+    image = np.zeros((crop_h, crop_w, 3), np.uint8)
+    image[:valid_h, :valid_w] = _resize_box(
+        example["image"], (valid_h, valid_w), box, Image.BILINEAR
+    )
+    out["image"] = image
+    for key in label_keys(example):
+        label = np.full((crop_h, crop_w), IGNORE, example[key].dtype)
+        label[:valid_h, :valid_w] = _resize_box(
+            example[key], (valid_h, valid_w), box, Image.NEAREST
+        )
+        out[key] = label
+    return out
+
+
+class RandomScaleCrop(grain.transforms.RandomMap):
+    """Random scale in `scale_range` then a random `crop_size` crop (padded if needed)."""
+
+    def __init__(self, scale_range: tuple[float, float], crop_size: tuple[int, int]):
+        self.scale_range = tuple(scale_range)
+        self.crop_size = tuple(crop_size)
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        h, w = element["image"].shape[:2]
+        scale = rng.uniform(*self.scale_range)
+        scaled_h, scaled_w = max(1, round(h * scale)), max(1, round(w * scale))
+        top = rng.integers(0, max(scaled_h - self.crop_size[0], 0) + 1)
+        left = rng.integers(0, max(scaled_w - self.crop_size[1], 0) + 1)
+        return scale_crop(element, scale, int(top), int(left), self.crop_size)
+
+
+def flip(example: Example) -> Example:
+    """Mirrors the image and every label map left-right."""
+    out = dict(example)
+    for key in ["image", *label_keys(example)]:
+        out[key] = np.ascontiguousarray(example[key][:, ::-1])
+    return out
+
+
+class RandomFlip(grain.transforms.RandomMap):
+    """Horizontal flip with probability 1/2."""
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        return flip(element) if rng.uniform() < 0.5 else element
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q).
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+
+
+def _hue_matrix(shift: float) -> np.ndarray:
+    """3x3 RGB matrix rotating the hue by `shift` turns (1 = 360 degrees)."""
+    c, s = np.cos(2 * np.pi * shift), np.sin(2 * np.pi * shift)
+    rotation = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+    return _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast, saturation (factors in 1 +- strength) and hue (+- strength turns).
+
+    Applied in a random order like torchvision's ColorJitter, clipping to [0, 255]
+    after each step. uint8 (H, W, 3) -> uint8 (H, W, 3).
+    """
+    x = image.astype(np.float32)
+    for op in rng.permutation(4):
+        if op == 0:  # brightness
+            x = x * rng.uniform(1 - strength, 1 + strength)
+        elif op == 1:  # contrast: blend with the mean grey level
+            mean = float((x @ _LUMA).mean())
+            x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
+        elif op == 2:  # saturation: blend with the per-pixel grey level
+            grey = (x @ _LUMA)[..., None]
+            x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey
+        else:
+            x = x @ _hue_matrix(rng.uniform(-strength, strength)).T
+        np.clip(x, 0, 255, out=x)
+    return (x + 0.5).astype(np.uint8)
+
+
+class ColorJitter(grain.transforms.RandomMap):
+    """`color_jitter` on the example's image; labels and presence unchanged."""
+
+    def __init__(self, strength: float):
+        self.strength = strength
+
+    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        out = dict(element)
+        out["image"] = color_jitter(element["image"], rng, self.strength)
+        return out

@@ -1,0 +1,117 @@
+"""Weak labels derived from a dense train-id label (METHOD.md section 1).
+
+All functions take a uint8 (H, W) label of train ids with 255 = ignore and are
+deterministic: point labels draw from a per-image seed made from a stable hash
+of the image name (never Python's salted `hash()`), so two preparations of a
+dataset give identical records. scipy (a dependency of jax) provides the
+binary morphology and connected components.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import scipy.ndimage
+
+IGNORE_LABEL = 255
+_SQUARE = np.ones((3, 3), bool)  # 8-neighbourhood: erosion by r pixels = Chebyshev distance r.
+
+
+def presence_vector(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """uint8 (num_classes,): 1 for every class that labels at least one pixel."""
+    counts = np.bincount(np.asarray(label, np.intp).ravel(), minlength=256)
+    return (counts[:num_classes] > 0).astype(np.uint8)
+
+
+def stable_seed(name_or_index: str | int) -> int:
+    """A 63-bit integer from the image's name (or index), identical in every process."""
+    digest = hashlib.sha256(str(name_or_index).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _erode(mask: np.ndarray, pixels: int, border_value: int) -> np.ndarray:
+    if pixels <= 0:
+        return mask
+    return scipy.ndimage.binary_erosion(
+        mask, structure=_SQUARE, iterations=pixels, border_value=border_value
+    )
+
+
+def point_labels(
+    label: np.ndarray,
+    *,
+    points_per_class: int,
+    seed: int,
+    name_or_index: str | int,
+    margin: int = 0,
+) -> np.ndarray:
+    """Point annotation: `points_per_class` labelled pixels per present class, the rest 255.
+
+    Args:
+      label: uint8 (H, W) train ids, 255 = ignore.
+      points_per_class: k; a class with fewer than k pixels gets all of its pixels.
+      seed: dataset-level seed, combined with a stable hash of `name_or_index`.
+      name_or_index: identifies the image, so its points do not depend on the order
+        or the process in which images are prepared.
+      margin: points lie at least this many pixels (8-neighbourhood steps) inside
+        their class region, so they avoid ambiguous boundary pixels. The image
+        border does not count as a boundary. A class with no pixel that far inside
+        falls back to any of its pixels.
+
+    Returns:
+      uint8 (H, W): the class id at the chosen pixels, 255 elsewhere.
+    """
+    label = np.asarray(label, np.uint8)
+    rng = np.random.default_rng([seed, stable_seed(name_or_index)])
+    points = np.full(label.shape, IGNORE_LABEL, np.uint8)
+    for c in np.unique(label):
+        if c == IGNORE_LABEL:
+            continue
+        mask = label == c
+        candidates = np.flatnonzero(_erode(mask, margin, border_value=1))
+        if candidates.size == 0:
+            candidates = np.flatnonzero(mask)
+        chosen = rng.choice(candidates, size=min(points_per_class, candidates.size), replace=False)
+        points.flat[chosen] = c
+    return points
+
+
+def coarse_from_fine(label: np.ndarray, *, erosion: int, min_region: int) -> np.ndarray:
+    """Synthesised coarse label, in the spirit of Cityscapes' gtCoarse polygons.
+
+    Each class region is eroded by `erosion` pixels (so boundaries become
+    unlabelled) and the remaining connected regions (8-connected) smaller than
+    `min_region` pixels are dropped. Every kept pixel equals the fine label; the
+    rest is 255. Image borders count as boundaries, like an annotator's polygon
+    that stays inside the image.
+
+    Args:
+      label: uint8 (H, W) train ids, 255 = ignore.
+      erosion: pixels removed along every class boundary.
+      min_region: smallest kept region, in pixels after erosion.
+
+    Returns:
+      uint8 (H, W) coarse label.
+    """
+    label = np.asarray(label, np.uint8)
+    coarse = np.full(label.shape, IGNORE_LABEL, np.uint8)
+    for c in np.unique(label):
+        if c == IGNORE_LABEL:
+            continue
+        mask = _erode(label == c, erosion, border_value=0)
+        regions, num_regions = scipy.ndimage.label(mask, structure=_SQUARE)
+        if num_regions == 0:
+            continue
+        sizes = np.bincount(regions.ravel())
+        keep = sizes >= min_region
+        keep[0] = False  # Background of the component labelling.
+        coarse[keep[regions]] = c
+    return coarse
+
+
+def coarse_parameters(height: int, width: int) -> tuple[int, int]:
+    """(erosion, min_region) that scale with the image: 16 px and ~1000 px at 1024x2048."""
+    erosion = max(1, round(min(height, width) / 64))
+    min_region = max(4, (height * width) // 2000)
+    return erosion, min_region
