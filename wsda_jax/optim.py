@@ -1,0 +1,75 @@
+"""SGD with the reference's schedule, weight decay and 10x head learning rate (METHOD.md s. 11).
+
+The update is torch.optim.SGD's: g <- g + wd * p (kernels only), buf <- m * buf + g,
+p <- p - lr * buf, with lr multiplied by `head_lr_mult` for `params['head']`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+    """Backbone learning rate per step: linear warm-up from 0, then polynomial decay.
+
+    lr(step) = lr * step / warmup_steps            for step < warmup_steps,
+               lr * (1 - step / num_steps)^power   afterwards (clipped at 0).
+    """
+    base = config.optim.lr
+    warmup = config.optim.warmup_steps
+    num_steps = config.num_steps
+    power = config.optim.power
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        decay = base * jnp.maximum(1.0 - step / num_steps, 0.0) ** power
+        if warmup <= 0:
+            return decay
+        return jnp.where(step < warmup, base * step / warmup, decay)
+
+    return schedule
+
+
+def _decay_mask(params):
+    """True for conv/dense kernels (leaves named 'kernel'), False for biases and BN scales."""
+
+    def is_kernel(path, _):
+        last = path[-1]
+        return getattr(last, "key", getattr(last, "name", None)) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def _sgd(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.add_decayed_weights(config.optim.weight_decay, mask=_decay_mask),
+        optax.trace(decay=config.optim.momentum, nesterov=False),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def _param_groups(params):
+    """Labels every leaf by its top-level subtree: 'backbone' or 'head'."""
+    return {name: jax.tree.map(lambda _, n=name: n, subtree) for name, subtree in params.items()}
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD (momentum, no Nesterov) on params {'backbone': ..., 'head': ...}.
+
+    Weight decay on kernels is added to the gradient before momentum (as torch SGD);
+    the head's learning rate is `head_lr_mult` times the backbone's schedule.
+    """
+    schedule = learning_rate_schedule(config)
+    mult = config.optim.head_lr_mult
+    return optax.multi_transform(
+        {
+            "backbone": _sgd(config, schedule),
+            "head": _sgd(config, lambda step: mult * schedule(step)),
+        },
+        _param_groups,
+    )

@@ -1,0 +1,540 @@
+"""Train and eval steps: pure per-device bodies that `parallel.py` wraps in jit(shard_map).
+
+`adapt_step` is one adaptation step of METHOD.md section 4, in its order;
+`source_only_step` is stage 1 (and the oracle); `eval_step` returns a confusion matrix.
+Config branches (weak-label kind, ClassMix, contrastive terms) are chosen at trace time.
+
+Inside the step every cross-device quantity is reduced over `axis_name`: the loss that
+is differentiated is the `pmean` of the per-device loss (its gradient w.r.t. the
+replicated parameters comes back already summed by shard_map, see STYLE.md), BatchNorm
+statistics are synchronised by the model's `bn_axis_name`, and the pseudo-label
+fraction and prototypes are `psum`s of sums and counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from wsda_jax import augment, label_ops, losses, metrics, optim, prototypes
+from wsda_jax.train_state import TrainState
+
+IGNORE_LABEL = 255
+Batch = dict[str, Any]
+
+
+def step_key(state: TrainState, axis_name: str) -> jax.Array:
+    """The step's PRNG key: base key folded with the step, then with the device index."""
+    key = jax.random.fold_in(state.rng, state.step)
+    return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def ema_decay(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+    """Teacher EMA factor a: config.ema.decay, or min(1 - 1/(step+1), decay) with the ramp."""
+    decay = jnp.float32(config.ema.decay)
+    if config.ema.ramp:
+        decay = jnp.minimum(1.0 - 1.0 / (step.astype(jnp.float32) + 1.0), decay)
+    return decay
+
+
+def ema_update(state: TrainState, config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    """Teacher <- a * teacher + (1 - a) * student, for parameters AND BatchNorm statistics."""
+    step_size = 1.0 - ema_decay(state.step, config)
+    params = optax.incremental_update(state.params, state.teacher_params, step_size)
+    batch_stats = optax.incremental_update(
+        state.batch_stats, state.teacher_batch_stats, step_size
+    )
+    return params, batch_stats
+
+
+def _forward(model: nn.Module, params: Any, batch_stats: Any, images: jax.Array):
+    """Train-mode forward; returns (SegmentationOutput, updated batch_stats)."""
+    out, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    return out, updates["batch_stats"]
+
+
+def _prediction(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., C] logits -> (int32 argmax [...], float32 max softmax [...]), no gradient."""
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+    return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)
+
+
+def pseudo_label_weight(
+    confidence: jax.Array, config: ml_collections.ConfigDict, axis_name: str | None
+) -> tuple[jax.Array, jax.Array]:
+    """ClassMix pixel weight of the pseudo labels (METHOD.md section 4.6).
+
+    q = fraction of all target pixels (global batch) with confidence >= threshold; the
+    weight is q on those pixels and 0 elsewhere, and 0 on the top `ignore_top` and bottom
+    `ignore_bottom` rows.
+
+    Args:
+      confidence: float32 [B, H, W], full-resolution teacher confidence.
+    Returns:
+      (weight float32 [B, H, W], q float32 []).
+    """
+    confident = confidence >= config.pseudo.threshold
+    count = jnp.sum(confident, dtype=jnp.float32)
+    total = jnp.float32(confidence.size)
+    if axis_name is not None:
+        count, total = jax.lax.psum((count, total), axis_name)
+    q = count / total
+    height = confidence.shape[1]
+    rows = jnp.arange(height)
+    keep_rows = (rows >= config.pseudo.ignore_top) & (rows < height - config.pseudo.ignore_bottom)
+    weight = jnp.where(confident & keep_rows[None, :, None], q, 0.0)
+    return weight.astype(jnp.float32), q
+
+
+def teacher_pseudo_labels(
+    model: nn.Module,
+    teacher_params: Any,
+    teacher_batch_stats: Any,
+    target_image: jax.Array,
+    target: Batch,
+    config: ml_collections.ConfigDict,
+    axis_name: str | None,
+) -> dict[str, jax.Array]:
+    """Teacher on the target batch, pseudo labels and their weights (sections 4.4-4.6).
+
+    The teacher runs with BatchNorm in training mode (target batch statistics, as the
+    reference) and its statistics updates are discarded; nothing here has a gradient.
+
+    Returns a dict:
+      features: [B, h, w, D] teacher features.
+      label: int32 [B, H, W] full-res pseudo label, weak label written over it (point/coarse).
+      weight: float32 [B, H, W] ClassMix pixel weight; q: [] confident fraction.
+      masked_lowres: int32 [B, h, w] low-res pseudo label, 255 where confidence <
+        proto_threshold (and, with filter_by_presence for 'image', for absent classes).
+      lowres_confidence: float32 [B, h, w].
+    """
+    out, _ = _forward(model, teacher_params, teacher_batch_stats, target_image)
+    out = jax.lax.stop_gradient(out)
+    label, confidence = _prediction(out.logits)
+    if config.weak_label in ("point", "coarse"):
+        weak = target["weak_label"]
+        label = jnp.where(weak != IGNORE_LABEL, weak, label).astype(jnp.int32)
+    weight, q = pseudo_label_weight(confidence, config, axis_name)
+    low_label, low_confidence = _prediction(out.lowres_logits)
+    masked = jnp.where(low_confidence < config.pseudo.proto_threshold, IGNORE_LABEL, low_label)
+    if config.weak_label == "image" and config.pseudo.filter_by_presence:
+        present = jnp.take_along_axis(
+            target["presence"], jnp.clip(masked, 0, config.num_classes - 1).reshape(
+                masked.shape[0], -1
+            ), axis=1
+        ).reshape(masked.shape)
+        masked = jnp.where(present > 0, masked, IGNORE_LABEL)
+    return {
+        "features": out.features,
+        "label": label,
+        "weight": weight,
+        "q": q,
+        "masked_lowres": masked.astype(jnp.int32),
+        "lowres_confidence": low_confidence,
+    }
+
+
+def update_target_prototypes(
+    target_prototypes: jax.Array,
+    teacher: dict[str, jax.Array],
+    weak_label: jax.Array,
+    config: ml_collections.ConfigDict,
+    axis_name: str | None,
+) -> jax.Array:
+    """Target prototypes from the teacher features, per weak-label kind (METHOD.md s. 7).
+
+    coarse: center = weak label at feature resolution, member = fuse(masked pseudo, weak).
+    point: as coarse, but the class means use the features bilinearly upsampled to
+      label resolution at the point pixels.
+    image / none: center = member = the confident teacher pseudo label.
+    """
+    features = teacher["features"]
+    masked = teacher["masked_lowres"]
+    if config.weak_label in ("point", "coarse"):
+        member = label_ops.fuse(masked, weak_label)
+        if config.weak_label == "coarse":
+            center = label_ops.resize_nearest(weak_label, features.shape[1:3])
+            center_features = None
+        else:
+            center = weak_label
+            batch, height, width = weak_label.shape
+            center_features = jax.image.resize(
+                features, (batch, height, width, features.shape[-1]), method="bilinear"
+            )
+        return prototypes.update_prototypes(
+            target_prototypes,
+            features,
+            center,
+            member,
+            center_features=center_features,
+            axis_name=axis_name,
+        )
+    return prototypes.update_prototypes(
+        target_prototypes, features, masked, masked, axis_name=axis_name
+    )
+
+
+def mixed_batch(
+    key: jax.Array,
+    source_image: jax.Array,
+    source_label: jax.Array,
+    target_image: jax.Array,
+    teacher: dict[str, jax.Array],
+    config: ml_collections.ConfigDict,
+) -> augment.MixedBatch:
+    """ClassMix (or, disabled, the target alone) then strong augmentation (section 10)."""
+    mix_key, aug_key = jax.random.split(key)
+    if config.classmix.enabled:
+        mixed = augment.classmix(
+            mix_key,
+            source_image,
+            source_label,
+            target_image,
+            teacher["label"],
+            teacher["weight"],
+            per_image=config.classmix.per_image,
+        )
+    else:
+        mixed = augment.MixedBatch(
+            image=target_image,
+            label=teacher["label"],
+            weight=teacher["weight"],
+            mask=jnp.zeros(teacher["label"].shape, bool),
+        )
+    augmented = augment.strong_augment(
+        aug_key,
+        augment.denormalize(mixed.image),
+        jitter_prob=config.classmix.jitter_prob,
+        jitter_strength=config.classmix.jitter_strength,
+        blur_prob=config.classmix.blur_prob,
+        blur_sigma=tuple(config.classmix.blur_sigma),
+    )
+    return mixed._replace(image=augment.normalize(augmented * 255.0))
+
+
+def _contrastive(key, features, label, pred, prob, domain, protos, config, *, inter: bool):
+    """One of the three sampled pixel-to-prototype losses; returns (loss, num_anchors)."""
+    loss_config = config.loss
+    return losses.sampled_contrastive_loss(
+        key,
+        features,
+        label,
+        pred,
+        prob,
+        domain,
+        jax.lax.stop_gradient(protos),
+        max_views=loss_config.max_views,
+        max_samples=loss_config.inter_max_samples if inter else loss_config.intra_max_samples,
+        easy_threshold=(
+            loss_config.inter_easy_threshold if inter else loss_config.intra_easy_threshold
+        ),
+        temperature=loss_config.temperature,
+        base_temperature=loss_config.base_temperature,
+        cross_domain=inter,
+    )
+
+
+def _apply_update(
+    state: TrainState,
+    grads: Any,
+    loss: jax.Array,
+    optimizer: optax.GradientTransformation,
+    new_values: dict[str, Any],
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """SGD update guarded against non-finite loss/gradients (section 4.12).
+
+    If the loss or any gradient is not finite, params, opt_state and the fields in
+    `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1;
+    jnp.where over the trees keeps it one compiled program. Returns (state, grad_norm, ok).
+    """
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    fields = {name: keep(value, getattr(state, name)) for name, value in new_values.items()}
+    state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
+        **fields,
+    )
+    return state, grad_norm, ok
+
+
+def adapt_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    axis_name: str = "data",
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One adaptation step (METHOD.md section 4), per device.
+
+    Student BatchNorm statistics are chained through the three student forward passes
+    (target, source, mixed), each a momentum update as in the reference, where every
+    train-mode forward updates the running statistics.
+
+    Args:
+      state: replicated TrainState.
+      batch: this device's share of the train batch (see ARCHITECTURE.md).
+      model: DeepLabV2 built with bn_axis_name=axis_name.
+      optimizer: `optim.make_optimizer(config)`.
+      config: run configuration.
+      axis_name: the data-parallel mesh axis.
+    Returns:
+      (new state, metrics: dict of float32 scalars, identical on every device).
+    """
+    keys = dict(
+        zip(
+            ("edge", "inter", "intra_src", "intra_tgt", "mix"),
+            jax.random.split(step_key(state, axis_name), 5),
+        )
+    )
+    source, target = batch["source"], batch["target"]
+    source_image = augment.normalize(source["image"])
+    target_image = augment.normalize(target["image"])
+    source_label = source["label"].astype(jnp.int32)
+    weak_label = target["weak_label"].astype(jnp.int32)
+    presence = target["presence"].astype(jnp.float32)
+    weak_kind = config.weak_label
+    w = config.loss
+
+    # (1) Teacher EMA from the student of the previous step.
+    teacher_params, teacher_batch_stats = ema_update(state, config)
+    # (4)-(6) Teacher pseudo labels and weights; independent of the student parameters.
+    teacher = teacher_pseudo_labels(
+        model, teacher_params, teacher_batch_stats, target_image, target, config, axis_name
+    )
+    # (7, target) Prototypes from the teacher.
+    target_protos = update_target_prototypes(
+        state.target_prototypes, teacher, weak_label, config, axis_name
+    )
+    # (10, inputs) ClassMix and strong augmentation do not depend on the parameters.
+    mixed = mixed_batch(keys["mix"], source_image, source_label, target_image, teacher, config)
+    ramp = (state.step >= w.contrast_start).astype(jnp.float32)  # c = i in section 4.11.
+
+    def loss_fn(params):
+        terms, counts = {}, {}
+        # (2) Student on target.
+        out_u, batch_stats = _forward(model, params, state.batch_stats, target_image)
+        if weak_kind in ("point", "coarse"):
+            terms["seg_u"] = w.seg_u * losses.cross_entropy(out_u.logits, weak_label)
+        terms["im_u"] = ramp * w.im_u * losses.image_level_loss(out_u.logits, presence)
+        # (3) Student on source.
+        out_s, batch_stats = _forward(model, params, batch_stats, source_image)
+        terms["seg_s"] = w.seg_s * losses.cross_entropy(out_s.logits, source_label)
+        terms["edge_s"] = w.edge_s * losses.boundary_loss(
+            out_s.logits, source_label, keys["edge"], tau=w.boundary_tau
+        )
+        # (7, source) Source prototypes from the student's source features.
+        feature_size = out_s.features.shape[1:3]
+        source_low = label_ops.resize_nearest(source_label, feature_size)
+        source_protos = prototypes.update_prototypes(
+            state.source_prototypes, out_s.features, source_low, source_low, axis_name=axis_name
+        )
+        # (8) Image-level loss of the prototype logits.
+        proto_logits = jnp.einsum(
+            "bhwd,cd->bhwc", out_u.features, jax.lax.stop_gradient(target_protos)
+        )
+        terms["im_proto"] = ramp * w.im_proto * losses.image_level_loss(proto_logits, presence)
+        # (9) Contrastive losses.
+        if w.use_contrast:
+            src_pred, src_prob = _prediction(out_s.lowres_logits)
+            src_label = label_ops.fuse(src_pred, source_label)
+            tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
+            batch_size = source_label.shape[0]
+            domain = jnp.concatenate(
+                [jnp.zeros(batch_size, jnp.int32), jnp.ones(batch_size, jnp.int32)]
+            )
+            cat = lambda a, b: jnp.concatenate([a, b], axis=0)
+            inter, counts["inter"] = _contrastive(
+                keys["inter"],
+                cat(out_s.features, teacher["features"]),
+                cat(src_label, tgt_label),
+                cat(src_pred, teacher["masked_lowres"]),
+                cat(src_prob, teacher["lowres_confidence"]),
+                domain,
+                target_protos,
+                config,
+                inter=True,
+            )
+            intra_src, counts["intra_src"] = _contrastive(
+                keys["intra_src"],
+                out_s.features,
+                src_label,
+                src_pred,
+                src_prob,
+                domain[:batch_size],
+                source_protos,
+                config,
+                inter=False,
+            )
+            u_pred, u_prob = _prediction(out_u.lowres_logits)
+            intra_tgt, counts["intra_tgt"] = _contrastive(
+                keys["intra_tgt"],
+                out_u.features,
+                label_ops.fuse(u_pred, weak_label),
+                u_pred,
+                u_prob,
+                domain[batch_size:],
+                target_protos,
+                config,
+                inter=False,
+            )
+            terms["inter"] = ramp * w.inter * inter
+            terms["intra_src"] = ramp * w.intra_src * intra_src
+            terms["intra_tgt"] = ramp * w.intra_tgt * intra_tgt
+        # (10) Student on the mixed batch.
+        out_m, batch_stats = _forward(model, params, batch_stats, mixed.image)
+        terms["seg_mix"] = w.seg_mix * losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
+        # (11) Total, averaged over devices: this is the loss that is differentiated.
+        total = jax.lax.pmean(sum(terms.values()), axis_name)
+        return total, (terms, counts, batch_stats, source_protos)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (total, (terms, counts, batch_stats, source_protos)), grads = grad_fn(state.params)
+    # (12) Guarded update; teacher and prototypes are carried to the next step.
+    state = state.replace(teacher_params=teacher_params, teacher_batch_stats=teacher_batch_stats)
+    new_state, grad_norm, _ = _apply_update(
+        state,
+        grads,
+        total,
+        optimizer,
+        {
+            "batch_stats": batch_stats,
+            "source_prototypes": source_protos,
+            "target_prototypes": target_protos,
+        },
+    )
+    step_metrics = {name: jax.lax.pmean(value, axis_name) for name, value in terms.items()}
+    for name, count in counts.items():
+        step_metrics[f"anchors_{name}"] = jax.lax.pmean(count.astype(jnp.float32), axis_name)
+    step_metrics.update(
+        total=total,
+        learning_rate=optim.learning_rate_schedule(config)(state.step),
+        pseudo_confident_fraction=teacher["q"],
+        grad_norm=grad_norm,
+        skipped_steps=new_state.skipped_steps.astype(jnp.float32),
+    )
+    return new_state, step_metrics
+
+
+def source_only_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    axis_name: str = "data",
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Stage 1 / oracle: seg_s * CE + edge_s * boundary loss on batch['source'] only.
+
+    The teacher is still EMA-updated, so a stage-2 run initialised from this state has
+    both a student and a teacher.
+    """
+    key = step_key(state, axis_name)
+    image = augment.normalize(batch["source"]["image"])
+    label = batch["source"]["label"].astype(jnp.int32)
+    teacher_params, teacher_batch_stats = ema_update(state, config)
+
+    def loss_fn(params):
+        out, batch_stats = _forward(model, params, state.batch_stats, image)
+        terms = {
+            "seg_s": config.loss.seg_s * losses.cross_entropy(out.logits, label),
+            "edge_s": config.loss.edge_s
+            * losses.boundary_loss(out.logits, label, key, tau=config.loss.boundary_tau),
+        }
+        return jax.lax.pmean(sum(terms.values()), axis_name), (terms, batch_stats)
+
+    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.replace(teacher_params=teacher_params, teacher_batch_stats=teacher_batch_stats)
+    new_state, grad_norm, _ = _apply_update(
+        state, grads, total, optimizer, {"batch_stats": batch_stats}
+    )
+    step_metrics = {name: jax.lax.pmean(value, axis_name) for name, value in terms.items()}
+    step_metrics.update(
+        total=total,
+        learning_rate=optim.learning_rate_schedule(config)(state.step),
+        grad_norm=grad_norm,
+        skipped_steps=new_state.skipped_steps.astype(jnp.float32),
+    )
+    return new_state, step_metrics
+
+
+def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of [B, H, W, K] without antialiasing (as torch's interpolate)."""
+    if x.shape[1:3] == (height, width):
+        return x
+    return jax.image.resize(
+        x, (x.shape[0], height, width, x.shape[3]), method="bilinear", antialias=False
+    )
+
+
+def predict(
+    variables: dict[str, Any],
+    images: jax.Array,
+    *,
+    model: nn.Module,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> jax.Array:
+    """Eval-mode logits, averaged over scales (and horizontal flips) at full size.
+
+    Args:
+      variables: {'params', 'batch_stats'} of the student or the teacher.
+      images: uint8 [B, H, W, 3].
+      model: the DeepLabV2.
+      scales: input scales; each prediction is resized back to (H, W) before averaging.
+      flip: also average the prediction of the horizontally flipped image.
+    Returns:
+      float32 [B, H, W, C] averaged logits.
+    """
+    x = augment.normalize(images)
+    _, height, width, _ = x.shape
+    total, count = 0.0, 0
+    for scale in scales:
+        scaled = _resize(x, round(height * scale), round(width * scale))
+        flips = (False, True) if flip else (False,)
+        for flipped in flips:
+            inputs = scaled[:, :, ::-1] if flipped else scaled
+            logits = model.apply(variables, inputs, train=False).logits
+            logits = logits[:, :, ::-1] if flipped else logits
+            total = total + _resize(logits.astype(jnp.float32), height, width)
+            count += 1
+    return total / count
+
+
+def eval_step(
+    variables: dict[str, Any],
+    batch: Batch,
+    *,
+    model: nn.Module,
+    num_classes: int,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    axis_name: str = "data",
+) -> jax.Array:
+    """Confusion matrix int32 [C, C] (rows = ground truth) of the batch, psum-ed over devices.
+
+    batch: {'image': uint8 [B, H, W, 3], 'label': int32 [B, H, W], 'mask': bool [B]};
+    masked-out (padding) images count nothing.
+    """
+    logits = predict(variables, batch["image"], model=model, scales=scales, flip=flip)
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    confusion = metrics.batch_confusion_matrix(
+        pred, batch["label"].astype(jnp.int32), num_classes, mask=batch["mask"]
+    )
+    return jax.lax.psum(confusion, axis_name)

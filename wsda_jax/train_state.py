@@ -1,0 +1,98 @@
+"""The train state: one pytree with student, teacher, optimizer state and prototypes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from wsda_jax import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step reads and writes (METHOD.md sections 4 and 7).
+
+    step: int32 [], steps taken (skipped ones included).
+    params, batch_stats: the student's variables ({'backbone', 'head'}, {'backbone'}).
+    opt_state: the optimizer state of `optim.make_optimizer`.
+    teacher_params, teacher_batch_stats: the EMA teacher.
+    source_prototypes, target_prototypes: float32 [C, D], zero-initialised.
+    rng: uint32 [2] base PRNG key; each step folds in the step and the device index,
+      so it is never split and carried, and a resumed run replays the same randomness.
+    skipped_steps: int32 [], steps whose loss or gradient was not finite.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    teacher_params: Any
+    teacher_batch_stats: Any
+    source_prototypes: jax.Array
+    target_prototypes: jax.Array
+    rng: jax.Array
+    skipped_steps: jax.Array
+
+    def student_variables(self) -> dict[str, Any]:
+        """Flax variables of the student, for `model.apply`."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def teacher_variables(self) -> dict[str, Any]:
+        """Flax variables of the EMA teacher, for `model.apply`."""
+        return {"params": self.teacher_params, "batch_stats": self.teacher_batch_stats}
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    key: jax.Array,
+    image_shape: tuple[int, ...],
+    optimizer: optax.GradientTransformation | None = None,
+) -> TrainState:
+    """Initialises the student from `key`; the teacher starts equal to the student.
+
+    Args:
+      config: the run configuration (num_classes, model.proj_dim, optim).
+      model: the `DeepLabV2` to initialise.
+      key: uint32 [2] PRNG key (jax.random.PRNGKey); split into init and step keys.
+      image_shape: shape of a dummy input batch, (B, H, W, 3).
+      optimizer: defaults to `optim.make_optimizer(config)`.
+    """
+    if optimizer is None:
+        optimizer = optim.make_optimizer(config)
+    init_key, step_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros(image_shape, jnp.float32), train=False)
+    params = variables["params"]
+    batch_stats = variables["batch_stats"]
+    prototypes = jnp.zeros((config.num_classes, config.model.proj_dim), jnp.float32)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=optimizer.init(params),
+        teacher_params=jax.tree.map(jnp.copy, params),
+        teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+        source_prototypes=prototypes,
+        target_prototypes=jnp.copy(prototypes),
+        rng=step_key,
+        skipped_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    image_shape: tuple[int, ...],
+    optimizer: optax.GradientTransformation | None = None,
+) -> TrainState:
+    """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), for checkpoint restore."""
+    return jax.eval_shape(
+        lambda key: create_train_state(config, model, key, image_shape, optimizer),
+        jax.random.PRNGKey(0),
+    )
