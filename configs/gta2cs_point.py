@@ -1,0 +1,25 @@
+"""Stage 2, GTA5 -> Cityscapes with point labels.
+
+Reference hyper-parameters (METHOD.md sections 4-12): 512x512 crops, batch 4 + 4,
+150k steps of SGD. Prepare the datasets first (see the README).
+
+Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
+  python -m wsda_jax.main --config=configs/gta2cs_point.py --workdir=workdirs/gta2cs_point \
+      --config.init.init_from=workdirs/gta_source_only
+
+Expected runtime: not yet measured.
+Expected result (Cityscapes val mIoU): not yet measured.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config; takes no variant argument."""
+    if arg:
+        raise ValueError(f"configs/gta2cs_point.py takes no variant argument, got {arg!r}")
+    return common.reference(source="gta5", stage="adapt", weak_label="point")

@@ -1,0 +1,27 @@
+"""Stage 2 on the synthetic pair with image-level labels.
+
+Embedded procedural dataset (128x256 images, generated into data.data_dir on first use),
+ResNet-18 with one block per stage, width 16, 1000 steps of batch 4 + 4: sized for a
+2-core laptop CPU. `synthetic_image.py:tiny` is the few-step variant the tests run.
+
+Run configs/synthetic_source_only.py first; its workdir initialises student and teacher.
+
+Command:
+  python -m wsda_jax.main --config=configs/synthetic_image.py \
+      --workdir=workdirs/synthetic_image \
+      --config.init.init_from=workdirs/synthetic_source_only
+
+Expected runtime: not yet measured.
+Expected result (synthetic target val mIoU): not yet measured.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config; `arg='tiny'` shrinks it to a few steps for tests."""
+    return common.synthetic(stage="adapt", weak_label="image", arg=arg)

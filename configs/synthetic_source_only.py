@@ -1,0 +1,24 @@
+"""Stage 1 on the synthetic source domain only (the lower bound and stage-2 init).
+
+Embedded procedural dataset (128x256 images, generated into data.data_dir on first use),
+ResNet-18 with one block per stage, width 16, 1000 steps of batch 4 + 4: sized for a
+2-core laptop CPU. `synthetic_source_only.py:tiny` is the few-step variant the tests run.
+
+Command:
+  python -m wsda_jax.main --config=configs/synthetic_source_only.py \
+      --workdir=workdirs/synthetic_source_only
+
+Expected runtime: not yet measured.
+Expected result (synthetic target val mIoU): not yet measured.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config; `arg='tiny'` shrinks it to a few steps for tests."""
+    return common.synthetic(stage="source_only", weak_label="none", arg=arg)

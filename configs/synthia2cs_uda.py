@@ -1,0 +1,28 @@
+"""Stage 2, SYNTHIA -> Cityscapes without target labels (plain UDA).
+
+Reference hyper-parameters (METHOD.md sections 4-12): 512x512 crops, batch 4 + 4,
+150k steps of SGD. Prepare the datasets first (see the README).
+
+mIoU is reported over 19 classes and over the 16 and 13 SYNTHIA classes.
+
+Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
+  python -m wsda_jax.main --config=configs/synthia2cs_uda.py \
+      --workdir=workdirs/synthia2cs_uda \
+      --config.init.init_from=workdirs/synthia_source_only
+
+Expected runtime: not yet measured.
+Expected result (Cityscapes val mIoU): not yet measured.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the config; takes no variant argument."""
+    if arg:
+        raise ValueError(f"configs/synthia2cs_uda.py takes no variant argument, got {arg!r}")
+    return common.reference(source="synthia", stage="adapt", weak_label="none")

@@ -1,0 +1,215 @@
+"""Evaluation on the target val split: confusion, IoU/mIoU, JSON, panels, confusion plot.
+
+`evaluate` streams the padded eval batches through the jitted, psum-ed `steps.eval_step`
+(single- or multi-scale, optional flip: `config.eval.scales` / `config.eval.flip`) and
+sums the per-batch confusion matrices on the host in int64 once the pass is dispatched,
+so the loop never waits on the device. `write_report` stores per-class IoU and mIoU
+(19 classes, plus 16 and 13 for a SYNTHIA source, METHOD.md section 1) of the student
+and the EMA teacher in `DIR/eval/STEP.json`, and draws PNGs: image | ground truth |
+prediction panels and a row-normalised confusion matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+import PIL.Image
+
+from wsda_jax import classes, metrics, parallel, steps
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TITLES = ("image", "ground truth", "prediction")
+
+
+def make_eval_fn(
+    config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh
+) -> Callable[[Any, Any], jax.Array]:
+    """The jitted, sharded eval step: (variables, batch) -> confusion int32 [C, C]."""
+    return parallel.shard_eval_step(
+        steps.eval_step,
+        mesh,
+        model=model,
+        num_classes=config.num_classes,
+        scales=tuple(config.eval.scales),
+        flip=config.eval.flip,
+    )
+
+
+def class_subsets(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """The class sets an mIoU is reported over: all, and SYNTHIA's 16 and 13."""
+    subsets = {"miou": tuple(range(config.num_classes))}
+    if config.data.source.startswith("synthia"):
+        subsets["miou_16"] = classes.SYNTHIA_16
+        subsets["miou_13"] = classes.SYNTHIA_13
+    return subsets
+
+
+def evaluate(
+    config: ml_collections.ConfigDict,
+    variables: Mapping[str, Any],
+    eval_iterator: Iterable[Mapping[str, np.ndarray]],
+    *,
+    model: Any,
+    mesh: jax.sharding.Mesh,
+    eval_fn: Callable[[Any, Any], jax.Array] | None = None,
+) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """One pass over `eval_iterator` with `variables` ({'params', 'batch_stats'} on mesh).
+
+    Returns the dataset-level confusion matrix, int64 [C, C] (rows ground truth, columns
+    prediction), and up to `config.eval.num_panels` unpadded host examples
+    ({'image', 'label'}) for panels.
+    """
+    if eval_fn is None:
+        eval_fn = make_eval_fn(config, model, mesh)
+    per_batch = []
+    examples = []
+    for batch in eval_iterator:
+        for i in np.flatnonzero(batch["mask"])[: config.eval.num_panels - len(examples)]:
+            examples.append({"image": batch["image"][i], "label": batch["label"][i]})
+        per_batch.append(eval_fn(variables, parallel.put_batch(dict(batch), mesh)))
+    confusion = np.zeros((config.num_classes, config.num_classes), np.int64)
+    for matrix in per_batch:  # Fetched only after every batch is dispatched.
+        confusion += np.asarray(jax.device_get(matrix.addressable_data(0)), np.int64)
+    return confusion, examples
+
+
+def summarize(config: ml_collections.ConfigDict, confusion: np.ndarray) -> dict[str, Any]:
+    """mIoU over each class subset and IoU per class name (None where undefined)."""
+    per_class = metrics.iou(confusion)
+    summary = {
+        name: _finite_or_none(metrics.mean_iou(confusion, subset))
+        for name, subset in class_subsets(config).items()
+    }
+    summary["iou"] = {
+        classes.CLASS_NAMES[c]: _finite_or_none(per_class[c]) for c in range(config.num_classes)
+    }
+    summary["pixels"] = int(confusion.sum())
+    return summary
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def local_variables(variables: Any) -> Any:
+    """This process's first copy of replicated variables (no host transfer)."""
+    return jax.tree.map(lambda x: x.addressable_data(0), variables)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "scales", "flip"))
+def _predict_labels(variables, images, *, model, scales, flip):
+    logits = steps.predict(variables, images, model=model, scales=scales, flip=flip)
+    return logits.argmax(axis=-1).astype(np.uint8)
+
+
+def predict_labels(
+    config: ml_collections.ConfigDict, variables: Any, images: np.ndarray, *, model: Any
+) -> np.ndarray:
+    """uint8 [B, H, W, 3] images -> uint8 [B, H, W] train ids, on one local device."""
+    labels = _predict_labels(
+        local_variables(variables),
+        images,
+        model=model,
+        scales=tuple(config.eval.scales),
+        flip=config.eval.flip,
+    )
+    return np.asarray(labels)
+
+
+def write_report(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int,
+    results: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
+    examples: list[dict[str, np.ndarray]],
+) -> dict[str, Any]:
+    """Writes DIR/eval/STEP.json and PNGs; returns the JSON content.
+
+    `results` maps a model name ('student', 'teacher') to its confusion matrix and its
+    predictions for `examples` (or None).
+    """
+    report = {"step": step}
+    report.update({name: summarize(config, confusion) for name, (confusion, _) in results.items()})
+    if jax.process_index() != 0:
+        return report
+    directory = os.path.join(workdir, "eval")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"{step}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    for name, (confusion, predictions) in results.items():
+        plot_confusion(confusion, os.path.join(directory, f"{step}_{name}_confusion.png"))
+        if predictions is not None and examples:
+            plot_panels(examples, predictions, os.path.join(directory, f"{step}_{name}_panels.png"))
+    return report
+
+
+def plot_panels(examples: list[dict[str, np.ndarray]], predictions: np.ndarray, path: str) -> None:
+    """One row per example: image | ground truth | prediction (class palette)."""
+    figure, axes = plt.subplots(len(examples), 3, figsize=(9, 2.2 * len(examples)), squeeze=False)
+    for row, (example, prediction) in enumerate(zip(examples, predictions, strict=True)):
+        panels = (
+            example["image"],
+            classes.colorize(example["label"]),
+            classes.colorize(prediction),
+        )
+        for col, (panel, title) in enumerate(zip(panels, TITLES, strict=True)):
+            axes[row, col].imshow(panel)
+            axes[row, col].set_axis_off()
+            if row == 0:
+                axes[row, col].set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def plot_confusion(confusion: np.ndarray, path: str) -> None:
+    """Confusion matrix normalised per ground-truth row, with class names."""
+    totals = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
+    names = classes.CLASS_NAMES[: confusion.shape[0]]
+    figure, axis = plt.subplots(figsize=(8, 7))
+    image = axis.imshow(normalised, vmin=0.0, vmax=1.0, cmap="Blues")
+    axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    axis.set_xlabel("prediction")
+    axis.set_ylabel("ground truth")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def predict_directory(
+    config: ml_collections.ConfigDict,
+    variables: Any,
+    input_dir: str,
+    output_dir: str,
+    *,
+    model: Any,
+) -> list[str]:
+    """Colourised predictions of every PNG/JPEG in `input_dir`, as PNGs in `output_dir`."""
+    names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise ValueError(f"--input_dir={input_dir}: no .png/.jpg/.jpeg images")
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for name in names:
+        with PIL.Image.open(os.path.join(input_dir, name)) as image:
+            pixels = np.asarray(image.convert("RGB"), np.uint8)
+        label = predict_labels(config, variables, pixels[None], model=model)[0]
+        path = os.path.join(output_dir, os.path.splitext(name)[0] + ".png")
+        PIL.Image.fromarray(classes.colorize(label)).save(path)
+        written.append(path)
+    return written

@@ -1,0 +1,96 @@
+"""Entry point: `python -m wsda_jax.main --config=configs/X.py --workdir=DIR [--mode=...]`.
+
+Modes: `train` (default; resumes from DIR), `eval` (latest checkpoint of DIR on the
+target val split), `predict` (colourised PNGs of `--input_dir` images in `--output_dir`).
+
+Several processes (multi-host GPU or TPU): `jax.distributed.initialize()` is called when
+the environment says this is one of several processes: JAX_COORDINATOR_ADDRESS set, a
+SLURM job with more than one task (SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_SIZE), a
+multi-host Cloud TPU (TPU_WORKER_HOSTNAMES with a comma), or WSDA_DISTRIBUTED=1 (the
+launch scripts set it). Bad input (config file, override key, workdir, dataset not
+prepared, init_from mismatch) exits with one line on stderr and status 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import traceback
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluations.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
+flags.DEFINE_string("input_dir", None, "predict: folder of .png/.jpg images.")
+flags.DEFINE_string("output_dir", None, "predict: folder for colourised predictions.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _is_multiprocess() -> bool:
+    env = os.environ
+    return bool(
+        env.get("WSDA_DISTRIBUTED") == "1"
+        or env.get("JAX_COORDINATOR_ADDRESS")
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
+
+
+def _check_workdir(workdir: str) -> None:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"--workdir={workdir} cannot be written: {error.strerror}") from error
+
+
+def _run(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if importlib.util.find_spec("wsda_jax.cpu_flags") is not None:
+        from wsda_jax import cpu_flags  # Must run before JAX initialises its backends.
+
+        cpu_flags.apply_cpu_defaults()
+    import jax
+
+    from wsda_jax import train
+
+    if _is_multiprocess():
+        jax.distributed.initialize()
+    logging.info(
+        "Process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
+    )
+    config, workdir = FLAGS.config, os.path.expanduser(FLAGS.workdir)
+    if FLAGS.mode == "train":
+        _check_workdir(workdir)
+        train.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == "eval":
+        _check_workdir(workdir)
+        train.evaluate_checkpoint(config, workdir)
+    else:
+        if not (FLAGS.input_dir and FLAGS.output_dir):
+            raise ValueError("--mode=predict needs --input_dir and --output_dir")
+        written = train.predict_images(config, workdir, FLAGS.input_dir, FLAGS.output_dir)
+        logging.info("Wrote %d predictions to %s.", len(written), FLAGS.output_dir)
+
+
+def main(argv: list[str]) -> None:
+    try:
+        _run(argv)
+    except (ValueError, FileNotFoundError, PermissionError, KeyError) as error:
+        logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
+        message = " ".join(line.strip() for line in str(error).strip("'\"").splitlines())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,121 @@
+"""Training logs: `WORKDIR/metrics.jsonl`, TensorBoard events, a progress bar, log lines.
+
+The train loop hands every step's metrics (still on the device) to `Reporter.update`;
+the reporter keeps them and only fetches them with `jax.device_get` when the *next*
+step has been dispatched, and only if the kept step is a log step. Logging therefore
+never makes the host wait for the step it has just launched (JAX training cookbook).
+Only process 0 writes files; every process may call the methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import tensorboardX
+import tqdm
+from absl import logging
+
+
+def _to_python(value: Any) -> float | int:
+    value = np.asarray(value)
+    return value.item() if value.dtype.kind in "iub" else float(value)
+
+
+class Reporter:
+    """Writes scalars to metrics.jsonl and TensorBoard; drives the progress bar."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        num_steps: int,
+        initial_step: int,
+        log_every_steps: int,
+        images_per_step: int,
+        learning_rate_fn: Callable[[int], Any] | None = None,
+    ) -> None:
+        self._is_writer = jax.process_index() == 0
+        self._log_every = log_every_steps
+        self._num_steps = num_steps
+        self._images_per_step = images_per_step
+        self._lr_fn = learning_rate_fn
+        self._pending: tuple[int, Mapping[str, Any]] | None = None
+        self._last_time = time.perf_counter()
+        self._last_step = initial_step
+        self._jsonl = None
+        self._tb = None
+        if self._is_writer:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._bar = tqdm.tqdm(
+            total=num_steps,
+            initial=initial_step,
+            disable=not self._is_writer,
+            dynamic_ncols=True,
+            mininterval=1.0,
+            desc="train",
+        )
+
+    def _is_log_step(self, step: int) -> bool:
+        return step % self._log_every == 0 or step == self._num_steps
+
+    def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Records the metrics of `step` (1-based: steps done); writes the previous one."""
+        self._write_pending()
+        self._pending = (step, metrics)
+        self._bar.update(step - self._bar.n)
+
+    def flush(self) -> None:
+        """Writes the kept metrics now (end of training, before a preemption exit)."""
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        self._pending = None
+        if not self._is_log_step(step):
+            return
+        scalars = {name: _to_python(v) for name, v in jax.device_get(dict(metrics)).items()}
+        now = time.perf_counter()
+        if step > self._last_step:
+            seconds = now - self._last_time
+            scalars["images_per_sec"] = self._images_per_step * (step - self._last_step) / seconds
+        self._last_time, self._last_step = now, step
+        if self._lr_fn is not None:
+            scalars["lr"] = _to_python(self._lr_fn(step - 1))  # The rate the step used.
+        self.write_scalars(step, scalars)
+        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
+        logging.info("step %d/%d: %s", step, self._num_steps, shown)
+        self._bar.set_postfix(total=scalars.get("total", float("nan")), refresh=False)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float | int]) -> None:
+        """One metrics.jsonl line and one TensorBoard scalar per entry."""
+        if not self._is_writer:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        """Writes what is kept and closes the files."""
+        self.flush()
+        self._bar.close()
+        if self._is_writer:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """The lines of WORKDIR/metrics.jsonl, in order (a resumed run appends)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

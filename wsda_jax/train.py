@@ -1,0 +1,290 @@
+"""The training loop, and the eval / predict modes that restore its checkpoints.
+
+`train_and_evaluate(config, workdir)` reads as a sequence of named helpers: open the
+data, build the model and step, restore or initialise the state, then loop: dispatch a
+step, report the previous one, evaluate every `config.eval.every_steps`, checkpoint every
+`config.checkpoint_every_steps` (and at every evaluation, ranked by mIoU), save and stop
+cleanly on SIGTERM. The step functions themselves live in `steps.py`.
+
+Stage: 'adapt' runs `steps.adapt_step`; 'source_only' runs `steps.source_only_step` on
+the source; 'oracle' runs `steps.source_only_step` with the target's train split (and
+its fine labels) as the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from wsda_jax import (
+    checkpointing,
+    config_lib,
+    evaluation,
+    optim,
+    parallel,
+    reporting,
+    steps,
+    train_state,
+)
+from wsda_jax.data import pipeline, sources
+from wsda_jax.models import deeplab, imagenet_init
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """Random-access record sources of the three splits a run reads."""
+
+    source: Sequence[Any]
+    target: Sequence[Any]
+    val: Sequence[Any]
+
+
+def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    """Source train, target train and target val (oracle: target train as the source)."""
+    target = sources.open_split(config.data.target, "train", config.data)
+    val = sources.open_split(config.data.target, "val", config.data)
+    if config.stage == "oracle":
+        return Datasets(source=target, target=target, val=val)
+    source = sources.open_split(config.data.source, "train", config.data)
+    return Datasets(source=source, target=target, val=val)
+
+
+def _process_kwargs() -> dict[str, int]:
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
+def _init_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+    return (1, *config.data.crop_size, 3)
+
+
+def fresh_state(
+    config: ml_collections.ConfigDict, model: Any, optimizer: Any, mesh: jax.sharding.Mesh
+) -> train_state.TrainState:
+    """A new state from `config.seed`, initialised directly on the mesh (replicated)."""
+    shape = _init_image_shape(config)
+    abstract = train_state.abstract_train_state(config, model, shape, optimizer)
+    shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, parallel.P()), abstract)
+    init = jax.jit(
+        lambda key: train_state.create_train_state(config, model, key, shape, optimizer),
+        out_shardings=shardings,
+    )
+    return init(jax.random.PRNGKey(config.seed))
+
+
+def abstract_state(
+    config: ml_collections.ConfigDict, model: Any, optimizer: Any, mesh: jax.sharding.Mesh
+) -> train_state.TrainState:
+    """The state's shapes with the current mesh's shardings: the target of a restore."""
+    shape = _init_image_shape(config)
+    abstract = train_state.abstract_train_state(config, model, shape, optimizer)
+    return checkpointing.abstract_on_mesh(abstract, mesh)
+
+
+def _from_imagenet(
+    state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
+) -> train_state.TrainState:
+    """Student and teacher backbones from a converted torchvision ResNet."""
+    variables = imagenet_init.init_from_imagenet(jax.device_get(state.student_variables()), path)
+    variables = parallel.replicate(
+        {"params": variables["params"], "batch_stats": variables["batch_stats"]}, mesh
+    )
+    logging.info("Initialised student and teacher backbones from ImageNet weights %s.", path)
+    return state.replace(
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        teacher_params=variables["params"],
+        teacher_batch_stats=variables["batch_stats"],
+    )
+
+
+def initial_state(
+    config: ml_collections.ConfigDict,
+    model: Any,
+    optimizer: Any,
+    mesh: jax.sharding.Mesh,
+    manager: Any,
+    train_iter: Any,
+) -> tuple[train_state.TrainState, int]:
+    """The state to start from, and its step."""
+    # Resume order:
+    # (1) the latest readable checkpoint in the workdir (state and data position);
+    restored = checkpointing.restore_latest(
+        manager, abstract_state(config, model, optimizer, mesh), train_iter
+    )
+    if restored is not None:
+        logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
+        return restored
+    state = fresh_state(config, model, optimizer, mesh)
+    # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;
+    if config.init.init_from:
+        return checkpointing.load_init_from(config.init.init_from, state, mesh), 0
+    # (3) ImageNet weights for the backbones (config.init.imagenet);
+    if config.init.imagenet:
+        return _from_imagenet(state, config.init.imagenet, mesh), 0
+    # (4) scratch.
+    logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
+    return state, 0
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict, model: Any, optimizer: Any, mesh: jax.sharding.Mesh
+) -> Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]:
+    """The jitted, sharded step of the configured stage."""
+    step_fn = steps.adapt_step if config.stage == "adapt" else steps.source_only_step
+    return parallel.shard_train_step(step_fn, mesh, model=model, optimizer=optimizer, config=config)
+
+
+def evaluate_and_report(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int,
+    state: train_state.TrainState,
+    val_records: Sequence[Any],
+    *,
+    model: Any,
+    mesh: jax.sharding.Mesh,
+    eval_fn: Callable[[Any, Any], jax.Array],
+) -> dict[str, Any]:
+    """Evaluates the student (and, when adapting, the teacher); writes DIR/eval/STEP.*."""
+    models = {"student": state.student_variables()}
+    if config.stage == "adapt":
+        models["teacher"] = state.teacher_variables()
+    results, examples = {}, []
+    for name, variables in models.items():
+        iterator = pipeline.make_eval_iterator(config, val_records, **_process_kwargs())
+        confusion, examples = evaluation.evaluate(
+            config, variables, iterator, model=model, mesh=mesh, eval_fn=eval_fn
+        )
+        predictions = None
+        if examples:
+            images = np.stack([example["image"] for example in examples])
+            predictions = evaluation.predict_labels(config, variables, images, model=model)
+        results[name] = (confusion, predictions)
+    report = evaluation.write_report(config, workdir, step, results, examples)
+    shown = ", ".join(f"{name} mIoU {report[name]['miou']}" for name in results)
+    logging.info("Evaluation at step %d: %s.", step, shown)
+    return report
+
+
+def _eval_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """The report's finite mIoUs, named 'eval/MODEL_miou...' for the logs."""
+    return {
+        f"eval/{name}_{key}": value
+        for name, summary in report.items()
+        if isinstance(summary, dict)
+        for key, value in summary.items()
+        if key.startswith("miou") and value is not None
+    }
+
+
+def _best_metric(report: dict[str, Any]) -> dict[str, float]:
+    """The checkpoint ranking metric: the better of student and teacher mIoU."""
+    mious = [s["miou"] for s in report.values() if isinstance(s, dict) and s["miou"] is not None]
+    return {checkpointing.BEST_METRIC: max(mious, default=0.0)}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config.num_steps` steps in `workdir` (resuming if possible); returns the
+    final evaluation report (or the last one, if stopped by SIGTERM)."""
+    config_lib.validate(config, jax.device_count())
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    mesh = parallel.make_mesh()
+    model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
+    eval_model = deeplab.build_model(config)
+    optimizer = optim.make_optimizer(config)
+    data = open_datasets(config)
+    train_iter = pipeline.make_train_iterator(config, data.source, data.target, **_process_kwargs())
+    manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config)
+    state, step = initial_state(config, model, optimizer, mesh, manager, train_iter)
+    train_step = make_train_step(config, model, optimizer, mesh)
+    eval_fn = evaluation.make_eval_fn(config, eval_model, mesh)
+    evaluate = lambda step, state: evaluate_and_report(
+        config, workdir, step, state, data.val, model=eval_model, mesh=mesh, eval_fn=eval_fn
+    )
+    reporter = reporting.Reporter(
+        workdir,
+        num_steps=config.num_steps,
+        initial_step=step,
+        log_every_steps=config.log_every_steps,
+        images_per_step=config.batch_size * (2 if config.stage == "adapt" else 1),
+    )
+    report = None
+    with checkpointing.PreemptionWatcher() as watcher:
+        while step < config.num_steps:
+            batch = parallel.put_batch(next(train_iter), mesh)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            reporter.update(step, step_metrics)
+            last = step == config.num_steps
+            metrics = None
+            if step % config.eval.every_steps == 0 or last:
+                reporter.flush()
+                report = evaluate(step, state)
+                reporter.write_scalars(step, _eval_scalars(report))
+                metrics = _best_metric(report)
+            stop = watcher.should_stop(manager, step)
+            if metrics or stop or step % config.checkpoint_every_steps == 0:
+                checkpointing.save(manager, step, state, train_iter, config, metrics=metrics)
+            if stop:
+                logging.warning("Stopped at step %d on request; checkpoint saved.", step)
+                break
+    if report is None and step >= config.num_steps:  # Resumed an already finished run.
+        report = evaluate(step, state)
+    reporter.close()
+    manager.wait_until_finished()
+    manager.close()
+    return report
+
+
+def _restore_for_inference(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+) -> tuple[train_state.TrainState, int]:
+    """The latest checkpoint of `workdir`, for the eval and predict modes."""
+    model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
+    optimizer = optim.make_optimizer(config)
+    directory = checkpointing.checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
+    with checkpointing.make_manager(directory, config) as manager:
+        restored = checkpointing.restore_latest(
+            manager, abstract_state(config, model, optimizer, mesh)
+        )
+    if restored is None:
+        raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
+    return restored
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the latest checkpoint of `workdir`; writes DIR/eval/STEP.json."""
+    config_lib.validate(config, jax.device_count())
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    mesh = parallel.make_mesh()
+    state, step = _restore_for_inference(config, workdir, mesh)
+    model = deeplab.build_model(config)
+    val = sources.open_split(config.data.target, "val", config.data)
+    eval_fn = evaluation.make_eval_fn(config, model, mesh)
+    return evaluate_and_report(
+        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn
+    )
+
+
+def predict_images(
+    config: ml_collections.ConfigDict, workdir: str, input_dir: str, output_dir: str
+) -> list[str]:
+    """Colourised predictions of the images in `input_dir` by the latest checkpoint
+    (the EMA teacher when adapting, else the student); returns the written paths."""
+    if not os.path.isdir(input_dir):
+        raise ValueError(f"--input_dir={input_dir!r} is not a directory")
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    mesh = parallel.make_mesh()
+    state, _ = _restore_for_inference(config, workdir, mesh)
+    variables = state.teacher_variables() if config.stage == "adapt" else state.student_variables()
+    model = deeplab.build_model(config)
+    return evaluation.predict_directory(config, variables, input_dir, output_dir, model=model)
