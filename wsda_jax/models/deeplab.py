@@ -1,0 +1,135 @@
+"""DeepLabV2 with a projection head (METHOD.md section 3).
+
+`backbone` is the output-stride-8 ResNet; `head` holds the DeepLabV2 classifier
+(four parallel dilated 3x3 convs, summed) and the 1x1 projection to L2-normalised
+pixel features. The split matters: the optimizer gives `head` 10x the learning rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from wsda_jax.models import resnet
+
+
+@flax.struct.dataclass
+class SegmentationOutput:
+    """Model outputs, all float32.
+
+    features: `[B, h, w, proj_dim]`, unit L2 norm over the last axis.
+    lowres_logits: `[B, h, w, C]`, h = ceil(H/8), w = ceil(W/8).
+    logits: `[B, H, W, C]`, bilinear upsampling of `lowres_logits` to the input size.
+    """
+
+    features: jax.Array
+    lowres_logits: jax.Array
+    logits: jax.Array
+
+
+class Head(nn.Module):
+    """DeepLabV2 classifier plus projection head on the backbone output.
+
+    Returns `(lowres_logits [B, h, w, C], features [B, h, w, proj_dim])`, float32,
+    features L2-normalised over channels.
+    """
+
+    num_classes: int
+    proj_dim: int = 256
+    aspp_dilations: Sequence[int] = (12, 24, 36, 48)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        logits = 0.0
+        for i, d in enumerate(self.aspp_dilations):
+            # The reference initialises these with normal(0, 0.01) and bias 0.
+            logits = logits + nn.Conv(
+                self.num_classes,
+                (3, 3),
+                padding=((d, d), (d, d)),
+                kernel_dilation=d,
+                use_bias=True,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.normal(0.01),
+                bias_init=nn.initializers.zeros,
+                name=f"classifier_{i}",
+            )(x)
+        features = nn.Dense(
+            self.proj_dim, dtype=self.dtype, param_dtype=jnp.float32, name="projection"
+        )(x)
+        features = features.astype(jnp.float32)
+        # F.normalize(dim=1): x / max(||x||, 1e-12).
+        norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+        features = features / jnp.maximum(norm, 1e-12)
+        return logits.astype(jnp.float32), features
+
+
+class DeepLabV2(nn.Module):
+    """ResNet backbone (output stride 8) + DeepLabV2 classifier + projection head.
+
+    Variables: {'params': {'backbone', 'head'}, 'batch_stats': {'backbone'}}.
+    """
+
+    num_classes: int
+    depth: int = 101
+    width: int = 64
+    proj_dim: int = 256
+    aspp_dilations: Sequence[int] = (12, 24, 36, 48)
+    stage_sizes: Sequence[int] = ()
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> SegmentationOutput:
+        """Segments ImageNet-normalised images `[B, H, W, 3]` (float).
+
+        `train` switches BatchNorm to batch statistics (apply with
+        `mutable=['batch_stats']` to get the updated running statistics).
+        """
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected shape [B, H, W, 3], got {images.shape}")
+        x = resnet.ResNet(
+            depth=self.depth,
+            width=self.width,
+            stage_sizes=tuple(self.stage_sizes),
+            bn_axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            name="backbone",
+        )(images, train=train)
+        lowres_logits, features = Head(
+            self.num_classes,
+            proj_dim=self.proj_dim,
+            aspp_dilations=tuple(self.aspp_dilations),
+            dtype=self.dtype,
+            name="head",
+        )(x)
+        batch, height, width = images.shape[:3]
+        logits = jax.image.resize(
+            lowres_logits, (batch, height, width, self.num_classes), method="bilinear"
+        )
+        return SegmentationOutput(features=features, lowres_logits=lowres_logits, logits=logits)
+
+
+def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> DeepLabV2:
+    """DeepLabV2 from `config.model.*`, `config.num_classes` and `config.compute_dtype`."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if config.compute_dtype not in dtypes:
+        raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
+    return DeepLabV2(
+        num_classes=config.num_classes,
+        depth=config.model.depth,
+        width=config.model.width,
+        proj_dim=config.model.proj_dim,
+        aspp_dilations=tuple(config.model.aspp_dilations),
+        stage_sizes=tuple(config.model.stage_sizes),
+        bn_axis_name=bn_axis_name,
+        dtype=dtypes[config.compute_dtype],
+    )

@@ -1,0 +1,140 @@
+"""ImageNet initialisation: a torchvision ResNet state dict -> the Flax `backbone`.
+
+No download at run time: the user supplies torchvision's `resnet101-*.pth` (read
+with torch if it is installed) or an `.npz` with the same keys. Naming between
+the two trees (see `resnet.py`):
+
+    conv1.weight                   -> params/backbone/conv1/kernel   (OIHW -> HWIO)
+    bn1.{weight,bias}              -> params/backbone/bn1/{scale,bias}
+    bn1.{running_mean,running_var} -> batch_stats/backbone/bn1/{mean,var}
+    layer3.4.conv2.weight          -> params/backbone/layer3_4/conv2/kernel
+    layer3.0.downsample.{0,1}.*    -> .../layer3_0/{downsample_conv,downsample_bn}/...
+
+`fc.*` and `*.num_batches_tracked` are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.traverse_util
+import numpy as np
+
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+IGNORED_PREFIXES = ("fc.",)
+_MODULE_NAMES = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_NPZ_HINT = (
+    "convert it to .npz on a machine with torch: python -c \"import numpy, torch; "
+    "sd = torch.load('IN.pth', map_location='cpu'); "
+    "numpy.savez('OUT.npz', **{k: v.numpy() for k, v in sd.items()})\""
+)
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a torchvision state dict from `.npz` or `.pth` into NumPy arrays."""
+    path = os.path.expanduser(path)
+    if path.endswith(".npz"):
+        with np.load(path) as data:
+            return {key: np.asarray(data[key]) for key in data.files}
+    if path.endswith((".pth", ".pt")):
+        try:
+            import torch  # noqa: PLC0415 (optional dependency, only for .pth)
+        except ImportError as e:
+            raise ValueError(f"path={path!r}: reading .pth needs torch, which is not installed; "
+                             f"{_NPZ_HINT}") from e
+        loaded = torch.load(path, map_location="cpu")
+        if "state_dict" in loaded:
+            loaded = loaded["state_dict"]
+        return {key: value.detach().cpu().numpy() for key, value in loaded.items()}
+    raise ValueError(f"path={path!r}: expected a .npz or .pth file")
+
+
+def _torch_key(collection: str, path: tuple[str, ...]) -> str:
+    """Flax backbone path, e.g. ('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight'."""
+    *modules, leaf = path
+    names = []
+    for module in modules:
+        if module in _MODULE_NAMES:
+            names.append(_MODULE_NAMES[module])
+        else:
+            names.append(module.replace("_", "."))  # layer3_4 -> layer3.4; conv1 unchanged.
+    if (collection, leaf) not in _LEAF_NAMES:
+        raise ValueError(f"variables: unexpected backbone leaf {collection}/{'/'.join(path)}")
+    return ".".join(names + [_LEAF_NAMES[(collection, leaf)]])
+
+
+def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
+    """Torch layout -> Flax layout: conv OIHW -> HWIO, vectors unchanged; float32."""
+    value = np.asarray(value, dtype=np.float32)
+    return value.transpose(2, 3, 1, 0) if leaf == "kernel" else value
+
+
+def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    """The torch shape that a Flax leaf of `shape` must come from."""
+    if leaf == "kernel":
+        h, w, i, o = shape
+        return (o, i, h, w)
+    return tuple(shape)
+
+
+def convert_torchvision_resnet(
+    state_dict: dict[str, np.ndarray], variables: dict[str, Any]
+) -> dict[str, Any]:
+    """Returns `variables` with `params/backbone` and `batch_stats/backbone` from torchvision.
+
+    Args:
+      state_dict: torchvision ResNet keys -> arrays (NCHW / OIHW layout).
+      variables: the DeepLabV2 variables (`model.init(...)`), used for structure,
+        shapes and the untouched `head`.
+
+    Raises:
+      ValueError naming the first missing key, the first key whose shape differs
+      (expected vs found), or keys of the state dict that the model does not use.
+    """
+    used = set()
+    converted = {}
+    for collection in ("params", "batch_stats"):
+        flat = flax.traverse_util.flatten_dict(variables[collection]["backbone"])
+        new_flat = {}
+        for path, old in flat.items():
+            key = _torch_key(collection, path)
+            if key not in state_dict:
+                raise ValueError(f"state_dict: missing key {key!r}")
+            value = np.asarray(state_dict[key])
+            expected = _torch_shape(np.shape(old), path[-1])
+            if value.shape != expected:
+                raise ValueError(
+                    f"state_dict[{key!r}]: expected shape {expected}, found {value.shape}"
+                )
+            new_flat[path] = _to_flax(value, path[-1])
+            used.add(key)
+        converted[collection] = flax.traverse_util.unflatten_dict(new_flat)
+    unused = sorted(
+        key
+        for key in state_dict
+        if key not in used
+        and not key.startswith(IGNORED_PREFIXES)
+        and not key.endswith(IGNORED_SUFFIXES)
+    )
+    if unused:
+        raise ValueError(
+            f"state_dict: {len(unused)} keys the model does not use (wrong depth or "
+            f"stage_sizes?), first {unused[0]!r}"
+        )
+    out = dict(variables)
+    for collection in ("params", "batch_stats"):
+        out[collection] = {**variables[collection], "backbone": converted[collection]}
+    return out
+
+
+def init_from_imagenet(variables: dict[str, Any], path: str) -> dict[str, Any]:
+    """`convert_torchvision_resnet(load_state_dict(path), variables)`."""
+    return convert_torchvision_resnet(load_state_dict(path), variables)
