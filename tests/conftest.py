@@ -1,0 +1,81 @@
+"""Shared tiny configurations, models and batches for the step tests (CPU-sized)."""
+
+import jax
+import numpy as np
+import pytest
+
+from wsda_jax import config_lib
+from wsda_jax.models import deeplab
+
+NUM_CLASSES = 5
+IMAGE_SIZE = 32
+
+
+def tiny_config(weak_label: str = "coarse", batch_size: int = 2):
+    """A ResNet-18 (one block per stage, width 4), 5 classes, 32x32 crops, all terms on."""
+    config = config_lib.base_config()
+    config.num_classes = NUM_CLASSES
+    config.weak_label = weak_label
+    config.batch_size = batch_size
+    config.num_steps = 100
+    config.model.depth = 18
+    config.model.width = 4
+    config.model.stage_sizes = (1, 1, 1, 1)
+    config.model.proj_dim = 16
+    config.model.aspp_dilations = (1, 2)
+    config.data.crop_size = (IMAGE_SIZE, IMAGE_SIZE)
+    config.loss.contrast_start = 0
+    config.loss.max_views = 2
+    config.loss.inter_max_samples = 32
+    config.loss.intra_max_samples = 16
+    config.pseudo.threshold = 0.2
+    config.pseudo.proto_threshold = 0.2
+    config.pseudo.ignore_top = 2
+    config.pseudo.ignore_bottom = 4
+    config.optim.warmup_steps = 0
+    config.optim.lr = 1e-2
+    return config
+
+
+def tiny_model(config, bn_axis_name="data"):
+    return deeplab.build_model(config, bn_axis_name=bn_axis_name)
+
+
+def synthetic_batch(seed: int, batch_size: int, weak_label: str, size: int = IMAGE_SIZE):
+    """A learnable numpy train batch: label = a blocky class map, colour encodes the class."""
+    rng = np.random.default_rng(seed)
+
+    def scene():
+        coarse = rng.integers(0, NUM_CLASSES, (batch_size, size // 8, size // 8))
+        label = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2).astype(np.int32)
+        colours = rng.integers(0, 256, (NUM_CLASSES, 3))
+        image = colours[label] + rng.integers(-20, 20, label.shape + (3,))
+        return np.clip(image, 0, 255).astype(np.uint8), label
+
+    source_image, source_label = scene()
+    target_image, target_label = scene()
+    if weak_label == "coarse":
+        weak = np.where(rng.random(target_label.shape) < 0.5, target_label, 255)
+        weak[:, :, : size // 2] = 255
+    elif weak_label == "point":
+        weak = np.full_like(target_label, 255)
+        weak[:, 3::8, 5::8] = target_label[:, 3::8, 5::8]
+    else:
+        weak = np.full_like(target_label, 255)
+    presence = np.zeros((batch_size, NUM_CLASSES), np.float32)
+    for b in range(batch_size):
+        presence[b, np.unique(target_label[b])] = 1.0
+    return {
+        "source": {"image": source_image, "label": source_label},
+        "target": {
+            "image": target_image,
+            "weak_label": weak.astype(np.int32),
+            "presence": presence,
+            "label": target_label,
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def single_device_mesh():
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))

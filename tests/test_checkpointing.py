@@ -1,0 +1,160 @@
+"""Checkpoint round trips, retention, corrupt-checkpoint fallback and init_from checks."""
+
+import logging
+import os
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from wsda_jax import checkpointing
+
+
+@flax.struct.dataclass
+class _State:
+    """The fields of the real TrainState that checkpointing touches, at toy sizes."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    teacher_params: dict
+    teacher_batch_stats: dict
+    target_prototypes: jax.Array
+    rng: jax.Array
+
+
+def _state(kernel_shape=(3, 3), seed=0) -> _State:
+    key = jax.random.key(seed)
+    params = {"backbone": {"conv": {"kernel": jax.random.normal(key, kernel_shape)}}}
+    stats = {"backbone": {"bn": {"mean": jnp.arange(3.0) + seed}}}
+    return _State(
+        step=jnp.asarray(seed, jnp.int32),
+        params=params,
+        batch_stats=stats,
+        teacher_params=jax.tree.map(jnp.zeros_like, params),
+        teacher_batch_stats=jax.tree.map(jnp.zeros_like, stats),
+        target_prototypes=jnp.full((2, 4), float(seed)),
+        rng=jax.random.key(seed + 100),
+    )
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(50).shuffle(seed=3).to_iter_dataset().batch(2))
+
+
+def _config(keep=2) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"keep_checkpoints": keep, "seed": 0})
+
+
+def _mesh():
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_restores_state_and_iterator_position(tmp_path):
+    config = _config()
+    state = _state(seed=7)
+    iterator = _iterator()
+    next(iterator), next(iterator)
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        assert checkpointing.save(manager, 2, state, iterator, config)
+        expected_next = next(iterator)  # Advancing after save must not change what was saved.
+        manager.wait_until_finished()
+        assert not checkpointing.save(manager, 2, state, iterator, config)  # Already there.
+
+    fresh_iterator = _iterator()
+    abstract = checkpointing.abstract_on_mesh(jax.eval_shape(lambda: _state()), _mesh())
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        restored, step = checkpointing.restore_latest(manager, abstract, fresh_iterator)
+    assert step == 2
+    _assert_trees_equal(restored, state)
+    assert restored.params["backbone"]["conv"]["kernel"].sharding.is_fully_replicated
+    np.testing.assert_array_equal(next(fresh_iterator), expected_next)
+    assert os.path.exists(tmp_path / "2" / "config")
+
+
+def test_no_checkpoint_restores_none(tmp_path):
+    abstract = jax.eval_shape(lambda: _state())
+    with checkpointing.make_manager(str(tmp_path), _config()) as manager:
+        assert checkpointing.restore_latest(manager, abstract) is None
+
+
+def test_keeps_latest_and_best_by_miou(tmp_path):
+    config = _config(keep=2)
+    state, iterator = _state(), _iterator()
+    mious = {1: 0.5, 2: None, 3: 0.9, 4: None, 5: 0.1, 6: None, 7: None}
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        for step, miou in mious.items():
+            metrics = None if miou is None else {"miou": miou}
+            checkpointing.save(manager, step, state, iterator, config, metrics=metrics)
+            manager.wait_until_finished()
+        assert manager.best_step() == 3
+        assert sorted(manager.all_steps()) == [3, 6, 7]
+    assert sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit()) == [3, 6, 7]
+
+
+def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
+    config = _config(keep=3)
+    iterator = _iterator()
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        checkpointing.save(manager, 1, _state(seed=1), iterator, config)
+        manager.wait_until_finished()
+        checkpointing.save(manager, 2, _state(seed=2), iterator, config)
+        manager.wait_until_finished()
+    # Simulate a crash that left step 2's array data truncated.
+    for root, _, files in os.walk(tmp_path / "2" / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\0")
+
+    abstract = jax.eval_shape(lambda: _state())
+    abstract = checkpointing.abstract_on_mesh(abstract, _mesh())
+    with caplog.at_level(logging.WARNING):
+        with checkpointing.make_manager(str(tmp_path), config) as manager:
+            restored, step = checkpointing.restore_latest(manager, abstract, _iterator())
+    assert step == 1
+    _assert_trees_equal(restored, _state(seed=1))
+    assert any(str(tmp_path / "2") in record.getMessage() for record in caplog.records)
+
+
+def test_init_from_loads_student_and_teacher(tmp_path):
+    config = _config()
+    stage1 = _state(seed=5)
+    with checkpointing.make_manager(checkpointing.checkpoint_dir(str(tmp_path)), config) as m:
+        checkpointing.save(m, 10, stage1, _iterator(), config)
+        m.wait_until_finished()
+
+    fresh = _state(seed=0)
+    loaded = checkpointing.load_init_from(str(tmp_path), fresh, _mesh())  # The workdir.
+    _assert_trees_equal(loaded.params, stage1.params)
+    _assert_trees_equal(loaded.teacher_params, stage1.params)
+    _assert_trees_equal(loaded.batch_stats, stage1.batch_stats)
+    _assert_trees_equal(loaded.teacher_batch_stats, stage1.batch_stats)
+    # Everything else stays fresh.
+    _assert_trees_equal(loaded.target_prototypes, fresh.target_prototypes)
+    assert int(loaded.step) == 0
+
+
+def test_init_from_shape_mismatch_names_parameter(tmp_path):
+    config = _config()
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        checkpointing.save(manager, 1, _state(kernel_shape=(3, 3)), _iterator(), config)
+        manager.wait_until_finished()
+    with pytest.raises(ValueError, match=r"params/backbone/conv/kernel has shape \(3, 3\)") as e:
+        checkpointing.load_init_from(str(tmp_path), _state(kernel_shape=(3, 4)), _mesh())
+    assert "\n" not in str(e.value)
+
+
+def test_init_from_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="no such checkpoint directory"):
+        checkpointing.load_init_from(str(tmp_path / "nope"), _state(), _mesh())

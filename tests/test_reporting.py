@@ -1,0 +1,64 @@
+"""The reporter writes log steps only, one step late, to metrics.jsonl and TensorBoard."""
+
+import os
+
+import jax.numpy as jnp
+import pytest
+
+from wsda_jax import reporting
+
+
+class _Unfetchable(dict):
+    """Metrics that fail if anyone reads them: non-log steps must never be fetched."""
+
+    def items(self):
+        raise AssertionError("metrics of a non-log step were fetched")
+
+
+def _reporter(workdir, **kwargs):
+    defaults = dict(
+        num_steps=5,
+        initial_step=0,
+        log_every_steps=2,
+        images_per_step=8,
+        learning_rate_fn=lambda step: 0.1 * (step + 1),
+    )
+    return reporting.Reporter(str(workdir), **{**defaults, **kwargs})
+
+
+def test_writes_log_steps_one_step_late(tmp_path):
+    reporter = _reporter(tmp_path)
+    reporter.update(1, _Unfetchable())
+    reporter.update(2, {"loss": jnp.asarray(2.5), "skipped": jnp.asarray(0, jnp.int32)})
+    assert reporting.read_metrics(str(tmp_path)) == []  # Step 2 is kept until step 3 runs.
+    reporter.update(3, _Unfetchable())
+    lines = reporting.read_metrics(str(tmp_path))
+    assert [line["step"] for line in lines] == [2]
+    assert lines[0]["loss"] == 2.5 and lines[0]["skipped"] == 0
+    assert isinstance(lines[0]["skipped"], int)
+    assert lines[0]["lr"] == pytest.approx(0.2)  # Schedule at step index 1 (the 2nd step).
+    assert lines[0]["images_per_sec"] > 0
+    reporter.update(4, {"loss": jnp.asarray(1.0)})
+    reporter.update(5, {"loss": jnp.asarray(0.5)})  # The last step is always logged.
+    reporter.close()
+    lines = reporting.read_metrics(str(tmp_path))
+    assert [line["step"] for line in lines] == [2, 4, 5]
+    assert [line["loss"] for line in lines] == [2.5, 1.0, 0.5]
+
+
+def test_resumed_run_appends_and_tensorboard_written(tmp_path):
+    reporter = _reporter(tmp_path)
+    reporter.update(2, {"loss": jnp.asarray(1.0)})
+    reporter.close()
+    reporter = _reporter(tmp_path, initial_step=2)
+    reporter.update(4, {"loss": jnp.asarray(3.0)})
+    reporter.write_scalars(4, {"eval/miou": 0.25})
+    reporter.close()
+    lines = reporting.read_metrics(str(tmp_path))
+    assert [(line["step"], sorted(line)) for line in lines] == [
+        (2, ["images_per_sec", "loss", "lr", "step"]),
+        (4, ["eval/miou", "step"]),
+        (4, ["images_per_sec", "loss", "lr", "step"]),
+    ]
+    events = os.listdir(tmp_path / "tensorboard")
+    assert events and all(os.path.getsize(tmp_path / "tensorboard" / e) > 0 for e in events)
