@@ -30,12 +30,20 @@ def stable_seed(name_or_index: str | int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _erode(mask: np.ndarray, pixels: int, border_value: int) -> np.ndarray:
+def _interior(label: np.ndarray, pixels: int, border_is_boundary: bool) -> np.ndarray:
+    """bool (H, W): pixels whose (2*pixels+1)^2 window holds only their own class.
+
+    This is a per-class binary erosion by `pixels` steps of the 8-neighbourhood,
+    done for all classes at once with separable min/max filters.
+    """
     if pixels <= 0:
-        return mask
-    return scipy.ndimage.binary_erosion(
-        mask, structure=_SQUARE, iterations=pixels, border_value=border_value
-    )
+        return np.ones(label.shape, bool)
+    size = 2 * pixels + 1
+    # 254 is never a train id, so padding with it marks the border as a boundary.
+    mode, cval = ("constant", 254) if border_is_boundary else ("nearest", 0)
+    low = scipy.ndimage.minimum_filter(label, size=size, mode=mode, cval=cval)
+    high = scipy.ndimage.maximum_filter(label, size=size, mode=mode, cval=cval)
+    return low == high
 
 
 def point_labels(
@@ -65,11 +73,12 @@ def point_labels(
     label = np.asarray(label, np.uint8)
     rng = np.random.default_rng([seed, stable_seed(name_or_index)])
     points = np.full(label.shape, IGNORE_LABEL, np.uint8)
+    interior = _interior(label, margin, border_is_boundary=False)
     for c in np.unique(label):
         if c == IGNORE_LABEL:
             continue
         mask = label == c
-        candidates = np.flatnonzero(_erode(mask, margin, border_value=1))
+        candidates = np.flatnonzero(mask & interior)
         if candidates.size == 0:
             candidates = np.flatnonzero(mask)
         chosen = rng.choice(candidates, size=min(points_per_class, candidates.size), replace=False)
@@ -96,11 +105,11 @@ def coarse_from_fine(label: np.ndarray, *, erosion: int, min_region: int) -> np.
     """
     label = np.asarray(label, np.uint8)
     coarse = np.full(label.shape, IGNORE_LABEL, np.uint8)
+    interior = _interior(label, erosion, border_is_boundary=True)
     for c in np.unique(label):
         if c == IGNORE_LABEL:
             continue
-        mask = _erode(label == c, erosion, border_value=0)
-        regions, num_regions = scipy.ndimage.label(mask, structure=_SQUARE)
+        regions, num_regions = scipy.ndimage.label((label == c) & interior, structure=_SQUARE)
         if num_regions == 0:
             continue
         sizes = np.bincount(regions.ravel())
