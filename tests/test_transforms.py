@@ -109,6 +109,35 @@ def test_color_jitter_keeps_dtype_bounds_and_changes_colours():
     np.testing.assert_array_equal(transforms.color_jitter(image, rng, 0.0), image)
 
 
+def _sequential_jitter(image, rng, strength):
+    """Step-by-step float reference of color_jitter (same random draws, no clipping)."""
+    luma = np.array([0.299, 0.587, 0.114])
+    x = image.astype(np.float64)
+    for op in rng.permutation(4):
+        if op == 0:
+            x = x * rng.uniform(1 - strength, 1 + strength)
+        elif op == 1:
+            f = rng.uniform(1 - strength, 1 + strength)
+            grey = (x @ luma).mean()
+            x = (x - grey) * f + grey
+        elif op == 2:
+            f = rng.uniform(1 - strength, 1 + strength)
+            grey = (x @ luma)[..., None]
+            x = (x - grey) * f + grey
+        else:
+            x = x @ transforms._hue_matrix(rng.uniform(-strength, strength)).T
+    return x
+
+
+def test_color_jitter_equals_the_sequential_steps():
+    image = np.random.default_rng(0).integers(90, 160, (16, 16, 3), dtype=np.uint8)
+    for seed in range(5):
+        out = transforms.color_jitter(image, np.random.default_rng(seed), 0.25)
+        expected = _sequential_jitter(image, np.random.default_rng(seed), 0.25)
+        assert expected.min() > 0 and expected.max() < 255  # no clipping involved
+        np.testing.assert_allclose(out, expected, atol=1.01)
+
+
 def test_hue_rotation_keeps_grey_and_full_turn_is_identity():
     rotate = transforms._hue_matrix(0.25)
     grey = np.array([120.0, 120.0, 120.0], np.float32)

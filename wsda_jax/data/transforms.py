@@ -127,23 +127,34 @@ def _hue_matrix(shift: float) -> np.ndarray:
 def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Brightness, contrast, saturation (factors in 1 +- strength) and hue (+- strength turns).
 
-    Applied in a random order like torchvision's ColorJitter, clipping to [0, 255]
-    after each step. uint8 (H, W, 3) -> uint8 (H, W, 3).
+    Applied in a random order like torchvision's ColorJitter. Every step is affine
+    in RGB, so the four are composed into one map `x @ A.T + o` applied in a single
+    pass and clipped once at the end (torchvision clips after every step; the
+    results differ only where an intermediate step saturates).
+    uint8 (H, W, 3) -> uint8 (H, W, 3).
     """
-    x = image.astype(np.float32)
+    a = np.eye(3, dtype=np.float32)
+    o = np.zeros(3, np.float32)
+    mean = image.reshape(-1, 3).mean(axis=0, dtype=np.float32)
     for op in rng.permutation(4):
-        if op == 0:  # brightness
-            x = x * rng.uniform(1 - strength, 1 + strength)
-        elif op == 1:  # contrast: blend with the mean grey level
-            mean = float((x @ _LUMA).mean())
-            x = (x - mean) * rng.uniform(1 - strength, 1 + strength) + mean
-        elif op == 2:  # saturation: blend with the per-pixel grey level
-            grey = (x @ _LUMA)[..., None]
-            x = (x - grey) * rng.uniform(1 - strength, 1 + strength) + grey
+        if op == 0:  # brightness: scale
+            f = rng.uniform(1 - strength, 1 + strength)
+            a, o = f * a, f * o
+        elif op == 1:  # contrast: blend with the image's mean grey level
+            f = rng.uniform(1 - strength, 1 + strength)
+            grey = _LUMA @ (a @ mean + o)
+            a, o = f * a, f * o + (1 - f) * grey
+        elif op == 2:  # saturation: blend with each pixel's grey level
+            f = rng.uniform(1 - strength, 1 + strength)
+            m = f * np.eye(3, dtype=np.float32) + (1 - f) * np.outer(np.ones(3), _LUMA)
+            a, o = m @ a, m @ o
         else:
-            x = x @ _hue_matrix(rng.uniform(-strength, strength)).T
-        np.clip(x, 0, 255, out=x)
-    return (x + 0.5).astype(np.uint8)
+            m = _hue_matrix(rng.uniform(-strength, strength))
+            a, o = m @ a, m @ o
+    x = image.astype(np.float32) @ a.T.astype(np.float32)
+    x += o.astype(np.float32) + 0.5
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
 
 
 class ColorJitter(grain.transforms.RandomMap):
