@@ -21,7 +21,9 @@ def resize_nearest(labels: np.ndarray, size) -> np.ndarray:
     for b in range(batch):
         for i in range(out_h):
             for j in range(out_w):
-                out[b, i, j] = labels[b, math.floor(i * height / out_h), math.floor(j * width / out_w)]
+                out[b, i, j] = labels[
+                    b, math.floor(i * height / out_h), math.floor(j * width / out_w)
+                ]
     return out
 
 
@@ -97,7 +99,13 @@ def boundary_loss(logits, labels, gumbel_noise, tau=0.5) -> float:
 
 
 def contrastive_loss_full(
-    anchors, labels, domains, valid, prototypes, temperature=0.1, base_temperature=0.07,
+    anchors,
+    labels,
+    domains,
+    valid,
+    prototypes,
+    temperature=0.1,
+    base_temperature=0.07,
     cross_domain=False,
 ) -> float:
     """The |A| x |A| form of METHOD.md section 8, literally."""

@@ -5,14 +5,15 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from wsda_jax import label_ops
 
 
 @pytest.mark.parametrize(
-    "in_size,out_size", [((64, 48), (8, 6)), ((8, 6), (64, 48)), ((10, 7), (4, 3)), ((5, 9), (13, 4))]
+    "in_size,out_size",
+    [((64, 48), (8, 6)), ((8, 6), (64, 48)), ((10, 7), (4, 3)), ((5, 9), (13, 4))],
 )
 def test_resize_nearest_matches_reference(in_size, out_size):
     rng = np.random.default_rng(0)
@@ -50,7 +51,9 @@ def test_fuse_with_non_integer_ratio_matches_reference():
     rng = np.random.default_rng(2)
     pred = rng.integers(0, 5, size=(1, 5, 7)).astype(np.int32)
     label = np.where(rng.random((1, 37, 53)) < 0.3, rng.integers(0, 5, (1, 37, 53)), 255)
-    np.testing.assert_array_equal(label_ops.fuse(pred, label.astype(np.int32)), ref.fuse(pred, label))
+    np.testing.assert_array_equal(
+        label_ops.fuse(pred, label.astype(np.int32)), ref.fuse(pred, label)
+    )
 
 
 def test_bad_inputs_raise():

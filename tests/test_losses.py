@@ -5,9 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from wsda_jax import losses, sampling
 
 NUM_CLASSES = 5
@@ -44,7 +44,9 @@ def test_cross_entropy_matches_reference(jitted):
     logits = rng.normal(size=(2, 6, 5, NUM_CLASSES)).astype(np.float32) * 3
     labels = _random_labels(rng, (2, 6, 5))
     weights = rng.random((2, 6, 5)).astype(np.float32)
-    np.testing.assert_allclose(jitted["ce"](logits, labels), ref.cross_entropy(logits, labels), rtol=1e-5)
+    np.testing.assert_allclose(
+        jitted["ce"](logits, labels), ref.cross_entropy(logits, labels), rtol=1e-5
+    )
     np.testing.assert_allclose(
         jitted["ce"](logits, labels, weights), ref.cross_entropy(logits, labels, weights), rtol=1e-5
     )
@@ -146,7 +148,9 @@ def test_contrastive_loss_with_three_domains_equals_full_form(jitted):
     anchors, labels, domains, valid, prototypes = _contrastive_inputs(5)
     domains = np.random.default_rng(6).integers(-1, 2, size=domains.shape).astype(np.int32)
     got = jitted["contrastive"][True](anchors, labels, domains, valid, prototypes)
-    expected = ref.contrastive_loss_full(anchors, labels, domains, valid, prototypes, cross_domain=True)
+    expected = ref.contrastive_loss_full(
+        anchors, labels, domains, valid, prototypes, cross_domain=True
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -170,7 +174,9 @@ def test_contrastive_loss_gradients(jitted):
     anchors, labels, domains, valid, prototypes = _contrastive_inputs(4)
 
     def loss(a, p):
-        return losses.pixel_prototype_contrastive_loss(a, labels, domains, valid, p, cross_domain=True)
+        return losses.pixel_prototype_contrastive_loss(
+            a, labels, domains, valid, p, cross_domain=True
+        )
 
     grad_a, grad_p = jax.jit(jax.grad(loss, argnums=(0, 1)))(anchors, prototypes)
     assert np.all(np.isfinite(grad_a))
@@ -233,15 +239,19 @@ def test_sampled_contrastive_loss_matches_manual_composition(sampled_fn):
     anchors = features.reshape(-1, 6)[index]
     domains = domain[index // 64]
     expected = ref.contrastive_loss_full(
-        anchors, np.asarray(sample.label), domains, np.asarray(sample.valid), prototypes,
+        anchors,
+        np.asarray(sample.label),
+        domains,
+        np.asarray(sample.valid),
+        prototypes,
         cross_domain=True,
     )
     assert int(count) == int(np.sum(sample.valid)) > 0
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
-    grad = jax.jit(jax.grad(lambda f: sampled_fn(key, f, label, pred, prob, domain, prototypes)[0]))(
-        jnp.asarray(features)
-    )
+    grad = jax.jit(
+        jax.grad(lambda f: sampled_fn(key, f, label, pred, prob, domain, prototypes)[0])
+    )(jnp.asarray(features))
     assert np.all(np.isfinite(grad)) and np.any(grad)
 
 
@@ -252,7 +262,12 @@ def test_sampled_contrastive_loss_without_eligible_class_is_zero(sampled_fn):
     label[:, 0, :4] = 1  # 4 pixels = max_views: not eligible
     zeros = np.zeros(shape)
     loss, count = sampled_fn(
-        jax.random.key(0), features, label, zeros.astype(np.int32), zeros.astype(np.float32),
-        np.array([0, 0, 1, 1], np.int32), np.zeros((NUM_CLASSES, 6), np.float32),
+        jax.random.key(0),
+        features,
+        label,
+        zeros.astype(np.int32),
+        zeros.astype(np.float32),
+        np.array([0, 0, 1, 1], np.int32),
+        np.zeros((NUM_CLASSES, 6), np.float32),
     )
     assert float(loss) == 0.0 and int(count) == 0

@@ -4,9 +4,9 @@ import functools
 
 import jax
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from wsda_jax import metrics
 
 # 3 classes. Ground truth (rows) vs prediction (cols), counted by hand:
@@ -33,7 +33,9 @@ def test_batch_confusion_matrix_matches_host_version_and_masks_images():
     got = fn(pred, label, mask=mask)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, ref.confusion_matrix(pred[mask], label[mask], 3))
-    np.testing.assert_array_equal(metrics.confusion_matrix(pred, label, 3), ref.confusion_matrix(pred, label, 3))
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(pred, label, 3), ref.confusion_matrix(pred, label, 3)
+    )
 
 
 def test_iou_and_mean_iou_by_hand():

@@ -5,9 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference as ref
 import pytest
 
-import numpy_reference as ref
 from wsda_jax import label_ops, prototypes
 
 C, D = 5, 6
@@ -37,7 +37,9 @@ def update():
 def test_update_matches_reference_and_keeps_absent_classes(update):
     previous, features, center, member = _inputs(0)
     got = np.asarray(update(previous, features, center, member))
-    np.testing.assert_allclose(got, ref.update_prototypes(previous, features, center, member), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        got, ref.update_prototypes(previous, features, center, member), rtol=1e-5, atol=1e-6
+    )
     # Class 2 has no member pixel, classes 3 and 4 are absent from center: unchanged.
     np.testing.assert_array_equal(got[2:], previous[2:])
     assert not np.allclose(got[:2], previous[:2])
@@ -51,8 +53,13 @@ def test_point_center_features_path(update):
     points = np.full((2, 32, 32), 255, np.int32)
     points[0, 5, 9], points[1, 30, 2], points[1, 17, 21] = 0, 1, 3
     got = np.asarray(update(previous, features, points, member, center_features=big))
-    expected = ref.update_prototypes(previous, features, points, member, center_features=np.asarray(big))
+    expected = ref.update_prototypes(
+        previous, features, points, member, center_features=np.asarray(big)
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # Without center_features, a label-resolution center means the same thing.
+    implicit = np.asarray(update(previous, features, points, member))
+    np.testing.assert_allclose(implicit, expected, rtol=1e-5, atol=1e-6)
     # The points are gone after downsampling the label, so the plain path updates nothing.
     assert np.all(label_ops.resize_nearest(points, (8, 8)) == 255)
     np.testing.assert_array_equal(

@@ -14,12 +14,23 @@ prepared, init_from mismatch) exits with one line on stderr and status 1.
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
+import multiprocessing
 import os
+import signal
 import sys
 import traceback
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# Spawned data-loading workers (grain's mp_prefetch) re-import this module. On preemption
+# the whole process group receives SIGTERM; workers that died would leave the trainer
+# blocked on its next batch instead of saving, so they ignore SIGTERM and are stopped by
+# the trainer when it exits.
+if multiprocessing.parent_process() is not None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -41,6 +52,18 @@ def _is_multiprocess() -> bool:
     )
 
 
+def _load_config() -> ml_collections.ConfigDict:
+    """FLAGS.config, which config_flags loads (and overrides) lazily on first access."""
+    try:
+        config = FLAGS.config
+        config.to_json()  # Loaded lazily: fail here, before any work, if it cannot load.
+        return config
+    except OSError as error:
+        raise ValueError(f"cannot load --config: {error}") from error
+    except (AttributeError, KeyError) as error:
+        raise ValueError(f"bad --config.KEY override: {error}") from error
+
+
 def _check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -52,9 +75,16 @@ def _check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir={workdir} cannot be written: {error.strerror}") from error
 
 
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+    """Drops Orbax's many INFO lines per checkpoint; its warnings still show."""
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_quiet_orbax)
+    config = _load_config()
     if importlib.util.find_spec("wsda_jax.cpu_flags") is not None:
         from wsda_jax import cpu_flags  # Must run before JAX initialises its backends.
 
@@ -68,7 +98,7 @@ def _run(argv: list[str]) -> None:
     logging.info(
         "Process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-    config, workdir = FLAGS.config, os.path.expanduser(FLAGS.workdir)
+    workdir = os.path.expanduser(FLAGS.workdir)
     if FLAGS.mode == "train":
         _check_workdir(workdir)
         train.train_and_evaluate(config, workdir)
@@ -87,10 +117,27 @@ def main(argv: list[str]) -> None:
         _run(argv)
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as error:
         logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
-        message = " ".join(line.strip() for line in str(error).strip("'\"").splitlines())
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(1)
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of `error` on one line (the last line if it quotes a traceback)."""
+    text = str(error).strip("'\"")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if "Traceback" in text else " ".join(lines)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag (missing config file, unknown key) is one line."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as error:  # How config_flags reports an unknown key.
+        print(f"error: unknown key in a --config.KEY override: {_one_line(error)}", file=sys.stderr)
+    except flags.Error as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -25,6 +25,25 @@ def _class_sums(
     return one_hot.T @ flat, jnp.sum(one_hot, axis=0)
 
 
+def _upsampled_class_sums(
+    features: jax.Array, center: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """Class sums `[C, D]` and counts `[C]` of the features bilinearly upsampled to `center`.
+
+    Upsampling is linear and acts per channel, so `sum_p [center_p = c] up(F)_p` equals
+    `sum_q up^T([center = c])_q F_q`: the transposed resize of the `[B, H', W', C]`
+    one-hot gives per-class weights at feature resolution, and the `[B, H', W', D]`
+    upsampled features (1 GiB at 512x512x256, batch 4) are never built.
+    """
+    batch, height, width, _ = features.shape
+    one_hot = jax.nn.one_hot(center, num_classes, dtype=jnp.float32)
+    upsample = lambda x: jax.image.resize(x, one_hot.shape, method="bilinear")
+    abstract = jax.ShapeDtypeStruct((batch, height, width, num_classes), jnp.float32)
+    (weights,) = jax.linear_transpose(upsample, abstract)(one_hot)
+    sums = jnp.einsum("bhwc,bhwd->cd", weights, features.astype(jnp.float32))
+    return sums, jnp.sum(one_hot, axis=(0, 1, 2))
+
+
 def update_prototypes(
     prototypes: jax.Array,
     features: jax.Array,
@@ -40,7 +59,10 @@ def update_prototypes(
       prototypes: float `[C, D]`, the previous prototypes.
       features: float `[B, h, w, D]` pixel features (members are weighted from these).
       center: int `[B, H', W']` label map that selects the pixels of the class means,
-        at the resolution of `center_features` (of `features` when that is None).
+        at the resolution of `center_features`. Without `center_features`, either at
+        the resolution of `features`, or at a higher one: then the means are those of
+        the features bilinearly upsampled (`jax.image.resize`) to `(H', W')`, the
+        `point` variant, computed without materialising the upsampled features.
       member: int `[B, h, w]` label map that selects the pixels averaged into `P_c`.
       center_features: optional float `[B, H', W', D]` for the class means, e.g. the
         features upsampled to label resolution so that point labels survive.
@@ -57,24 +79,36 @@ def update_prototypes(
         raise ValueError(f"features must be [B, h, w, D={dim}], got shape {features.shape}")
     if member.shape != features.shape[:3]:
         raise ValueError(f"member {member.shape} must match features {features.shape[:3]}")
-    if center_features is None:
-        center_features = features
-    if center_features.ndim != 4 or center_features.shape[-1] != dim:
-        raise ValueError(
-            f"center_features must be [B, H', W', D={dim}], got shape {center_features.shape}"
-        )
-    if center.shape != center_features.shape[:3]:
-        raise ValueError(
-            f"center {center.shape} must match center_features {center_features.shape[:3]}"
-        )
+    upsampled_center = center_features is None and center.shape != member.shape
+    if upsampled_center:
+        if center.ndim != 3 or center.shape[0] != features.shape[0]:
+            raise ValueError(f"center must be [B={features.shape[0]}, H', W'], got {center.shape}")
+        if center.shape[1] < features.shape[1] or center.shape[2] < features.shape[2]:
+            raise ValueError(
+                f"center {center.shape} must match features {features.shape[:3]} or be larger"
+            )
+    else:
+        if center_features is None:
+            center_features = features
+        if center_features.ndim != 4 or center_features.shape[-1] != dim:
+            raise ValueError(
+                f"center_features must be [B, H', W', D={dim}], got shape {center_features.shape}"
+            )
+        if center.shape != center_features.shape[:3]:
+            raise ValueError(
+                f"center {center.shape} must match center_features {center_features.shape[:3]}"
+            )
+        center_features = jax.lax.stop_gradient(center_features)
     label_ops.check_label_values(center, num_classes, "center")
     label_ops.check_label_values(member, num_classes, "member")
 
     features = jax.lax.stop_gradient(features)
-    center_features = jax.lax.stop_gradient(center_features)
     psum = (lambda x: jax.lax.psum(x, axis_name)) if axis_name is not None else (lambda x: x)
 
-    center_sum, center_count = _class_sums(center_features, center, num_classes)
+    if upsampled_center:
+        center_sum, center_count = _upsampled_class_sums(features, center, num_classes)
+    else:
+        center_sum, center_count = _class_sums(center_features, center, num_classes)
     center_sum, center_count = psum(center_sum), psum(center_count)
     means = center_sum / jnp.maximum(center_count, 1.0)[:, None]  # m_c, [C, D]
 

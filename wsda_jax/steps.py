@@ -47,9 +47,7 @@ def ema_update(state: TrainState, config: ml_collections.ConfigDict) -> tuple[An
     """Teacher <- a * teacher + (1 - a) * student, for parameters AND BatchNorm statistics."""
     step_size = 1.0 - ema_decay(state.step, config)
     params = optax.incremental_update(state.params, state.teacher_params, step_size)
-    batch_stats = optax.incremental_update(
-        state.batch_stats, state.teacher_batch_stats, step_size
-    )
+    batch_stats = optax.incremental_update(state.batch_stats, state.teacher_batch_stats, step_size)
     return params, batch_stats
 
 
@@ -103,11 +101,23 @@ def teacher_pseudo_labels(
     config: ml_collections.ConfigDict,
     axis_name: str | None,
 ) -> dict[str, jax.Array]:
-    """Teacher on the target batch, pseudo labels and their weights (sections 4.4-4.6).
+    """Teacher on the target batch, then `pseudo_labels` (sections 4.4-4.6).
 
     The teacher runs with BatchNorm in training mode (target batch statistics, as the
     reference) and its statistics updates are discarded; nothing here has a gradient.
+    """
+    out, _ = _forward(model, teacher_params, teacher_batch_stats, target_image)
+    return pseudo_labels(jax.lax.stop_gradient(out), target, config, axis_name)
 
+
+def pseudo_labels(
+    out: Any, target: Batch, config: ml_collections.ConfigDict, axis_name: str | None
+) -> dict[str, jax.Array]:
+    """Pseudo labels, ClassMix weights and prototype labels from the teacher's outputs.
+
+    Args:
+      out: the teacher's SegmentationOutput on the target batch.
+      target: the target batch ('weak_label' int32 [B, H, W], 'presence' float32 [B, C]).
     Returns a dict:
       features: [B, h, w, D] teacher features.
       label: int32 [B, H, W] full-res pseudo label, weak label written over it (point/coarse).
@@ -116,8 +126,6 @@ def teacher_pseudo_labels(
         proto_threshold (and, with filter_by_presence for 'image', for absent classes).
       lowres_confidence: float32 [B, h, w].
     """
-    out, _ = _forward(model, teacher_params, teacher_batch_stats, target_image)
-    out = jax.lax.stop_gradient(out)
     label, confidence = _prediction(out.logits)
     if config.weak_label in ("point", "coarse"):
         weak = target["weak_label"]
@@ -126,11 +134,9 @@ def teacher_pseudo_labels(
     low_label, low_confidence = _prediction(out.lowres_logits)
     masked = jnp.where(low_confidence < config.pseudo.proto_threshold, IGNORE_LABEL, low_label)
     if config.weak_label == "image" and config.pseudo.filter_by_presence:
-        present = jnp.take_along_axis(
-            target["presence"], jnp.clip(masked, 0, config.num_classes - 1).reshape(
-                masked.shape[0], -1
-            ), axis=1
-        ).reshape(masked.shape)
+        batch = masked.shape[0]
+        ids = jnp.clip(masked, 0, config.num_classes - 1).reshape(batch, -1)
+        present = jnp.take_along_axis(target["presence"], ids, axis=1).reshape(masked.shape)
         masked = jnp.where(present > 0, masked, IGNORE_LABEL)
     return {
         "features": out.features,
@@ -255,7 +261,7 @@ def _apply_update(
     `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1;
     jnp.where over the trees keeps it one compiled program. Returns (state, grad_norm, ok).
     """
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -296,12 +302,8 @@ def adapt_step(
     Returns:
       (new state, metrics: dict of float32 scalars, identical on every device).
     """
-    keys = dict(
-        zip(
-            ("edge", "inter", "intra_src", "intra_tgt", "mix"),
-            jax.random.split(step_key(state, axis_name), 5),
-        )
-    )
+    names = ("edge", "inter", "intra_src", "intra_tgt", "mix")
+    keys = dict(zip(names, jax.random.split(step_key(state, axis_name), len(names)), strict=True))
     source, target = batch["source"], batch["target"]
     source_image = augment.normalize(source["image"])
     target_image = augment.normalize(target["image"])
@@ -400,11 +402,12 @@ def adapt_step(
         out_m, batch_stats = _forward(model, params, batch_stats, mixed.image)
         terms["seg_mix"] = w.seg_mix * losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
         # (11) Total, averaged over devices: this is the loss that is differentiated.
-        total = jax.lax.pmean(sum(terms.values()), axis_name)
+        total = sum(terms.values())  # DELIBERATE BUG: per-device loss differentiated.
         return total, (terms, counts, batch_stats, source_protos)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, (terms, counts, batch_stats, source_protos)), grads = grad_fn(state.params)
+    total = jax.lax.pmean(total, axis_name)
     # (12) Guarded update; teacher and prototypes are carried to the next step.
     state = state.replace(teacher_params=teacher_params, teacher_batch_stats=teacher_batch_stats)
     new_state, grad_norm, _ = _apply_update(

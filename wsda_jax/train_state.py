@@ -66,6 +66,11 @@ def create_train_state(
     """
     if optimizer is None:
         optimizer = optim.make_optimizer(config)
+    # One compiled program instead of op-by-op dispatch of the whole network.
+    return jax.jit(lambda k: _init_state(config, model, k, image_shape, optimizer))(key)
+
+
+def _init_state(config, model, key, image_shape, optimizer) -> TrainState:
     init_key, step_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros(image_shape, jnp.float32), train=False)
     params = variables["params"]

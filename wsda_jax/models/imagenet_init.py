@@ -32,7 +32,7 @@ _LEAF_NAMES = {
     ("batch_stats", "var"): "running_var",
 }
 _NPZ_HINT = (
-    "convert it to .npz on a machine with torch: python -c \"import numpy, torch; "
+    'convert it to .npz on a machine with torch: python -c "import numpy, torch; '
     "sd = torch.load('IN.pth', map_location='cpu'); "
     "numpy.savez('OUT.npz', **{k: v.numpy() for k, v in sd.items()})\""
 )
@@ -46,10 +46,11 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
             return {key: np.asarray(data[key]) for key in data.files}
     if path.endswith((".pth", ".pt")):
         try:
-            import torch  # noqa: PLC0415 (optional dependency, only for .pth)
+            import torch  # Optional: only needed for .pth files.
         except ImportError as e:
-            raise ValueError(f"path={path!r}: reading .pth needs torch, which is not installed; "
-                             f"{_NPZ_HINT}") from e
+            raise ValueError(
+                f"path={path!r}: reading .pth needs torch, which is not installed; {_NPZ_HINT}"
+            ) from e
         loaded = torch.load(path, map_location="cpu")
         if "state_dict" in loaded:
             loaded = loaded["state_dict"]
@@ -92,8 +93,11 @@ def convert_torchvision_resnet(
 
     Args:
       state_dict: torchvision ResNet keys -> arrays (NCHW / OIHW layout).
-      variables: the DeepLabV2 variables (`model.init(...)`), used for structure,
-        shapes and the untouched `head`.
+      variables: the DeepLabV2 variables (`model.init(...)`, or its `jax.eval_shape`),
+        used for structure, shapes and the untouched `head`.
+
+    Returns:
+      A new variables dict; the backbone leaves are float32 NumPy arrays.
 
     Raises:
       ValueError naming the first missing key, the first key whose shape differs
@@ -109,7 +113,7 @@ def convert_torchvision_resnet(
             if key not in state_dict:
                 raise ValueError(f"state_dict: missing key {key!r}")
             value = np.asarray(state_dict[key])
-            expected = _torch_shape(np.shape(old), path[-1])
+            expected = _torch_shape(tuple(old.shape), path[-1])
             if value.shape != expected:
                 raise ValueError(
                     f"state_dict[{key!r}]: expected shape {expected}, found {value.shape}"

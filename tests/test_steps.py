@@ -1,0 +1,355 @@
+"""Tests of wsda_jax.steps on a tiny DeepLab (one compiled adapt step shared by the file)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import IMAGE_SIZE, NUM_CLASSES, synthetic_batch, tiny_config, tiny_model
+
+from wsda_jax import augment, metrics, optim, parallel, steps, train_state
+from wsda_jax.models import deeplab
+
+jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
+
+
+class Runner:
+    """A compiled adapt step on a 1-device mesh, its initial state and a fixed batch pair."""
+
+    def __init__(self, weak_label="coarse"):
+        self.config = tiny_config(weak_label)
+        self.model = tiny_model(self.config)
+        self.optimizer = optim.make_optimizer(self.config)
+        self.mesh = parallel.make_mesh(jax.devices()[:1])
+        state = train_state.create_train_state(
+            self.config, self.model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+        )
+        self.initial = jax.device_get(state)
+        self.batches = [synthetic_batch(seed, 2, weak_label) for seed in (0, 1)]
+        self.step = parallel.shard_train_step(
+            steps.adapt_step,
+            self.mesh,
+            model=self.model,
+            optimizer=self.optimizer,
+            config=self.config,
+        )
+
+    def state(self, host_state=None):
+        """A fresh device copy (the step donates its state argument)."""
+        return parallel.replicate(self.initial if host_state is None else host_state, self.mesh)
+
+    def put(self, batch):
+        return parallel.put_batch(batch, self.mesh)
+
+
+@pytest.fixture(scope="session")
+def runner():
+    return Runner("coarse")
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, _host(a), _host(b))
+
+
+def test_step_compiles_once_and_runs(runner):
+    state = runner.state()
+    params0 = _host(state.params)
+    batch = runner.put(runner.batches[0])
+    for _ in range(5):
+        state, step_metrics = runner.step(state, batch)
+    assert runner.step._cache_size() == 1
+    assert int(state.step) == 5 and int(state.skipped_steps) == 0
+    expected = {"seg_u", "im_u", "seg_s", "edge_s", "im_proto", "inter", "intra_src"}
+    expected |= {"intra_tgt", "seg_mix", "total", "learning_rate", "grad_norm", "skipped_steps"}
+    expected |= {"pseudo_confident_fraction", "anchors_inter", "anchors_intra_src"}
+    assert expected <= set(step_metrics)
+    for name, value in step_metrics.items():
+        assert np.isfinite(value), name
+    assert float(step_metrics["anchors_inter"]) > 0
+    # Prototypes are filled in (classes occur in the source labels / coarse labels).
+    assert np.abs(np.asarray(state.source_prototypes)).sum() > 0
+    assert np.abs(np.asarray(state.target_prototypes)).sum() > 0
+    assert not np.allclose(
+        params0["head"]["projection"]["kernel"], state.params["head"]["projection"]["kernel"]
+    )
+
+
+def test_teacher_ema_numbers():
+    config = tiny_config()
+    student = {"w": jnp.ones(3)}
+    state = train_state.TrainState(
+        step=jnp.int32(0),
+        params=student,
+        batch_stats={"mean": jnp.full(2, 2.0)},
+        opt_state=(),
+        teacher_params={"w": jnp.zeros(3)},
+        teacher_batch_stats={"mean": jnp.zeros(2)},
+        source_prototypes=jnp.zeros((1, 1)),
+        target_prototypes=jnp.zeros((1, 1)),
+        rng=jax.random.PRNGKey(0),
+        skipped_steps=jnp.int32(0),
+    )
+    params, batch_stats = steps.ema_update(state, config)
+    np.testing.assert_allclose(params["w"], 0.001, rtol=1e-4)
+    np.testing.assert_allclose(batch_stats["mean"], 0.002, rtol=1e-4)
+    config.ema.ramp = True  # a = min(1 - 1/(step+1), 0.999): the student at step 0.
+    params, _ = steps.ema_update(state, config)
+    np.testing.assert_allclose(params["w"], 1.0)
+    params, _ = steps.ema_update(state.replace(step=jnp.int32(9)), config)
+    np.testing.assert_allclose(params["w"], 0.1, rtol=1e-5)
+
+
+def test_teacher_ema_in_step(runner):
+    """After two steps: teacher = 0.999 * teacher_1 + 0.001 * student_1, BN stats too."""
+    state = runner.state()
+    batch = runner.put(runner.batches[0])
+    state, _ = runner.step(state, batch)
+    after_one = _host(state)
+    # At creation teacher == student, so the first EMA leaves the teacher at student_0.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
+        after_one.teacher_params,
+        runner.initial.params,
+    )
+    state, _ = runner.step(state, batch)
+    for name, student in (("params", "params"), ("batch_stats", "batch_stats")):
+        teacher_name = f"teacher_{name}"
+        expected = jax.tree.map(
+            lambda t, s: 0.999 * t + 0.001 * s,
+            getattr(after_one, teacher_name),
+            getattr(after_one, student),
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+            _host(getattr(state, teacher_name)),
+            expected,
+        )
+    # The student's BN statistics move during training (chained over the passes).
+    leaves_before = jax.tree.leaves(runner.initial.batch_stats)
+    leaves_after = jax.tree.leaves(after_one.batch_stats)
+    assert any(not np.allclose(a, b) for a, b in zip(leaves_before, leaves_after, strict=True))
+
+
+def _fake_output(logits_full, logits_low):
+    batch, h, w, _ = logits_low.shape
+    return deeplab.SegmentationOutput(
+        features=jnp.ones((batch, h, w, 4)) / 2.0,
+        lowres_logits=jnp.asarray(logits_low, jnp.float32),
+        logits=jnp.asarray(logits_full, jnp.float32),
+    )
+
+
+def test_pseudo_labels_weak_overwrite_and_masking():
+    config = tiny_config("coarse")
+    config.pseudo.proto_threshold = 0.9
+    rng = np.random.default_rng(0)
+    logits_full = rng.normal(size=(2, 16, 16, NUM_CLASSES)) * 3
+    logits_low = rng.normal(size=(2, 2, 2, NUM_CLASSES)) * 3
+    weak = np.full((2, 16, 16), 255, np.int32)
+    weak[:, 4:8, 4:12] = 3
+    target = {"weak_label": jnp.asarray(weak), "presence": jnp.ones((2, NUM_CLASSES))}
+    out = _fake_output(logits_full, logits_low)
+    argmax = logits_full.argmax(-1)
+    result = steps.pseudo_labels(out, target, config, None)
+    np.testing.assert_array_equal(result["label"], np.where(weak != 255, weak, argmax))
+    low_prob = jax.nn.softmax(logits_low, axis=-1)
+    masked = np.where(np.max(low_prob, -1) < 0.9, 255, logits_low.argmax(-1))
+    np.testing.assert_array_equal(result["masked_lowres"], masked)
+    # 'image': the weak map is ignored; with filter_by_presence absent classes are dropped.
+    config.weak_label = "image"
+    result = steps.pseudo_labels(out, target, config, None)
+    np.testing.assert_array_equal(result["label"], argmax)
+    config.pseudo.filter_by_presence = True
+    config.pseudo.proto_threshold = 0.0
+    presence = np.zeros((2, NUM_CLASSES), np.float32)
+    presence[:, 1] = 1.0
+    target["presence"] = jnp.asarray(presence)
+    result = steps.pseudo_labels(out, target, config, None)
+    low_argmax = logits_low.argmax(-1)
+    np.testing.assert_array_equal(result["masked_lowres"], np.where(low_argmax == 1, 1, 255))
+
+
+def test_pseudo_label_weight_fraction_and_rows():
+    config = tiny_config()
+    config.pseudo.threshold = 0.968
+    config.pseudo.ignore_top = 2
+    config.pseudo.ignore_bottom = 3
+    confidence = np.full((2, 10, 4), 0.5, np.float32)
+    confidence[0, :, :2] = 0.968  # Exactly at the threshold counts as confident.
+    confidence[1, 5, :] = 0.99
+    weight, q = steps.pseudo_label_weight(jnp.asarray(confidence), config, None)
+    expected_q = (20 + 4) / 80
+    np.testing.assert_allclose(q, expected_q, rtol=1e-6)
+    expected = np.where(confidence >= 0.968, expected_q, 0.0)
+    expected[:, :2] = 0.0
+    expected[:, 7:] = 0.0
+    np.testing.assert_allclose(weight, expected, rtol=1e-6)
+    assert weight[0, 2, 0] > 0 and weight[0, 6, 0] > 0
+
+
+def test_mixed_batch_classmix_rule():
+    config = tiny_config()
+    config.classmix.jitter_prob = 0.0
+    config.classmix.blur_prob = 0.0
+    batch = synthetic_batch(3, 2, "coarse", size=16)
+    source_image = augment.normalize(batch["source"]["image"])
+    target_image = augment.normalize(batch["target"]["image"])
+    source_label = jnp.asarray(batch["source"]["label"])
+    teacher = {"label": jnp.full((2, 16, 16), 4, jnp.int32), "weight": jnp.full((2, 16, 16), 0.3)}
+    mix = jax.jit(lambda *args: steps.mixed_batch(*args, config))
+    mixed = mix(jax.random.PRNGKey(0), source_image, source_label, target_image, teacher)
+    mask = np.asarray(mixed.mask)
+    ids = np.unique(batch["source"]["label"])
+    for i in range(2):
+        chosen = np.unique(batch["source"]["label"][i][mask[i]])
+        assert len(chosen) <= (len(ids) + 1) // 2
+        assert not np.isin(batch["source"]["label"][i][~mask[i]], chosen).any()
+    np.testing.assert_array_equal(mixed.label, np.where(mask, batch["source"]["label"], 4))
+    np.testing.assert_allclose(mixed.weight, np.where(mask, 1.0, 0.3), rtol=1e-6)
+    expected = np.where(mask[..., None], source_image, target_image)
+    np.testing.assert_allclose(mixed.image, expected, atol=1e-4)
+    config.classmix.enabled = False
+    mix = jax.jit(lambda *args: steps.mixed_batch(*args, config))  # A new trace for the flag.
+    mixed = mix(jax.random.PRNGKey(0), source_image, source_label, target_image, teacher)
+    assert not np.asarray(mixed.mask).any()
+    np.testing.assert_allclose(mixed.image, target_image, atol=1e-4)
+
+
+def test_nonfinite_guard_skips_update(runner):
+    state = runner.state()
+    before = _host(state)
+    bad = jax.tree.map(np.copy, runner.batches[0])
+    bad["target"]["presence"][0, 0] = np.nan  # Makes the image-level losses NaN.
+    state, step_metrics = runner.step(state, runner.put(bad))
+    assert not np.isfinite(float(step_metrics["total"]))
+    assert int(state.skipped_steps) == 1 and int(state.step) == 1
+    assert float(step_metrics["skipped_steps"]) == 1.0
+    for name in ("params", "batch_stats", "opt_state", "source_prototypes", "target_prototypes"):
+        _assert_trees_equal(getattr(state, name), getattr(before, name))
+    state, _ = runner.step(state, runner.put(runner.batches[0]))
+    assert int(state.skipped_steps) == 1 and int(state.step) == 2
+    assert not np.allclose(
+        before.params["head"]["projection"]["kernel"], state.params["head"]["projection"]["kernel"]
+    )
+
+
+def test_total_loss_falls(runner):
+    state = runner.state()
+    batches = [runner.put(b) for b in runner.batches]
+    totals = []
+    for i in range(30):
+        state, step_metrics = runner.step(state, batches[i % 2])
+        totals.append(float(step_metrics["total"]))
+    assert np.all(np.isfinite(totals))
+    assert int(state.skipped_steps) == 0
+    assert np.mean(totals[-4:]) < 0.8 * np.mean(totals[:2]), totals
+
+
+@pytest.mark.parametrize("weak_label", ["point", "image"])
+def test_other_weak_label_kinds_trace(weak_label):
+    """Every kind traces through shard_map with check_vma (compiling each is the slow test)."""
+    config = tiny_config(weak_label)
+    config.pseudo.filter_by_presence = weak_label == "image"
+    model = tiny_model(config)
+    optimizer = optim.make_optimizer(config)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    abstract = train_state.abstract_train_state(config, model, (1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    step = parallel.shard_train_step(
+        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config
+    )
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), synthetic_batch(0, 2, weak_label)
+    )
+    shapes = jax.eval_shape(step, abstract, batch)
+    _, step_metrics = shapes
+    assert ("seg_u" in step_metrics) == (weak_label == "point")
+    assert "inter" in step_metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weak_label", ["point", "image", "none"])
+def test_other_weak_label_kinds_run(weak_label):
+    run = Runner(weak_label)
+    state, step_metrics = run.step(run.state(), run.put(run.batches[0]))
+    state, step_metrics = run.step(state, run.put(run.batches[1]))
+    assert int(state.skipped_steps) == 0
+    for name, value in step_metrics.items():
+        assert np.isfinite(value), name
+
+
+def test_source_only_step(runner):
+    step = parallel.shard_train_step(
+        steps.source_only_step,
+        runner.mesh,
+        model=runner.model,
+        optimizer=runner.optimizer,
+        config=runner.config,
+    )
+    state = runner.state()
+    batch = runner.put(runner.batches[0])
+    totals = []
+    for _ in range(6):
+        state, step_metrics = step(state, batch)
+        totals.append(float(step_metrics["total"]))
+    assert set(step_metrics) >= {"seg_s", "edge_s", "total", "grad_norm", "learning_rate"}
+    assert totals[-1] < totals[0], totals
+    assert int(state.step) == 6 and int(state.skipped_steps) == 0
+    # The teacher is EMA-updated in stage 1 too: it has left the initial student.
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(
+            jax.tree.leaves(_host(state.teacher_params)),
+            jax.tree.leaves(runner.initial.params),
+            strict=True,
+        )
+    )
+
+
+def _eval_batch(runner):
+    return {
+        "image": runner.batches[1]["target"]["image"],
+        "label": runner.batches[1]["target"]["label"],
+        "mask": np.asarray([True, False]),
+    }
+
+
+def test_eval_step_confusion_of_unmasked_images(runner):
+    variables = runner.initial.student_variables()
+    eval_batch = _eval_batch(runner)
+    eval_fn = parallel.shard_eval_step(
+        steps.eval_step, runner.mesh, model=runner.model, num_classes=NUM_CLASSES
+    )
+    confusion = np.asarray(eval_fn(variables, runner.put(eval_batch)))
+    assert confusion.dtype == np.int32
+    logits = jax.jit(lambda v, x: runner.model.apply(v, x, train=False).logits)(
+        variables, augment.normalize(eval_batch["image"])
+    )
+    pred = np.asarray(logits).argmax(-1)
+    expected = metrics.confusion_matrix(pred[:1], eval_batch["label"][:1], NUM_CLASSES)
+    np.testing.assert_array_equal(confusion, expected)
+    assert confusion.sum() == IMAGE_SIZE * IMAGE_SIZE
+
+
+@pytest.mark.slow
+def test_predict_multiscale_flip_averages(runner):
+    variables = runner.initial.student_variables()
+    images = _eval_batch(runner)["image"]
+    logits = jax.jit(
+        lambda v, x: steps.predict(v, x, model=runner.model, scales=(1.0, 0.5), flip=True)
+    )(variables, images)
+
+    def manual(v, x):
+        x = augment.normalize(x)
+        half = jax.image.resize(x, (2, 16, 16, 3), "bilinear", antialias=False)
+        up = lambda y: jax.image.resize(y, (2, 32, 32, NUM_CLASSES), "bilinear", antialias=False)
+        run = lambda y: runner.model.apply(v, y, train=False).logits
+        flip = lambda y: y[:, :, ::-1]
+        total = run(x) + flip(run(flip(x))) + up(run(half)) + up(flip(run(flip(half))))
+        return total / 4
+
+    np.testing.assert_allclose(logits, jax.jit(manual)(variables, images), rtol=1e-4, atol=1e-5)
+    single = jax.jit(lambda v, x: steps.predict(v, x, model=runner.model))(variables, images)
+    assert not np.allclose(single, logits, atol=1e-4)

@@ -1,0 +1,182 @@
+r"""The synthetic domain-adaptation table: does the method adapt?
+
+Trains and evaluates, on the embedded synthetic two-domain dataset, the small-scale
+analogue of the paper's main table: target-supervised (oracle), source-only, UDA
+(pseudo labels, ClassMix and contrastive, no weak label), the method with image, point
+and coarse labels, and the ablation coarse without the contrastive losses. Stage-2
+runs start from the same seed's source-only checkpoint, as in the paper's recipe.
+
+    python -m wsda_jax.experiments.synthetic_table --seeds=3 --outdir=runs/synthetic_table
+
+Writes `OUTDIR/table.md` (target-val mIoU of student and teacher, mean and standard
+deviation over seeds, per-class IoU in an appendix), `OUTDIR/chart.png` and
+`OUTDIR/results.json`. Finished runs are recognised by their `result.json` and skipped,
+and an interrupted run resumes from its latest checkpoint, so the command can simply
+be started again. `--smoke` runs the few-step `tiny` configs (CI).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from wsda_jax import classes  # noqa: E402
+
+# Variant -> (config module, stage-2 overrides). Order is the table's row order.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "oracle": ("configs.synthetic_oracle", {}),
+    "source_only": ("configs.synthetic_source_only", {}),
+    "uda": ("configs.synthetic_uda", {}),
+    "image": ("configs.synthetic_image", {}),
+    "point": ("configs.synthetic_point", {}),
+    "coarse": ("configs.synthetic_coarse", {}),
+    "coarse_no_contrast": ("configs.synthetic_coarse", {"loss.use_contrast": False}),
+}
+STAGE_ONE = ("oracle", "source_only")
+
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
+_OUTDIR = flags.DEFINE_string("outdir", "runs/synthetic_table", "Where runs and the table go.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Subset of variants to run.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Few-step tiny configs (a CI check, not a result).")
+
+
+def make_config(variant: str, seed: int, outdir: str, smoke: bool) -> ml_collections.ConfigDict:
+    """The config of one run; stage-2 variants start from that seed's source-only run."""
+    module_name, overrides = VARIANTS[variant]
+    config = importlib.import_module(module_name).get_config("tiny" if smoke else None)
+    config.seed = seed
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    if variant not in STAGE_ONE:
+        config.init.init_from = run_dir(outdir, "source_only", seed)
+    return config
+
+
+def run_dir(outdir: str, variant: str, seed: int) -> str:
+    return os.path.join(os.path.abspath(outdir), f"{variant}_seed{seed}")
+
+
+def run_variant(variant: str, seed: int, outdir: str, smoke: bool) -> dict[str, Any]:
+    """Trains one run (or resumes it) and returns its final report plus wall time."""
+    workdir = run_dir(outdir, variant, seed)
+    result_path = os.path.join(workdir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            return json.load(f)
+    from wsda_jax import train  # Imported late: JAX starts only when a run is needed.
+
+    start = time.time()
+    report = train.train_and_evaluate(make_config(variant, seed, outdir, smoke), workdir)
+    result = {"variant": variant, "seed": seed, "seconds": time.time() - start, **report}
+    with open(result_path, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    values = np.asarray([v for v in values if v is not None], np.float64) * 100
+    if values.size == 0:
+        return "n/a"
+    if values.size == 1:
+        return f"{values[0]:.1f}"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def _models(result: dict[str, Any]) -> list[str]:
+    return [name for name in ("student", "teacher") if name in result]
+
+
+def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown: mIoU (mean ± std over seeds, in %) per variant, then per-class IoU."""
+    lines = [
+        "| variant | student mIoU | teacher mIoU | seeds | minutes per run |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for variant, runs in results.items():
+        student = _mean_std([r["student"]["miou"] for r in runs])
+        teacher = _mean_std([r["teacher"]["miou"] for r in runs if "teacher" in r])
+        minutes = np.mean([r["seconds"] for r in runs]) / 60
+        lines.append(f"| {variant} | {student} | {teacher} | {len(runs)} | {minutes:.1f} |")
+    lines += ["", "Per-class IoU (%, student, mean over seeds):", ""]
+    names = list(classes.CLASS_NAMES)
+    present = [n for n in names if any(r["student"]["iou"].get(n) is not None
+                                       for runs in results.values() for r in runs)]
+    lines.append("| variant | " + " | ".join(present) + " |")
+    lines.append("| --- " * (len(present) + 1) + "|")
+    for variant, runs in results.items():
+        cells = []
+        for name in present:
+            values = [r["student"]["iou"][name] for r in runs if r["student"]["iou"][name] is not None]
+            cells.append(f"{100 * np.mean(values):.1f}" if values else "n/a")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_chart(results: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """Bar chart of student and teacher target mIoU, error bars = std over seeds."""
+    variants = list(results)
+    figure, axis = plt.subplots(figsize=(1.3 * len(variants) + 2, 3.5))
+    positions = np.arange(len(variants))
+    for offset, model in ((-0.2, "student"), (0.2, "teacher")):
+        means, stds = [], []
+        for variant in variants:
+            values = [100 * r[model]["miou"] for r in results[variant] if model in r]
+            means.append(np.mean(values) if values else 0.0)
+            stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+        axis.bar(positions + offset, means, 0.4, yerr=stds, label=model, capsize=3)
+    axis.set_xticks(positions, variants, rotation=20)
+    axis.set_ylabel("target val mIoU (%)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_table(
+    variants: Sequence[str], seeds: int, outdir: str, smoke: bool = False
+) -> dict[str, list[dict[str, Any]]]:
+    """Runs every (variant, seed) not yet finished; writes table.md, chart.png, results.json."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
+    needs_source_only = any(v not in STAGE_ONE for v in variants)
+    order = [v for v in VARIANTS if v in variants or (v == "source_only" and needs_source_only)]
+    os.makedirs(outdir, exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {v: [] for v in order}
+    for seed in range(seeds):
+        for variant in order:
+            logging.info("Run %s, seed %d.", variant, seed)
+            results[variant].append(run_variant(variant, seed, outdir, smoke))
+    with open(os.path.join(outdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(outdir, "table.md"), "w") as f:
+        f.write(format_table(results))
+    plot_chart(results, os.path.join(outdir, "chart.png"))
+    return results
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    run_table(_VARIANTS.value, _SEEDS.value, _OUTDIR.value, smoke=_SMOKE.value)
+    with open(os.path.join(_OUTDIR.value, "table.md")) as f:
+        print(f.read())
+
+
+if __name__ == "__main__":
+    app.run(main)
