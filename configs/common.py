@@ -15,7 +15,7 @@ import ml_collections
 from wsda_jax import config_lib
 
 # Reference crops are 512 rows high; the pseudo-label masks of the top 15 and bottom 120
-# rows (METHOD.md section 4.6) are scaled to the crop height of the smaller configs.
+# rows of a crop (METHOD.md section 4.6) are scaled to the crop height of smaller configs.
 _REFERENCE_CROP_HEIGHT = 512
 
 
@@ -44,7 +44,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.data.target = "synthetic_target"
     config.data.synthetic.height = 128
     config.data.synthetic.width = 256
-    config.data.crop_size = (128, 256)
+    config.data.crop_size = (96, 192)
     config.data.scale_range = (0.75, 1.5)
     config.data.num_workers = 2
 
@@ -54,19 +54,19 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.model.proj_dim = 64
     config.model.aspp_dilations = (3, 6)
 
-    config.num_steps = 1000
+    config.num_steps = 600
     config.batch_size = 4
-    config.loss.contrast_start = 300
+    config.loss.contrast_start = 200
     config.optim.lr = 1e-2
     config.optim.warmup_steps = 50
-    config.pseudo.ignore_top = _scaled_rows(config.pseudo.ignore_top, 128)
-    config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 128)
+    config.pseudo.ignore_top = _scaled_rows(config.pseudo.ignore_top, 96)
+    config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
 
-    config.eval.every_steps = 250
+    config.eval.every_steps = 200
     config.eval.batch_size = 8
     config.eval.max_images = 100
-    config.log_every_steps = 25
-    config.checkpoint_every_steps = 250
+    config.log_every_steps = 20
+    config.checkpoint_every_steps = 200
     config.keep_checkpoints = 2
 
     if arg == "tiny":

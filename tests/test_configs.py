@@ -90,8 +90,9 @@ def test_synthetic_configs_are_laptop_sized(path):
     assert (config.data.synthetic.height, config.data.synthetic.width) == (128, 256)
     assert config.model.depth == 18 and config.num_steps <= 1000
     assert config.loss.contrast_start < config.num_steps
-    # 15 and 120 of 512 rows, scaled to 128 rows.
-    assert (config.pseudo.ignore_top, config.pseudo.ignore_bottom) == (4, 30)
+    # 15 and 120 of 512 crop rows, scaled to the 96-row crop.
+    assert tuple(config.data.crop_size) == (96, 192)
+    assert (config.pseudo.ignore_top, config.pseudo.ignore_bottom) == (3, 22)
 
     tiny = _load(path, "tiny")
     config_lib.validate(tiny, num_devices=4)

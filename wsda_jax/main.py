@@ -123,7 +123,9 @@ def main(argv: list[str]) -> None:
 
 def _one_line(error: BaseException) -> str:
     """The message of `error` on one line (the last line if it quotes a traceback)."""
-    text = str(error).strip("'\"")
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")
+    if isinstance(error, KeyError | AttributeError) and text[:1] in "'\"":
+        text = text[1:-1]  # str(KeyError) adds quotes.
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if "Traceback" in text else " ".join(lines)
 

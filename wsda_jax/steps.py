@@ -300,7 +300,9 @@ def adapt_step(
       config: run configuration.
       axis_name: the data-parallel mesh axis.
     Returns:
-      (new state, metrics: dict of float32 scalars, identical on every device).
+      (new state, metrics): float32 scalars identical on every device: every weighted loss
+      term (pmean over devices), total, learning_rate (backbone), the confident fraction
+      q, anchors_<loss> (sampled anchors per device, averaged), grad_norm, skipped_steps.
     """
     names = ("edge", "inter", "intra_src", "intra_tgt", "mix")
     keys = dict(zip(names, jax.random.split(step_key(state, axis_name), len(names)), strict=True))
@@ -402,12 +404,11 @@ def adapt_step(
         out_m, batch_stats = _forward(model, params, batch_stats, mixed.image)
         terms["seg_mix"] = w.seg_mix * losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
         # (11) Total, averaged over devices: this is the loss that is differentiated.
-        total = sum(terms.values())  # DELIBERATE BUG: per-device loss differentiated.
+        total = jax.lax.pmean(sum(terms.values()), axis_name)
         return total, (terms, counts, batch_stats, source_protos)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, (terms, counts, batch_stats, source_protos)), grads = grad_fn(state.params)
-    total = jax.lax.pmean(total, axis_name)
     # (12) Guarded update; teacher and prototypes are carried to the next step.
     state = state.replace(teacher_params=teacher_params, teacher_batch_stats=teacher_batch_stats)
     new_state, grad_norm, _ = _apply_update(

@@ -8,8 +8,10 @@ sees: the two prototype updates, the three contrastive losses with sampling
 (`inter` with 512 samples on the 8 concatenated images, the two intra losses with
 256), the two image-level losses, all of them together forward, and forward +
 backward (gradient w.r.t. the student features and the target logits). Prints a
-markdown table of medians and the speed-up over the PyTorch reference measured on
-the 2-core CPU machine (179 ms forward, 1.33 s forward + backward). With `--model`
+markdown table of medians (and minima: the CPU may be shared) and the speed-up over
+the PyTorch reference measured on the 2-core CPU machine (179 ms forward, 1.33 s
+forward + backward); the last two rows leave out `im_u`, the image-level loss on the
+full-resolution 512x512x19 logits, whose 80 MB pass dominates on a CPU. With `--model`
 (default on) also prints `wsda_jax.benchmarks.model.benchmark_rows()` when that
 module exists. Not a test: numbers depend on the host's free cores.
 """
@@ -234,12 +236,16 @@ def model_rows() -> list:
     return list(module.benchmark_rows()) if hasattr(module, "benchmark_rows") else []
 
 
-def _format_row(row) -> str:
-    if isinstance(row, dict):
-        return "| " + " | ".join(str(v) for v in row.values()) + " |"
-    if isinstance(row, (tuple, list)):
-        return "| " + " | ".join(str(v) for v in row) + " |"
-    return f"| {row} |"
+def _print_rows(rows: list) -> None:
+    """Prints rows (dicts with shared keys, or tuples) as a markdown table."""
+    if isinstance(rows[0], dict):
+        keys = list(rows[0])
+        print("| " + " | ".join(keys) + " |")
+        print("|" + " --- |" * len(keys))
+        rows = [[row.get(k) for k in keys] for row in rows]
+    for row in rows:
+        cells = row if isinstance(row, (tuple, list)) else [row]
+        print("| " + " | ".join("" if v is None else str(v) for v in cells) + " |")
 
 
 def main() -> None:
@@ -287,8 +293,7 @@ def main() -> None:
         rows = model_rows()
         if rows:
             print("\nModel (wsda_jax.benchmarks.model):\n")
-            for row in rows:
-                print(_format_row(row))
+            _print_rows(rows)
 
 
 if __name__ == "__main__":

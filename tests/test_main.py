@@ -1,0 +1,141 @@
+"""End to end on the CPU: `python -m wsda_jax.main` trains, evaluates and predicts on the
+tiny synthetic config, and bad input gets one line and exit status 1.
+
+One training run (module fixture) is shared by the assertions. Subprocesses share a JAX
+compilation cache and the generated tiny dataset under pytest's base temp directory.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from wsda_jax import classes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--config=configs/synthetic_coarse.py:tiny"
+
+
+def run_main(base, *args, timeout=600):
+    """Runs the entry point in a subprocess with the shared cache and data dir."""
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    )
+    command = [sys.executable, "-m", "wsda_jax.main", *args]
+    if any(a.startswith("--config=") and "synthetic" in a for a in args):
+        command.append(f"--config.data.data_dir={base / 'data'}")
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("main") / "run"
+    result = run_main(base, TINY, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+def test_train_writes_metrics_checkpoints_and_eval(trained):
+    lines = [json.loads(line) for line in open(trained / "metrics.jsonl")]
+    train_lines = [line for line in lines if "total" in line]
+    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
+    for line in train_lines:
+        assert math.isfinite(line["total"]) and line["images_per_sec"] > 0
+        assert "learning_rate" in line and "seg_s" in line
+    assert any("eval/teacher_miou" in line for line in lines)
+
+    assert sorted(os.listdir(trained / "checkpoints")) == ["2", "4"]  # keep_checkpoints=2
+    report = json.load(open(trained / "eval" / "4.json"))
+    for name in ("student", "teacher"):
+        assert 0.0 <= report[name]["miou"] <= 1.0
+        assert set(report[name]["iou"]) == set(classes.CLASS_NAMES)
+        assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel, no padding.
+        for kind in ("panels", "confusion"):
+            assert os.path.getsize(trained / "eval" / f"4_{name}_{kind}.png") > 0
+    assert os.listdir(trained / "tensorboard")
+
+
+def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path_factory):
+    during_training = json.load(open(trained / "eval" / "4.json"))
+    os.remove(trained / "eval" / "4.json")
+    result = run_main(tmp_path_factory.getbasetemp(), TINY, f"--workdir={trained}", "--mode=eval")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.load(open(trained / "eval" / "4.json")) == during_training
+
+
+def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg"):
+        PIL.Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(inputs / name)
+    (inputs / "notes.txt").write_text("not an image")
+    result = run_main(
+        tmp_path_factory.getbasetemp(),
+        TINY,
+        f"--workdir={trained}",
+        "--mode=predict",
+        f"--input_dir={inputs}",
+        f"--output_dir={outputs}",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(os.listdir(outputs)) == ["a.png", "b.png"]
+    palette = {tuple(c) for c in classes.PALETTE[: classes.NUM_CLASSES]}
+    for name in ("a.png", "b.png"):
+        prediction = np.asarray(PIL.Image.open(outputs / name))
+        assert prediction.shape == (32, 48, 3)
+        assert {tuple(c) for c in prediction.reshape(-1, 3)} <= palette
+
+
+def _assert_one_line_error(result, expected):
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    assert expected in errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--config=configs/missing.py"], "No such file or directory: 'configs/missing.py'"),
+        ([TINY, "--config.num_step=3"], 'Did you mean "num_steps"'),
+        (["--config=configs/gta2cs_coarse.py"], "Prepare it with: python -m wsda_jax.data.prepare"),
+    ],
+    ids=["missing_config", "unknown_key", "dataset_not_prepared"],
+)
+def test_bad_input_is_one_line(args, expected, tmp_path):
+    if args[0].startswith("--config=configs/gta"):
+        args = [*args, f"--config.data.data_dir={tmp_path / 'empty'}"]
+    result = run_main(tmp_path, *args, f"--workdir={tmp_path / 'w'}")
+    _assert_one_line_error(result, expected)
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_main(tmp_path, TINY, f"--workdir={tmp_path / 'file' / 'w'}")
+    _assert_one_line_error(result, "cannot be written")
+
+
+def test_init_from_shape_mismatch_is_one_line(trained, tmp_path, tmp_path_factory):
+    result = run_main(
+        tmp_path_factory.getbasetemp(),
+        TINY,
+        "--config.model.width=16",
+        f"--config.init.init_from={trained}",
+        f"--workdir={tmp_path / 'stage2'}",
+    )
+    _assert_one_line_error(result, "params/backbone/")
+    assert "in the checkpoint but" in result.stderr
