@@ -35,11 +35,14 @@ def _upsampled_class_sums(
     one-hot gives per-class weights at feature resolution, and the `[B, H', W', D]`
     upsampled features (1 GiB at 512x512x256, batch 4) are never built.
     """
-    batch, height, width, _ = features.shape
+    _, height, width, _ = features.shape
     one_hot = jax.nn.one_hot(center, num_classes, dtype=jnp.float32)
-    upsample = lambda x: jax.image.resize(x, one_hot.shape, method="bilinear")
-    abstract = jax.ShapeDtypeStruct((batch, height, width, num_classes), jnp.float32)
-    (weights,) = jax.linear_transpose(upsample, abstract)(one_hot)
+    # Separable bilinear resize: column j of each matrix is the upsampled unit vector
+    # e_j, so contracting with them applies the transposed resize.
+    rows = jax.image.resize(jnp.eye(height), (center.shape[1], height), method="bilinear")
+    cols = jax.image.resize(jnp.eye(width), (center.shape[2], width), method="bilinear")
+    weights = jnp.einsum("bHWc,Hh->bhWc", one_hot, rows)
+    weights = jnp.einsum("bhWc,Ww->bhwc", weights, cols)
     sums = jnp.einsum("bhwc,bhwd->cd", weights, features.astype(jnp.float32))
     return sums, jnp.sum(one_hot, axis=(0, 1, 2))
 

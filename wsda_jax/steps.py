@@ -166,22 +166,15 @@ def update_target_prototypes(
     masked = teacher["masked_lowres"]
     if config.weak_label in ("point", "coarse"):
         member = label_ops.fuse(masked, weak_label)
+        # Points would vanish at feature resolution: their class means are taken from
+        # the features bilinearly upsampled to label resolution, which
+        # `update_prototypes` computes without materialising the upsampled features.
         if config.weak_label == "coarse":
             center = label_ops.resize_nearest(weak_label, features.shape[1:3])
-            center_features = None
         else:
             center = weak_label
-            batch, height, width = weak_label.shape
-            center_features = jax.image.resize(
-                features, (batch, height, width, features.shape[-1]), method="bilinear"
-            )
         return prototypes.update_prototypes(
-            target_prototypes,
-            features,
-            center,
-            member,
-            center_features=center_features,
-            axis_name=axis_name,
+            target_prototypes, features, center, member, axis_name=axis_name
         )
     return prototypes.update_prototypes(
         target_prototypes, features, masked, masked, axis_name=axis_name
