@@ -2,7 +2,8 @@
 
 Embedded procedural dataset (128x256 images, generated into data.data_dir on first use),
 ResNet-18 with one block per stage, width 16, 96x192 crops, 600 steps of batch 4 + 4:
-sized for a 2-core laptop CPU. `synthetic_source_only.py:tiny` is the few-step variant the tests run.
+sized for a 2-core laptop CPU.
+`synthetic_source_only.py:tiny` is the few-step variant the tests run.
 
 Command:
   python -m wsda_jax.main --config=configs/synthetic_source_only.py \

@@ -173,7 +173,7 @@ def test_backbone_matches_numpy_torchvision(setups, depth):
     assert converted["params"]["head"] is variables["params"]["head"]
     backbone = resnet.ResNet(depth=depth, width=WIDTH, stage_sizes=CASES[depth])
     x = np.random.default_rng(1).standard_normal((2, 30, 34, 3)).astype(np.float32)
-    got = backbone.apply(
+    got = jax.jit(backbone.apply, static_argnames="train")(
         {
             "params": converted["params"]["backbone"],
             "batch_stats": converted["batch_stats"]["backbone"],

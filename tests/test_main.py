@@ -139,3 +139,16 @@ def test_init_from_shape_mismatch_is_one_line(trained, tmp_path, tmp_path_factor
     )
     _assert_one_line_error(result, "params/backbone/")
     assert "in the checkpoint but" in result.stderr
+
+
+def test_init_from_stage_one_workdir_trains(trained, tmp_path, tmp_path_factory):
+    workdir = tmp_path / "stage2"
+    result = run_main(
+        tmp_path_factory.getbasetemp(),
+        TINY,
+        f"--config.init.init_from={trained}",
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Initialised student and teacher from" in result.stderr
+    assert json.load(open(workdir / "eval" / "4.json"))["step"] == 4

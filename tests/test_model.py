@@ -1,6 +1,7 @@
 """DeepLabV2 / ResNet: shapes, dtypes, variable tree, BatchNorm modes, errors."""
 
 import functools
+import os
 
 import flax.traverse_util
 import jax
@@ -8,11 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wsda_jax import config_lib
+from wsda_jax import config_lib, cpu_flags
 from wsda_jax.models import deeplab, resnet
 
 NUM_CLASSES = 3
 PROJ_DIM = 8
+
+
+def normal(seed, shape):
+    """Host-drawn float32 normals (eager jax.random compiles slowly on XLA:CPU)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def tiny_model(**kwargs):
@@ -86,7 +92,7 @@ def test_standard_stage_sizes():
 @pytest.mark.parametrize("height,width", [(32, 32), (36, 44)])
 def test_output_shapes_and_unit_features(model_and_variables, height, width):
     model, variables = model_and_variables
-    images = jax.random.normal(jax.random.key(1), (2, height, width, 3))
+    images = normal(1, (2, height, width, 3))
     out, _ = apply(model, variables, images, train=False)
     h, w = -(-height // 8), -(-width // 8)
     assert out.features.shape == (2, h, w, PROJ_DIM)
@@ -103,7 +109,7 @@ def test_output_shapes_and_unit_features(model_and_variables, height, width):
 def test_bfloat16_outputs_are_float32_and_close(model_and_variables):
     model, variables = model_and_variables
     model16 = model.clone(dtype=jnp.bfloat16)
-    images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    images = normal(2, (2, 32, 32, 3))
     out32, _ = apply(model, variables, images, train=False)
     out16, _ = apply(model16, variables, images, train=False)
     for name in ("features", "lowres_logits", "logits"):
@@ -115,7 +121,7 @@ def test_bfloat16_outputs_are_float32_and_close(model_and_variables):
 
 def test_batch_stats_update_only_in_train_mode(model_and_variables):
     model, variables = model_and_variables
-    images = 2.0 + jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    images = 2.0 + normal(3, (2, 32, 32, 3))
     out_eval, upd_eval = apply(model, variables, images, train=False)
     out_train, upd_train = apply(model, variables, images, train=True)
     old = variables["batch_stats"]["backbone"]["bn1"]
@@ -137,13 +143,14 @@ def test_batch_stats_update_only_in_train_mode(model_and_variables):
 def test_bn_statistics_sync_over_axis(model_and_variables):
     """With bn_axis_name, per-shard batch statistics equal the full-batch ones."""
     model, variables = model_and_variables
-    images = jax.random.normal(jax.random.key(4), (4, 32, 32, 3))
+    # Same shape as in the test above, so the unsynced apply is already compiled.
+    images = 2.0 + normal(3, (2, 32, 32, 3))
     synced = model.clone(bn_axis_name="shards")
     per_shard = jax.vmap(
         lambda x: synced.apply(variables, x, train=True, mutable=["batch_stats"]),
         axis_name="shards",
     )
-    out_sync, upd_sync = jax.jit(per_shard)(images.reshape(2, 2, 32, 32, 3))
+    out_sync, upd_sync = jax.jit(per_shard)(images.reshape(2, 1, 32, 32, 3))
     out_full, upd_full = apply(model, variables, images, train=True)
     np.testing.assert_allclose(
         out_sync.lowres_logits.reshape(out_full.lowres_logits.shape),
@@ -194,3 +201,35 @@ def test_resnet_output_stride_and_channels():
             ).init_with_output(jax.random.key(0), jnp.zeros((1, 65, 17, 3)), train=False)[0]
         )
         assert out.shape == (1, 9, 3, channels)
+
+
+@pytest.mark.parametrize("dilation,height,width", [(2, 5, 7), (4, 6, 9)])
+def test_dilated_conv_as_batch_matches_dilated_conv(dilation, height, width):
+    x = normal(5, (2, height, width, 3))
+    kernel = normal(6, (3, 3, 3, 4))
+    want = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (1, 1),
+        ((dilation, dilation), (dilation, dilation)),
+        rhs_dilation=(dilation, dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    got = jax.jit(resnet.dilated_conv_as_batch, static_argnums=2)(x, kernel, dilation)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_dilated_conv_is_rejected():
+    conv = resnet.Conv3x3(4, strides=2, dilation=2)
+    with pytest.raises(ValueError, match="strides"):
+        jax.eval_shape(lambda: conv.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+
+
+def test_cpu_flags_keep_user_settings(monkeypatch):
+    flags = ("--xla_cpu_a=1", "--xla_cpu_b=x,y")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_b=mine --other=2")
+    result = cpu_flags.apply_cpu_defaults(flags)
+    assert result.split() == ["--xla_cpu_b=mine", "--other=2", "--xla_cpu_a=1"]
+    assert os.environ["XLA_FLAGS"] == result
+    monkeypatch.delenv("XLA_FLAGS")
+    assert cpu_flags.apply_cpu_defaults(flags).split() == list(flags)

@@ -1,11 +1,15 @@
-"""The reporter writes log steps only, one step late, to metrics.jsonl and TensorBoard."""
+"""The reporter writes log steps only, one step late, to metrics.jsonl and TensorBoard;
+the evaluation report turns a confusion matrix into IoU JSON and plots."""
 
+import json
 import os
 
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import pytest
 
-from wsda_jax import reporting
+from wsda_jax import evaluation, reporting
 
 
 class _Unfetchable(dict):
@@ -62,3 +66,26 @@ def test_resumed_run_appends_and_tensorboard_written(tmp_path):
     ]
     events = os.listdir(tmp_path / "tensorboard")
     assert events and all(os.path.getsize(tmp_path / "tensorboard" / e) > 0 for e in events)
+
+
+def test_eval_report_json_and_plots(tmp_path):
+    config = ml_collections.ConfigDict(
+        {"num_classes": 19, "data": {"source": "synthia"}, "eval": {"num_panels": 1}}
+    )
+    confusion = np.zeros((19, 19), np.int64)
+    confusion[0, 0], confusion[0, 1] = 3, 1  # road: IoU 3/4; sidewalk predicted, never true.
+    confusion[9, 9] = 5  # terrain: perfect, but not among SYNTHIA's 16 classes.
+    examples = [{"image": np.zeros((8, 16, 3), np.uint8), "label": np.zeros((8, 16), np.int32)}]
+    predictions = np.ones((1, 8, 16), np.uint8)
+    report = evaluation.write_report(
+        config, str(tmp_path), 7, {"student": (confusion, predictions)}, examples
+    )
+    student = report["student"]
+    assert student["iou"]["road"] == 0.75 and student["iou"]["sidewalk"] == 0.0
+    assert student["iou"]["terrain"] == 1.0 and student["iou"]["car"] is None
+    assert student["miou"] == pytest.approx((0.75 + 0.0 + 1.0) / 3)
+    assert student["miou_16"] == pytest.approx(0.75 / 2)  # road, sidewalk
+    assert student["miou_13"] == pytest.approx(0.75 / 2)
+    assert json.load(open(tmp_path / "eval" / "7.json")) == report
+    for name in ("7_student_panels.png", "7_student_confusion.png"):
+        assert os.path.getsize(tmp_path / "eval" / name) > 0

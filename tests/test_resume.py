@@ -123,12 +123,14 @@ def test_sigterm_on_four_devices_saves_and_resumes_on_one(tmp_path, tmp_path_fac
     workdir = tmp_path / "run"
     returncode, stderr = _interrupt_after_first_checkpoint(base, workdir, signal.SIGTERM, devices=4)
     assert returncode == 0, stderr[-4000:]
+    assert "CpuDevice(id=3)" in stderr  # main logs the devices: really 4 of them.
     logged = max(_train_metrics(workdir))
     saved = _steps(workdir)[-1]
     assert saved == logged < 4  # The step being trained when the signal came.
     assert f"Stopped at step {saved}" in stderr
 
     resumed = _run(base, workdir, devices=1)
+    assert "CpuDevice(id=1)" not in resumed.stderr
     assert f"Resuming from step {saved}" in resumed.stderr
     assert max(_train_metrics(workdir)) == 4
     assert json.load(open(workdir / "eval" / "4.json"))["step"] == 4

@@ -26,6 +26,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -161,7 +162,11 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh) -> Any:
     with ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(),
+            "train_iter": grain.checkpoint.CheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        },
     ) as manager:
         step = manager.latest_step()
         if step is None:
@@ -186,11 +191,20 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh) -> Any:
             ),
         ).state
     logging.info("Initialised student and teacher from %s (step %d).", directory, step)
+    return with_student_and_teacher(state, restored["params"], restored["batch_stats"])
+
+
+def with_student_and_teacher(state: Any, params: Any, batch_stats: Any) -> Any:
+    """`state` with these variables for the student and a copy for the teacher.
+
+    The copy matters: the train step donates the state, and one buffer cannot be donated
+    twice.
+    """
     return state.replace(
-        params=restored["params"],
-        batch_stats=restored["batch_stats"],
-        teacher_params=restored["params"],
-        teacher_batch_stats=restored["batch_stats"],
+        params=params,
+        batch_stats=batch_stats,
+        teacher_params=jax.tree.map(jnp.copy, params),
+        teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
     )
 
 

@@ -129,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises a one-line ValueError for a configuration that cannot run."""
     if config.weak_label not in WEAK_LABEL_KINDS:
-        raise ValueError(f"config.weak_label={config.weak_label!r}: expected one of {WEAK_LABEL_KINDS}")
+        raise ValueError(
+            f"config.weak_label={config.weak_label!r}: expected one of {WEAK_LABEL_KINDS}"
+        )
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
     if config.model.depth not in DEPTHS:

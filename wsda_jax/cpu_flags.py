@@ -5,8 +5,17 @@ XLA reads `XLA_FLAGS` once, when JAX initialises its backends, so
 `main` and of the benchmarks). The flags only concern the CPU backend; on a GPU
 host they change nothing that runs on the accelerator.
 
-Chosen by `python -m wsda_jax.benchmarks.model` on jax 0.10.2 (see that module
-and the numbers in its docstring).
+Chosen with `wsda_jax.benchmarks.model` (DeepLabV2-ResNet-101, one 256x256
+image, fwd+bwd, median of 3) on jax 0.10.2, 2 shared cores under a load of 7-10
+(absolute times inflated ~4x, the ranking is what counts):
+
+    1x1 convs as   YNN fusion flag                                   seconds
+    conv           (XLA default)                                      23.6
+    conv           -individual_convolution,-individual_dot            18.6
+    dot            (XLA default)                                      23.8
+    dot            '' (YNNPACK off)                                   22.2
+    dot            -individual_convolution                            16.8
+    dot            -individual_convolution,-individual_dot             9.4
 """
 
 from __future__ import annotations

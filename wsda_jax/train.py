@@ -96,11 +96,8 @@ def _from_imagenet(
         {"params": variables["params"], "batch_stats": variables["batch_stats"]}, mesh
     )
     logging.info("Initialised student and teacher backbones from ImageNet weights %s.", path)
-    return state.replace(
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        teacher_params=variables["params"],
-        teacher_batch_stats=variables["batch_stats"],
+    return checkpointing.with_student_and_teacher(
+        state, variables["params"], variables["batch_stats"]
     )
 
 

@@ -113,7 +113,9 @@ def benchmark_rows(
     """One row per image size: fwd+bwd seconds of one image, median over `runs`.
 
     Row keys: name, size, runs, median_s, min_s, first_call_s, torch_s, ratio
-    (median / PyTorch reference, None where no reference was measured).
+    (median / PyTorch reference, None where no reference was measured), load
+    (1-minute load average after timing: on a shared machine, a load above the
+    core count means the times are inflated).
     """
     model = deeplab.DeepLabV2(
         num_classes=num_classes,
@@ -137,6 +139,7 @@ def benchmark_rows(
                 first_call_s=first,
                 torch_s=torch_s,
                 ratio=None if torch_s is None else median / torch_s,
+                load=os.getloadavg()[0],
             )
         )
     return rows
@@ -146,14 +149,15 @@ def format_rows(rows: Sequence[dict]) -> str:
     """A small fixed-width table of `benchmark_rows` output."""
     lines = [
         f"{'benchmark':36} {'size':>5} {'runs':>4} {'median s':>9} {'min s':>7} "
-        f"{'1st call s':>10} {'torch s':>7} {'ratio':>6}"
+        f"{'1st call s':>10} {'torch s':>7} {'ratio':>6} {'load':>5}"
     ]
     for r in rows:
         torch_s = "-" if r["torch_s"] is None else f"{r['torch_s']:.1f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}"
         lines.append(
             f"{r['name']:36} {r['size']:>5} {r['runs']:>4} {r['median_s']:>9.2f} "
-            f"{r['min_s']:>7.2f} {r['first_call_s']:>10.1f} {torch_s:>7} {ratio:>6}"
+            f"{r['min_s']:>7.2f} {r['first_call_s']:>10.1f} {torch_s:>7} {ratio:>6} "
+            f"{r['load']:>5.1f}"
         )
     return "\n".join(lines)
 

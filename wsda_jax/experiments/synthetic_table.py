@@ -115,14 +115,19 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
         lines.append(f"| {variant} | {student} | {teacher} | {len(runs)} | {minutes:.1f} |")
     lines += ["", "Per-class IoU (%, student, mean over seeds):", ""]
     names = list(classes.CLASS_NAMES)
-    present = [n for n in names if any(r["student"]["iou"].get(n) is not None
-                                       for runs in results.values() for r in runs)]
+    present = [
+        n
+        for n in names
+        if any(r["student"]["iou"].get(n) is not None for runs in results.values() for r in runs)
+    ]
     lines.append("| variant | " + " | ".join(present) + " |")
     lines.append("| --- " * (len(present) + 1) + "|")
     for variant, runs in results.items():
         cells = []
         for name in present:
-            values = [r["student"]["iou"][name] for r in runs if r["student"]["iou"][name] is not None]
+            values = [
+                r["student"]["iou"][name] for r in runs if r["student"]["iou"][name] is not None
+            ]
             cells.append(f"{100 * np.mean(values):.1f}" if values else "n/a")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
