@@ -50,13 +50,18 @@ _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/synthetic_table", "Where runs and the table go.")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Subset of variants to run.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Few-step tiny configs (a CI check, not a result).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-dataset directory (config default).")
 
 
-def make_config(variant: str, seed: int, outdir: str, smoke: bool) -> ml_collections.ConfigDict:
+def make_config(
+    variant: str, seed: int, outdir: str, smoke: bool, data_dir: str | None = None
+) -> ml_collections.ConfigDict:
     """The config of one run; stage-2 variants start from that seed's source-only run."""
     module_name, overrides = VARIANTS[variant]
     config = importlib.import_module(module_name).get_config("tiny" if smoke else None)
     config.seed = seed
+    if data_dir:
+        config.data.data_dir = data_dir
     for dotted, value in overrides.items():
         node = config
         *parents, leaf = dotted.split(".")
@@ -72,7 +77,9 @@ def run_dir(outdir: str, variant: str, seed: int) -> str:
     return os.path.join(os.path.abspath(outdir), f"{variant}_seed{seed}")
 
 
-def run_variant(variant: str, seed: int, outdir: str, smoke: bool) -> dict[str, Any]:
+def run_variant(
+    variant: str, seed: int, outdir: str, smoke: bool, data_dir: str | None = None
+) -> dict[str, Any]:
     """Trains one run (or resumes it) and returns its final report plus wall time."""
     workdir = run_dir(outdir, variant, seed)
     result_path = os.path.join(workdir, "result.json")
@@ -82,7 +89,7 @@ def run_variant(variant: str, seed: int, outdir: str, smoke: bool) -> dict[str, 
     from wsda_jax import train  # Imported late: JAX starts only when a run is needed.
 
     start = time.time()
-    report = train.train_and_evaluate(make_config(variant, seed, outdir, smoke), workdir)
+    report = train.train_and_evaluate(make_config(variant, seed, outdir, smoke, data_dir), workdir)
     result = {"variant": variant, "seed": seed, "seconds": time.time() - start, **report}
     with open(result_path, "w") as f:
         json.dump(result, f, indent=2)
@@ -154,7 +161,11 @@ def plot_chart(results: dict[str, list[dict[str, Any]]], path: str) -> None:
 
 
 def run_table(
-    variants: Sequence[str], seeds: int, outdir: str, smoke: bool = False
+    variants: Sequence[str],
+    seeds: int,
+    outdir: str,
+    smoke: bool = False,
+    data_dir: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Runs every (variant, seed) not yet finished; writes table.md, chart.png, results.json."""
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -167,7 +178,7 @@ def run_table(
     for seed in range(seeds):
         for variant in order:
             logging.info("Run %s, seed %d.", variant, seed)
-            results[variant].append(run_variant(variant, seed, outdir, smoke))
+            results[variant].append(run_variant(variant, seed, outdir, smoke, data_dir))
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(outdir, "table.md"), "w") as f:
@@ -178,7 +189,9 @@ def run_table(
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    run_table(_VARIANTS.value, _SEEDS.value, _OUTDIR.value, smoke=_SMOKE.value)
+    run_table(
+        _VARIANTS.value, _SEEDS.value, _OUTDIR.value, smoke=_SMOKE.value, data_dir=_DATA_DIR.value
+    )
     with open(os.path.join(_OUTDIR.value, "table.md")) as f:
         print(f.read())
 

@@ -10,6 +10,10 @@ Output stride 8 is the DeepLabV2 rule (METHOD.md section 3): layer3 and layer4
 keep stride 1 and every 3x3 conv in them is dilated by 2 and 4 respectively
 (padding = dilation). For an `[B, H, W, 3]` input the output is
 `[B, ceil(H/8), ceil(W/8), 8 * width * expansion]`.
+
+Two XLA:CPU speed-ups that keep nn.Conv's parameter shapes and the exact maths:
+1x1 convs are matrix products (`Conv1x1`) and dilated 3x3 convs run on
+interleaved sub-images (`dilated_conv_as_batch`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BOTTLENECK_DEPTHS = (50, 101)
-# Per stage: (stride, dilation). Output stride 8, DeepLabV2 style.
+# Stride and dilation of each stage: output stride 8, DeepLabV2 style.
 STAGE_STRIDES = (1, 2, 1, 1)
 STAGE_DILATIONS = (1, 1, 2, 4)
 
