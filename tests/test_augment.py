@@ -71,6 +71,41 @@ def test_classmix_rule(per_image):
     assert len(seen) > 3  # The choice is random across keys.
 
 
+def test_classmix_default_draws_from_the_whole_batch():
+    """Faithful default: ceil(8/2) = 4 of the batch's 8 ids per pair, not per image ids.
+
+    Image 0 holds ids {0, 1}, image 1 ids {2..7}: a per-image draw would always paste
+    exactly 1 id into image 0 and 3 into image 1; the batch draw pastes 0, 1 or 2 (of 4
+    chosen among 8) into image 0 and 2, 3 or 4 into image 1.
+    """
+    source_label = np.zeros((2, 8, 8), np.int32)
+    source_label[0, :, 4:] = 1
+    source_label[1] = np.arange(2, 8)[np.arange(64) % 6].reshape(8, 8)
+    inputs = _classmix_inputs(jax.random.PRNGKey(0), batch=2)
+    source_image, _, target_image, pseudo_label, pseudo_weight = inputs
+    mix = jax.jit(augment.classmix, static_argnames="per_image")
+    pasted = {0: set(), 1: set()}
+    for seed in range(30):
+        for per_image in (False, True):
+            mixed = mix(
+                jax.random.PRNGKey(seed),
+                source_image,
+                jnp.asarray(source_label),
+                target_image,
+                pseudo_label,
+                pseudo_weight,
+                per_image=per_image,
+            )
+            for i in range(2):
+                n = len(np.unique(source_label[i][np.asarray(mixed.mask[i])]))
+                if per_image:
+                    assert n == (1, 3)[i]
+                else:
+                    pasted[i].add(n)
+    assert pasted[0] == {0, 1, 2}
+    assert pasted[1] == {2, 3, 4}
+
+
 def test_classmix_batch_draw_counts_ignore_label():
     """Faithful rule: ceil(n/2) of the batch's unique ids, 255 included, per pair."""
     present = jnp.zeros(256, bool).at[jnp.asarray([0, 3, 255])].set(True)

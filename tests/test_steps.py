@@ -248,7 +248,7 @@ def test_total_loss_falls(runner):
     assert np.mean(totals[-4:]) < 0.8 * np.mean(totals[:2]), totals
 
 
-@pytest.mark.parametrize("weak_label", ["point", "image"])
+@pytest.mark.parametrize("weak_label", ["point", "image", "none"])
 def test_other_weak_label_kinds_trace(weak_label):
     """Every kind traces through shard_map with check_vma (compiling each is the slow test)."""
     config = tiny_config(weak_label)
@@ -266,6 +266,8 @@ def test_other_weak_label_kinds_trace(weak_label):
     shapes = jax.eval_shape(step, abstract, batch)
     _, step_metrics = shapes
     assert ("seg_u" in step_metrics) == (weak_label == "point")
+    # Plain UDA has no presence vector: no image-level losses.
+    assert ("im_u" in step_metrics) == ("im_proto" in step_metrics) == (weak_label != "none")
     assert "inter" in step_metrics
 
 

@@ -98,7 +98,9 @@ def classmix(
     if per_image:
         present = label_presence(source_label)  # [B, 256]
     else:
-        present = jnp.broadcast_to(label_presence(source_label), (batch, NUM_LABEL_IDS))
+        # The ids of the whole (per-device) batch, shared by every pair.
+        batch_present = jnp.any(label_presence(source_label), axis=0)  # [256]
+        present = jnp.broadcast_to(batch_present, (batch, NUM_LABEL_IDS))
     chosen = jax.vmap(choose_half)(jax.random.split(key, batch), present)  # [B, 256]
     ids = jnp.clip(source_label, 0, NUM_LABEL_IDS - 1)
     mask = jnp.take_along_axis(chosen, ids.reshape(batch, -1), axis=1).reshape(ids.shape)

@@ -105,6 +105,8 @@ def _run(argv: list[str]) -> None:
     if FLAGS.mode == "train":
         _check_workdir(workdir)
         train.train_and_evaluate(config, workdir)
+        if jax.process_index() == 0:
+            print(train.progress_summary(workdir))
     elif FLAGS.mode == "eval":
         _check_workdir(workdir)
         train.evaluate_checkpoint(config, workdir)

@@ -328,7 +328,8 @@ def adapt_step(
         out_u, batch_stats = _forward(model, params, state.batch_stats, target_image)
         if weak_kind in ("point", "coarse"):
             terms["seg_u"] = w.seg_u * losses.cross_entropy(out_u.logits, weak_label)
-        terms["im_u"] = ramp * w.im_u * losses.image_level_loss(out_u.logits, presence)
+        if weak_kind != "none":  # Plain UDA has no presence vector to learn from.
+            terms["im_u"] = ramp * w.im_u * losses.image_level_loss(out_u.logits, presence)
         # (3) Student on source.
         out_s, batch_stats = _forward(model, params, batch_stats, source_image)
         terms["seg_s"] = w.seg_s * losses.cross_entropy(out_s.logits, source_label)
@@ -341,11 +342,12 @@ def adapt_step(
         source_protos = prototypes.update_prototypes(
             state.source_prototypes, out_s.features, source_low, source_low, axis_name=axis_name
         )
-        # (8) Image-level loss of the prototype logits.
-        proto_logits = jnp.einsum(
-            "bhwd,cd->bhwc", out_u.features, jax.lax.stop_gradient(target_protos)
-        )
-        terms["im_proto"] = ramp * w.im_proto * losses.image_level_loss(proto_logits, presence)
+        # (8) Image-level loss of the prototype logits (weak labels only).
+        if weak_kind != "none":
+            proto_logits = jnp.einsum(
+                "bhwd,cd->bhwc", out_u.features, jax.lax.stop_gradient(target_protos)
+            )
+            terms["im_proto"] = ramp * w.im_proto * losses.image_level_loss(proto_logits, presence)
         # (9) Contrastive losses.
         if w.use_contrast:
             src_pred, src_prob = _prediction(out_s.lowres_logits)

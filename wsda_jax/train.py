@@ -14,6 +14,7 @@ its fine labels) as the source.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -213,6 +214,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images_per_step=config.batch_size * (2 if config.stage == "adapt" else 1),
     )
     report = None
+    if step == 0 and config.init.init_from:
+        # The starting point's score, so that eval/0.json shows what adaptation gained.
+        evaluate(0, state)
     with checkpointing.PreemptionWatcher() as watcher:
         while step < config.num_steps:
             batch = parallel.put_batch(next(train_iter), mesh)
@@ -238,6 +242,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.wait_until_finished()
     manager.close()
     return report
+
+
+def progress_summary(workdir: str) -> str:
+    """One line: target-val mIoU of the first and the last evaluation in `workdir`.
+
+    For a stage-2 run the first one is step 0, the stage-1 model before adaptation.
+    """
+    directory = os.path.join(workdir, "eval")
+    steps_done = (
+        sorted(int(name[:-5]) for name in os.listdir(directory) if name[:-5].isdigit())
+        if os.path.isdir(directory)
+        else []
+    )
+    if not steps_done:
+        return "No evaluation was written."
+
+    def scores(step: int) -> str:
+        with open(os.path.join(directory, f"{step}.json")) as f:
+            report = json.load(f)
+        return ", ".join(
+            f"{name} {100 * summary['miou']:.1f}"
+            for name, summary in report.items()
+            if isinstance(summary, dict) and summary.get("miou") is not None
+        )
+
+    first, last = steps_done[0], steps_done[-1]
+    if first == last:
+        return f"Target val mIoU (%) at step {last}: {scores(last)}."
+    return f"Target val mIoU (%): step {first}: {scores(first)}; step {last}: {scores(last)}."
 
 
 def _restore_for_inference(
