@@ -203,28 +203,6 @@ def test_resnet_output_stride_and_channels():
         assert out.shape == (1, 9, 3, channels)
 
 
-@pytest.mark.parametrize("dilation,height,width", [(2, 5, 7), (4, 6, 9)])
-def test_dilated_conv_as_batch_matches_dilated_conv(dilation, height, width):
-    x = normal(5, (2, height, width, 3))
-    kernel = normal(6, (3, 3, 3, 4))
-    want = jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        (1, 1),
-        ((dilation, dilation), (dilation, dilation)),
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    got = jax.jit(resnet.dilated_conv_as_batch, static_argnums=2)(x, kernel, dilation)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_strided_dilated_conv_is_rejected():
-    conv = resnet.Conv3x3(4, strides=2, dilation=2)
-    with pytest.raises(ValueError, match="strides"):
-        jax.eval_shape(lambda: conv.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
-
-
 def test_cpu_flags_keep_user_settings(monkeypatch):
     flags = ("--xla_cpu_a=1", "--xla_cpu_b=x,y")
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_b=mine --other=2")

@@ -11,9 +11,8 @@ keep stride 1 and every 3x3 conv in them is dilated by 2 and 4 respectively
 (padding = dilation). For an `[B, H, W, 3]` input the output is
 `[B, ceil(H/8), ceil(W/8), 8 * width * expansion]`.
 
-Two XLA:CPU speed-ups that keep nn.Conv's parameter shapes and the exact maths:
-1x1 convs are matrix products (`Conv1x1`) and dilated 3x3 convs run on
-interleaved sub-images (`dilated_conv_as_batch`).
+For XLA:CPU speed, 1x1 convs are matrix products (`Conv1x1`), with nn.Conv's
+parameter shapes and the same maths.
 """
 
 from __future__ import annotations
@@ -69,57 +68,20 @@ class Conv1x1(nn.Module):
         return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0].astype(self.dtype))
 
 
-class Conv3x3(nn.Module):
-    """3x3 conv without bias, torch padding (= dilation on each side), `[3, 3, in, out]` kernel.
-
-    A dilated conv (stride 1) runs as an undilated conv over the d*d interleaved
-    sub-images ("space to batch", as TensorFlow's atrous_conv2d): same result,
-    but XLA:CPU's dilated-conv kernels were ~1.5x slower for layer3/layer4
-    (fwd+bwd measured in `wsda_jax.benchmarks.model`).
-    """
-
-    features: int
-    strides: int = 1
-    dilation: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", conv_init, (3, 3, x.shape[-1], self.features), jnp.float32)
-        x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
-        if self.dilation == 1:
-            return _conv(x, kernel, self.strides)
-        if self.strides != 1:
-            raise ValueError(f"strides={self.strides}: dilated convs must have stride 1")
-        return dilated_conv_as_batch(x, kernel, self.dilation)
-
-
-def _conv(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
-    """NHWC x HWIO conv with padding 1 (3x3 kernel)."""
-    return jax.lax.conv_general_dilated(
-        x, kernel, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+def conv3x3(features: int, strides: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
+    """3x3 conv without bias, torch padding (= dilation on each side)."""
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=strides,
+        padding=((dilation, dilation), (dilation, dilation)),
+        kernel_dilation=dilation,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_init,
+        name=name,
     )
-
-
-def dilated_conv_as_batch(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    """3x3 conv with dilation d and padding d, computed on d*d sub-images.
-
-    Pixel (d*i + r, d*j + s) only meets pixels of the same residue (r, s), so the
-    image splits into d*d sub-images on which the conv is undilated with padding 1.
-    Sides are zero-padded (bottom/right) to multiples of d and cropped back, which
-    is exact: those zeros are the conv's own padding.
-    x: `[B, H, W, C]`, kernel: `[3, 3, C, O]` -> `[B, H, W, O]`.
-    """
-    d = dilation
-    batch, height, width, channels = x.shape
-    hp, wp = -(-height // d) * d, -(-width // d) * d
-    x = jnp.pad(x, ((0, 0), (0, hp - height), (0, wp - width), (0, 0)))
-    x = x.reshape(batch, hp // d, d, wp // d, d, channels)
-    x = x.transpose(2, 4, 0, 1, 3, 5).reshape(d * d * batch, hp // d, wp // d, channels)
-    y = _conv(x, kernel, 1)
-    y = y.reshape(d, d, batch, hp // d, wp // d, -1).transpose(2, 3, 0, 4, 1, 5)
-    return y.reshape(batch, hp, wp, -1)[:, :height, :width]
 
 
 class BasicBlock(nn.Module):
@@ -134,9 +96,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = Conv3x3(self.features, self.strides, self.dilation, self.dtype, name="conv1")(x)
+        out = conv3x3(self.features, self.strides, self.dilation, self.dtype, "conv1")(x)
         out = nn.relu(self.norm(name="bn1")(out))
-        out = Conv3x3(self.features, 1, self.dilation, self.dtype, name="conv2")(out)
+        out = conv3x3(self.features, 1, self.dilation, self.dtype, "conv2")(out)
         out = self.norm(name="bn2")(out)
         return nn.relu(out + shortcut(x, self.features, self.strides, self.norm, self.dtype))
 
@@ -155,7 +117,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out = Conv1x1(self.features, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(self.norm(name="bn1")(out))
-        out = Conv3x3(self.features, self.strides, self.dilation, self.dtype, name="conv2")(out)
+        out = conv3x3(self.features, self.strides, self.dilation, self.dtype, "conv2")(out)
         out = nn.relu(self.norm(name="bn2")(out))
         out = Conv1x1(self.features * 4, dtype=self.dtype, name="conv3")(out)
         out = self.norm(name="bn3")(out)
