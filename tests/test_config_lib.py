@@ -1,0 +1,38 @@
+"""Bad configurations fail with one clear ValueError before anything is compiled."""
+
+import pytest
+
+from wsda_jax import config_lib
+
+
+def _config(**changes):
+    config = config_lib.base_config()
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def test_reference_defaults_validate():
+    config_lib.validate(config_lib.base_config(), num_devices=4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "num_devices", "message"),
+    [
+        ({"weak_label": "scribble"}, 1, "config.weak_label='scribble'"),
+        ({"stage": "finetune"}, 1, "config.stage='finetune'"),
+        ({"model__depth": 152}, 1, "config.model.depth=152"),
+        ({"batch_size": 6}, 4, "config.batch_size=6 is not divisible by the 4 devices"),
+        ({"loss__contrast_start": -1}, 1, "contrast_start=-1 must be >= 0"),
+        ({"data__crop_size": (8, 8)}, 1, "config.data.crop_size=(8, 8)"),
+        ({"data__crop_size": (100, 64)}, 1, "multiples of the output stride 8"),
+        ({"compute_dtype": "float16"}, 1, "config.compute_dtype='float16'"),
+    ],
+)
+def test_bad_config_is_named(changes, num_devices, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.validate(_config(**changes), num_devices=num_devices)
