@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
+import subprocesses
 
 from wsda_jax import classes
 
@@ -23,13 +24,7 @@ TINY = "--config=configs/synthetic_coarse.py:tiny"
 
 def run_main(base, *args, timeout=600):
     """Runs the entry point in a subprocess with the shared cache and data dir."""
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-    )
+    env = subprocesses.jax_env(base)
     command = [sys.executable, "-m", "wsda_jax.main", *args]
     if any(a.startswith("--config=") and "synthetic" in a for a in args):
         command.append(f"--config.data.data_dir={base / 'data'}")

@@ -16,6 +16,7 @@ import sys
 
 import fixture_trees
 import pytest
+import subprocesses
 
 from wsda_jax import classes
 
@@ -52,17 +53,6 @@ TINY_OVERRIDES = (
 )
 
 
-def _env(base):
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-    )
-    return env
-
-
 def _prepare_command(dataset, manual_dir, data_dir):
     return [
         sys.executable,
@@ -87,7 +77,7 @@ def run(tmp_path_factory):
     gta5 = fixture_trees.make_gta5_tree(str(root / "raw" / "gta5"))
     cityscapes = fixture_trees.make_cityscapes_tree(str(root / "raw" / "cityscapes"))
     data_dir, workdir = root / "data", root / "run"
-    env = _env(base)
+    env = subprocesses.jax_env(base)
 
     # Both preparations at once: each spends most of its time importing TFDS.
     processes = {

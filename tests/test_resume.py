@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+import subprocesses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Checkpoint every step so the interruption lands mid-run; evaluate only at the end.
@@ -34,23 +35,11 @@ def _command(base, workdir):
     ]
 
 
-def _env(base, devices=1):
-    env = dict(os.environ)
-    env.update(
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-    )
-    return env
-
-
 def _run(base, workdir, devices=1):
     result = subprocess.run(
         _command(base, workdir),
         cwd=ROOT,
-        env=_env(base, devices),
+        env=subprocesses.jax_env(base, devices),
         capture_output=True,
         text=True,
         timeout=600,
@@ -64,7 +53,7 @@ def _interrupt_after_first_checkpoint(base, workdir, sig, devices=1):
     process = subprocess.Popen(
         _command(base, workdir),
         cwd=ROOT,
-        env=_env(base, devices),
+        env=subprocesses.jax_env(base, devices),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
