@@ -88,7 +88,7 @@ def test_synthetic_configs_are_laptop_sized(path):
     config = _load(path)
     assert (config.data.source, config.data.target) == ("synthetic_source", "synthetic_target")
     assert (config.data.synthetic.height, config.data.synthetic.width) == (128, 256)
-    assert config.model.depth == 18 and config.num_steps <= 1000
+    assert config.model.depth == 18 and config.num_steps <= 1200
     assert config.loss.contrast_start < config.num_steps
     # 15 and 120 of 512 crop rows, scaled to the 96-row crop.
     assert tuple(config.data.crop_size) == (96, 192)
