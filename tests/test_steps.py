@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import IMAGE_SIZE, NUM_CLASSES, synthetic_batch, tiny_config, tiny_model
 
@@ -227,10 +228,17 @@ def test_nonfinite_guard_skips_update(runner):
     assert not np.isfinite(float(step_metrics["total"]))
     assert int(state.skipped_steps) == 1 and int(state.step) == 1
     assert float(step_metrics["skipped_steps"]) == 1.0
-    for name in ("params", "batch_stats", "opt_state", "source_prototypes", "target_prototypes"):
+    for name in ("params", "batch_stats", "source_prototypes", "target_prototypes"):
         _assert_trees_equal(getattr(state, name), getattr(before, name))
+    # The momentum is kept, but the schedule advances with the step, as the reference.
+    momentum = lambda opt_state: optax.tree_utils.tree_get_all_with_path(opt_state, "trace")
+    _assert_trees_equal(momentum(state.opt_state), momentum(before.opt_state))
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    assert len(counts) == 2 and all(int(count) == 1 for _, count in counts)
     state, _ = runner.step(state, runner.put(runner.batches[0]))
     assert int(state.skipped_steps) == 1 and int(state.step) == 2
+    counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")
+    assert all(int(count) == 2 for _, count in counts)
     assert not np.allclose(
         before.params["head"]["projection"]["kernel"], state.params["head"]["projection"]["kernel"]
     )

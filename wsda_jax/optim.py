@@ -73,3 +73,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         },
         _param_groups,
     )
+
+
+def set_schedule_step(opt_state: optax.OptState, step: jax.Array) -> optax.OptState:
+    """Returns `opt_state` with the learning-rate schedules' step counters set to `step`.
+
+    The reference sets the learning rate from the iteration number, so a skipped
+    (non-finite) step still advances the schedule; optax's schedules count applied
+    updates instead. The optimizer of `make_optimizer` has no other `count` fields.
+    """
+    return optax.tree_utils.tree_set(opt_state, count=jnp.asarray(step, jnp.int32))

@@ -250,9 +250,10 @@ def _apply_update(
 ) -> tuple[TrainState, jax.Array, jax.Array]:
     """SGD update guarded against non-finite loss/gradients (section 4.12).
 
-    If the loss or any gradient is not finite, params, opt_state and the fields in
-    `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1;
-    jnp.where over the trees keeps it one compiled program. Returns (state, grad_norm, ok).
+    If the loss or any gradient is not finite, params, the momentum and the fields in
+    `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1,
+    while the learning-rate schedule still follows `step`; jnp.where over the trees
+    keeps it one compiled program. Returns (state, grad_norm, ok).
     """
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -260,10 +261,12 @@ def _apply_update(
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     fields = {name: keep(value, getattr(state, name)) for name, value in new_values.items()}
+    # A skipped step keeps the momentum but still advances the schedule, as the reference.
+    opt_state = optim.set_schedule_step(keep(opt_state, state.opt_state), state.step + 1)
     state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
+        opt_state=opt_state,
         skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
         **fields,
     )
