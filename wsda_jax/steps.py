@@ -23,6 +23,7 @@ import ml_collections
 import optax
 
 from wsda_jax import augment, label_ops, losses, metrics, optim, prototypes
+from wsda_jax.models import deeplab
 from wsda_jax.train_state import TrainState
 
 IGNORE_LABEL = 255
@@ -241,6 +242,68 @@ def _contrastive(key, features, label, pred, prob, domain, protos, config, *, in
     )
 
 
+def contrastive_losses(
+    keys: dict[str, jax.Array],
+    out_s: deeplab.SegmentationOutput,
+    out_u: deeplab.SegmentationOutput,
+    source_label: jax.Array,
+    weak_label: jax.Array,
+    teacher: dict[str, jax.Array],
+    source_protos: jax.Array,
+    target_protos: jax.Array,
+    config: ml_collections.ConfigDict,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The three unweighted pixel-to-prototype losses of section 4.9 (inputs: section 8).
+
+    Args:
+      keys: PRNG keys 'inter', 'intra_src', 'intra_tgt' for the anchor sampling.
+      out_s, out_u: the student's outputs on the source and target batches.
+      source_label: int32 [B, H, W]; weak_label: int32 [B, H, W] (255 where unlabelled).
+      teacher: `pseudo_labels` of the teacher ('features', 'masked_lowres',
+        'lowres_confidence').
+      source_protos, target_protos: float32 [C, D], this step's prototypes.
+    Returns:
+      ({'inter', 'intra_src', 'intra_tgt'}: float32 [] losses,
+       the same keys: number of sampled anchors on this device).
+    """
+    src_pred, src_prob = _prediction(out_s.lowres_logits)
+    src_label = label_ops.fuse(src_pred, source_label)
+    tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
+    u_pred, u_prob = _prediction(out_u.lowres_logits)
+    batch_size = source_label.shape[0]
+    source_domain = jnp.zeros(batch_size, jnp.int32)
+    target_domain = jnp.ones(batch_size, jnp.int32)
+    cat = lambda a, b: jnp.concatenate([a, b], axis=0)
+    inputs = {
+        # Source student and target teacher anchors against the target prototypes.
+        "inter": (
+            cat(out_s.features, teacher["features"]),
+            cat(src_label, tgt_label),
+            cat(src_pred, teacher["masked_lowres"]),
+            cat(src_prob, teacher["lowres_confidence"]),
+            cat(source_domain, target_domain),
+            target_protos,
+        ),
+        "intra_src": (out_s.features, src_label, src_pred, src_prob, source_domain, source_protos),
+        "intra_tgt": (
+            out_u.features,
+            label_ops.fuse(u_pred, weak_label),
+            u_pred,
+            u_prob,
+            target_domain,
+            target_protos,
+        ),
+    }
+    results = {
+        name: _contrastive(keys[name], *args, config, inter=name == "inter")
+        for name, args in inputs.items()
+    }
+    return (
+        {name: loss for name, (loss, _) in results.items()},
+        {name: count for name, (_, count) in results.items()},
+    )
+
+
 def _apply_update(
     state: TrainState,
     grads: Any,
@@ -353,51 +416,18 @@ def adapt_step(
             terms["im_proto"] = ramp * w.im_proto * losses.image_level_loss(proto_logits, presence)
         # (9) Contrastive losses.
         if w.use_contrast:
-            src_pred, src_prob = _prediction(out_s.lowres_logits)
-            src_label = label_ops.fuse(src_pred, source_label)
-            tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
-            batch_size = source_label.shape[0]
-            domain = jnp.concatenate(
-                [jnp.zeros(batch_size, jnp.int32), jnp.ones(batch_size, jnp.int32)]
-            )
-            cat = lambda a, b: jnp.concatenate([a, b], axis=0)
-            inter, counts["inter"] = _contrastive(
-                keys["inter"],
-                cat(out_s.features, teacher["features"]),
-                cat(src_label, tgt_label),
-                cat(src_pred, teacher["masked_lowres"]),
-                cat(src_prob, teacher["lowres_confidence"]),
-                domain,
-                target_protos,
-                config,
-                inter=True,
-            )
-            intra_src, counts["intra_src"] = _contrastive(
-                keys["intra_src"],
-                out_s.features,
-                src_label,
-                src_pred,
-                src_prob,
-                domain[:batch_size],
+            contrast, counts = contrastive_losses(
+                keys,
+                out_s,
+                out_u,
+                source_label,
+                weak_label,
+                teacher,
                 source_protos,
-                config,
-                inter=False,
-            )
-            u_pred, u_prob = _prediction(out_u.lowres_logits)
-            intra_tgt, counts["intra_tgt"] = _contrastive(
-                keys["intra_tgt"],
-                out_u.features,
-                label_ops.fuse(u_pred, weak_label),
-                u_pred,
-                u_prob,
-                domain[batch_size:],
                 target_protos,
                 config,
-                inter=False,
             )
-            terms["inter"] = ramp * w.inter * inter
-            terms["intra_src"] = ramp * w.intra_src * intra_src
-            terms["intra_tgt"] = ramp * w.intra_tgt * intra_tgt
+            terms.update({name: ramp * w[name] * loss for name, loss in contrast.items()})
         # (10) Student on the mixed batch.
         out_m, batch_stats = _forward(model, params, batch_stats, mixed.image)
         terms["seg_mix"] = w.seg_mix * losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)

@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsda_jax import label_ops, losses, prototypes
+from wsda_jax import config_lib, label_ops, losses, prototypes, steps
+from wsda_jax.models import deeplab
 
 BATCH, SIZE, FEATURE_SIZE, DIM, C = 4, 512, 64, 256, 19
 REFERENCE_FORWARD_S, REFERENCE_BACKWARD_S = 0.179, 1.33
-MAX_VIEWS, TEMPERATURE, BASE_TEMPERATURE = 20, 0.1, 0.07
 
 
 def _block_labels(rng: np.random.Generator, block: int) -> np.ndarray:
@@ -55,7 +55,7 @@ def make_inputs(seed: int = 0) -> dict[str, jax.Array]:
     # Source-like low-res logits: mostly right, so both hard and easy pixels exist.
     low_truth = label_ops.resize_nearest(source_label, (FEATURE_SIZE, FEATURE_SIZE))
     weak = _block_labels(rng, 64)
-    weak[:, ::2] = 255  # coarse: much of the image unlabelled
+    weak[:, (np.arange(SIZE) // 64) % 2 == 1] = 255  # coarse: half the image unlabelled
     lowres = lambda key, truth: (
         6.0 * jax.nn.one_hot(truth, C)
         + 2.0 * jax.random.normal(key, (BATCH, FEATURE_SIZE, FEATURE_SIZE, C))
@@ -81,106 +81,57 @@ def make_inputs(seed: int = 0) -> dict[str, jax.Array]:
     }
 
 
-def _prediction(lowres_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    prob = jax.nn.softmax(lowres_logits, axis=-1)
-    return jnp.argmax(prob, axis=-1).astype(jnp.int32), jnp.max(prob, axis=-1)
+def _config():
+    """The reference's loss settings with `coarse` weak labels."""
+    config = config_lib.base_config()
+    config.weak_label = "coarse"
+    config.num_classes = C
+    return config
 
 
-def _labels(x: dict) -> dict:
-    """Label maps at feature resolution, as the adaptation step builds them (M s. 5, 7, 8)."""
-    src_pred, src_prob = _prediction(x["lowres_s"])
-    teacher_pred, teacher_prob = _prediction(jax.lax.stop_gradient(x["teacher_lowres"]))
-    masked = jnp.where(teacher_prob < 0.95, 255, teacher_pred)
-    u_pred, u_prob = _prediction(x["lowres_u"])
-    feature_size = (FEATURE_SIZE, FEATURE_SIZE)
-    return {
-        "src_pred": src_pred,
-        "src_prob": src_prob,
-        "src_label": label_ops.fuse(src_pred, x["source_label"]),
-        "src_low": label_ops.resize_nearest(x["source_label"], feature_size),
-        "masked": masked,
-        "teacher_prob": teacher_prob,
-        "tgt_label": label_ops.fuse(masked, x["weak_label"]),
-        "weak_low": label_ops.resize_nearest(x["weak_label"], feature_size),
-        "u_pred": u_pred,
-        "u_prob": u_prob,
-        "u_label": label_ops.fuse(u_pred, x["weak_label"]),
-    }
+def _outputs(x: dict, domain: str) -> deeplab.SegmentationOutput:
+    """Student ('s', 'u') or teacher outputs; the full-res logits are unused here."""
+    if domain == "teacher":
+        features, lowres = x["teacher_features"], x["teacher_lowres"]
+    else:
+        features, lowres = x[f"features_{domain}"], x[f"lowres_{domain}"]
+    return deeplab.SegmentationOutput(features=features, lowres_logits=lowres, logits=x["logits_u"])
+
+
+def _teacher(x: dict) -> dict:
+    """The teacher's pseudo labels, exactly as the adaptation step derives them."""
+    target = {"weak_label": x["weak_label"], "presence": x["presence"]}
+    teacher = jax.lax.stop_gradient(_outputs(x, "teacher"))
+    return steps.pseudo_labels(teacher, target, _config(), axis_name=None)
 
 
 def target_prototypes(x: dict) -> jax.Array:
-    lab = _labels(x)
-    return prototypes.update_prototypes(
-        x["target_protos"], x["teacher_features"], lab["weak_low"], lab["tgt_label"]
+    return steps.update_target_prototypes(
+        x["target_protos"], _teacher(x), x["weak_label"], _config(), axis_name=None
     )
 
 
 def source_prototypes(x: dict) -> jax.Array:
-    lab = _labels(x)
-    return prototypes.update_prototypes(
-        x["source_protos"], x["features_s"], lab["src_low"], lab["src_low"]
+    source_low = label_ops.resize_nearest(x["source_label"], (FEATURE_SIZE, FEATURE_SIZE))
+    return prototypes.update_prototypes(x["source_protos"], x["features_s"], source_low, source_low)
+
+
+def contrastive_losses(x: dict, source_protos=None, target_protos=None) -> dict[str, jax.Array]:
+    """The step's three contrastive losses (unweighted), given or stored prototypes."""
+    names = ("inter", "intra_src", "intra_tgt")
+    keys = dict(zip(names, jax.random.split(x["key"], len(names)), strict=True))
+    loss_values, _ = steps.contrastive_losses(
+        keys,
+        _outputs(x, "s"),
+        _outputs(x, "u"),
+        x["source_label"],
+        x["weak_label"],
+        _teacher(x),
+        x["source_protos"] if source_protos is None else source_protos,
+        x["target_protos"] if target_protos is None else target_protos,
+        _config(),
     )
-
-
-_contrastive = functools.partial(
-    losses.sampled_contrastive_loss,
-    max_views=MAX_VIEWS,
-    temperature=TEMPERATURE,
-    base_temperature=BASE_TEMPERATURE,
-)
-
-
-def inter_loss(x: dict, protos: jax.Array | None = None) -> jax.Array:
-    lab = _labels(x)
-    cat = lambda a, b: jnp.concatenate([a, b], axis=0)
-    domain = jnp.concatenate([jnp.zeros(BATCH, jnp.int32), jnp.ones(BATCH, jnp.int32)])
-    loss, _ = _contrastive(
-        jax.random.fold_in(x["key"], 0),
-        cat(x["features_s"], jax.lax.stop_gradient(x["teacher_features"])),
-        cat(lab["src_label"], lab["tgt_label"]),
-        cat(lab["src_pred"], lab["masked"]),
-        cat(lab["src_prob"], lab["teacher_prob"]),
-        domain,
-        x["target_protos"] if protos is None else protos,
-        max_samples=512,
-        easy_threshold=0.95,
-        cross_domain=True,
-    )
-    return loss
-
-
-def intra_src_loss(x: dict, protos: jax.Array | None = None) -> jax.Array:
-    lab = _labels(x)
-    loss, _ = _contrastive(
-        jax.random.fold_in(x["key"], 1),
-        x["features_s"],
-        lab["src_label"],
-        lab["src_pred"],
-        lab["src_prob"],
-        jnp.zeros(BATCH, jnp.int32),
-        x["source_protos"] if protos is None else protos,
-        max_samples=256,
-        easy_threshold=0.96,
-        cross_domain=False,
-    )
-    return loss
-
-
-def intra_tgt_loss(x: dict, protos: jax.Array | None = None) -> jax.Array:
-    lab = _labels(x)
-    loss, _ = _contrastive(
-        jax.random.fold_in(x["key"], 2),
-        x["features_u"],
-        lab["u_label"],
-        lab["u_pred"],
-        lab["u_prob"],
-        jnp.ones(BATCH, jnp.int32),
-        x["target_protos"] if protos is None else protos,
-        max_samples=256,
-        easy_threshold=0.96,
-        cross_domain=False,
-    )
-    return loss
+    return loss_values
 
 
 def image_losses(x: dict, protos: jax.Array | None = None) -> jax.Array:
@@ -194,13 +145,13 @@ def image_losses(x: dict, protos: jax.Array | None = None) -> jax.Array:
 def all_losses(x: dict, *, full_res_image_loss: bool = True) -> jax.Array:
     """Prototype updates, then the weighted contrastive and image-level losses (M s. 4.11)."""
     tgt = target_prototypes(x)
-    src = source_prototypes(x)
-    contrast = 0.5 * inter_loss(x, tgt) + 0.25 * intra_tgt_loss(x, tgt)
-    contrast += 0.25 * intra_src_loss(x, src)
+    weights = _config().loss
+    contrast = contrastive_losses(x, source_prototypes(x), tgt)
+    total = sum(weights[name] * loss for name, loss in contrast.items())
     if full_res_image_loss:
-        return contrast + image_losses(x, tgt)
+        return total + image_losses(x, tgt)
     proto_logits = jnp.einsum("bhwd,cd->bhwc", x["features_u"], tgt)
-    return contrast + losses.image_level_loss(proto_logits, x["presence"])
+    return total + losses.image_level_loss(proto_logits, x["presence"])
 
 
 def all_losses_grad(x: dict, *, full_res_image_loss: bool = True) -> dict:
@@ -211,6 +162,11 @@ def all_losses_grad(x: dict, *, full_res_image_loss: bool = True) -> dict:
         return all_losses({**x, **diff}, full_res_image_loss=full_res_image_loss)
 
     return jax.grad(fn)({k: x[k] for k in names})
+
+
+def _one_loss(name: str) -> Callable[[dict], jax.Array]:
+    """One contrastive loss alone: jit drops the other two from the computation."""
+    return lambda x: contrastive_losses(x)[name]
 
 
 def time_seconds(fn: Callable, x: dict, runs: int) -> tuple[float, float]:
@@ -260,9 +216,9 @@ def main() -> None:
     cases = [
         ("target prototype update", target_prototypes, None),
         ("source prototype update", source_prototypes, None),
-        ("inter contrastive (8 images, 512 samples)", inter_loss, None),
-        ("intra_src contrastive (256 samples)", intra_src_loss, None),
-        ("intra_tgt contrastive (256 samples)", intra_tgt_loss, None),
+        ("inter contrastive (8 images, 512 samples)", _one_loss("inter"), None),
+        ("intra_src contrastive (256 samples)", _one_loss("intra_src"), None),
+        ("intra_tgt contrastive (256 samples)", _one_loss("intra_tgt"), None),
         ("image-level losses (im_u + im_proto)", image_losses, None),
         ("all of the above, forward", all_losses, REFERENCE_FORWARD_S),
         ("all of the above, forward + backward", all_losses_grad, REFERENCE_BACKWARD_S),
