@@ -1,6 +1,6 @@
 """Throughput of the training input pipeline on Cityscapes-sized records.
 
-    python -m wsda_jax.benchmarks.input_pipeline [--num_records 16] [--steps 10]
+    python -m wsda_jax.benchmarks.input_pipeline --num_records=16 --steps=10
 
 Builds PNG records of 2048x1024 procedural target-domain scenes (with pixel
 noise, so the PNGs are about as hard to decode as photos) in memory, then times
@@ -12,10 +12,11 @@ numbers depend on the host's free cores.
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 from PIL import Image
 
 from wsda_jax import config_lib
@@ -66,19 +67,22 @@ def time_pipeline(config, source, target, *, warmup: int, steps: int) -> tuple[f
     return first, per_step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num_records", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    args = parser.parse_args()
+_NUM_RECORDS = flags.DEFINE_integer("num_records", 16, "Records built in memory.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed batches per worker count.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed batches after the first one.")
+_WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker-process counts to time.")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    if _NUM_RECORDS.value < 1 or _STEPS.value < 1 or _WARMUP.value < 0:
+        raise app.UsageError("--num_records and --steps must be positive, --warmup >= 0")
 
     start = time.perf_counter()
-    source = target = make_records(args.num_records)
+    source = target = make_records(_NUM_RECORDS.value)
     megabytes = sum(len(r["image"]) for r in target) / len(target) / 2**20
     print(
-        f"built {args.num_records} records of {WIDTH}x{HEIGHT} in "
+        f"built {_NUM_RECORDS.value} records of {WIDTH}x{HEIGHT} in "
         f"{time.perf_counter() - start:.1f} s (image PNG {megabytes:.2f} MiB each)\n"
     )
     config = config_lib.base_config()
@@ -90,14 +94,14 @@ def main() -> None:
 
     print("| workers | first batch (s) | step (s) | steps/s | images/s (src+tgt) |")
     print("| --- | --- | --- | --- | --- |")
-    for workers in args.workers:
+    for workers in [int(w) for w in _WORKERS.value]:
         config.data.num_workers = workers
         first, per_step = time_pipeline(
-            config, source, target, warmup=args.warmup, steps=args.steps
+            config, source, target, warmup=_WARMUP.value, steps=_STEPS.value
         )
         images = 2 * config.batch_size / per_step
         print(f"| {workers} | {first:.2f} | {per_step:.3f} | {1 / per_step:.2f} | {images:.1f} |")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

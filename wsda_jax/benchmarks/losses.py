@@ -1,6 +1,6 @@
 """Speed of the prototype updates, sampled contrastive losses and image-level losses.
 
-    python -m wsda_jax.benchmarks.losses [--runs 10] [--no-model]
+    python -m wsda_jax.benchmarks.losses --runs=10
 
 At the reference's shapes (4 source + 4 target images, 512x512 labels, 64x64x256
 features, 19 classes, `coarse` weak labels) times, jitted, on whatever device JAX
@@ -11,23 +11,22 @@ backward (gradient w.r.t. the student features and the target logits). Prints a
 markdown table of medians (and minima: the CPU may be shared) and the speed-up over
 the PyTorch reference measured on the 2-core CPU machine (179 ms forward, 1.33 s
 forward + backward); the last two rows leave out `im_u`, the image-level loss on the
-full-resolution 512x512x19 logits, whose 80 MB pass dominates on a CPU. With `--model`
-(default on) also prints `wsda_jax.benchmarks.model.benchmark_rows()` when that
-module exists. Not a test: numbers depend on the host's free cores.
+full-resolution 512x512x19 logits, whose 80 MB pass dominates on a CPU. The model's
+own cost is `wsda_jax.benchmarks.model`. Not a test: numbers depend on the host's
+free cores.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import importlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from wsda_jax import config_lib, label_ops, losses, prototypes, steps
 from wsda_jax.models import deeplab
@@ -183,34 +182,14 @@ def time_seconds(fn: Callable, x: dict, runs: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
-def model_rows() -> list:
-    """Rows of `wsda_jax.benchmarks.model.benchmark_rows()`, or [] if that module is absent."""
-    try:
-        module = importlib.import_module("wsda_jax.benchmarks.model")
-    except ModuleNotFoundError:
-        return []
-    return list(module.benchmark_rows()) if hasattr(module, "benchmark_rows") else []
+_RUNS = flags.DEFINE_integer("runs", 10, "Timed calls per computation (after one compiling call).")
 
 
-def _print_rows(rows: list) -> None:
-    """Prints rows (dicts with shared keys, or tuples) as a markdown table."""
-    if isinstance(rows[0], dict):
-        keys = list(rows[0])
-        print("| " + " | ".join(keys) + " |")
-        print("|" + " --- |" * len(keys))
-        rows = [[row.get(k) for k in keys] for row in rows]
-    for row in rows:
-        cells = row if isinstance(row, (tuple, list)) else [row]
-        print("| " + " | ".join("" if v is None else str(v) for v in cells) + " |")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--model", action=argparse.BooleanOptionalAction, default=True)
-    args = parser.parse_args()
-    if args.runs < 1:
-        raise ValueError(f"--runs={args.runs} must be positive")
+def main(argv: Sequence[str]) -> None:
+    del argv
+    runs = _RUNS.value
+    if runs < 1:
+        raise app.UsageError(f"--runs={runs} must be positive")
 
     x = make_inputs()
     cases = [
@@ -233,11 +212,13 @@ def main() -> None:
             REFERENCE_BACKWARD_S,
         ),
     ]
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), runs: {args.runs}\n")
+    print(
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), runs: {_RUNS.value}\n"
+    )
     print("| computation | median ms | min ms | PyTorch reference ms | speed-up (median) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, fn, reference in cases:
-        median, fastest = time_seconds(jax.jit(fn), x, args.runs)
+        median, fastest = time_seconds(jax.jit(fn), x, runs)
         ref_ms = f"{reference * 1e3:.0f}" if reference else ""
         speedup = f"{reference / median:.1f}x" if reference else ""
         print(
@@ -245,12 +226,6 @@ def main() -> None:
             flush=True,
         )
 
-    if args.model:
-        rows = model_rows()
-        if rows:
-            print("\nModel (wsda_jax.benchmarks.model):\n")
-            _print_rows(rows)
-
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
