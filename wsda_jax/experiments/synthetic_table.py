@@ -146,11 +146,12 @@ def plot_chart(results: dict[str, list[dict[str, Any]]], path: str) -> None:
     figure, axis = plt.subplots(figsize=(1.3 * len(variants) + 2, 3.5))
     positions = np.arange(len(variants))
     for offset, model in ((-0.2, "student"), (0.2, "teacher")):
+        # Stage-1 runs have no teacher: no bar (NaN) rather than a bar at zero.
         means, stds = [], []
         for variant in variants:
             values = [100 * r[model]["miou"] for r in results[variant] if model in r]
-            means.append(np.mean(values) if values else 0.0)
-            stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
+            means.append(np.mean(values) if values else np.nan)
+            stds.append(np.std(values, ddof=1) if len(values) > 1 else np.nan)
         axis.bar(positions + offset, means, 0.4, yerr=stds, label=model, capsize=3)
     axis.set_xticks(positions, variants, rotation=20)
     axis.set_ylabel("target val mIoU (%)")
