@@ -10,8 +10,9 @@ Command:
   python -m wsda_jax.main --config=configs/synthetic_oracle.py \
       --workdir=workdirs/synthetic_oracle
 
-Expected runtime: not yet measured.
-Expected result (synthetic target val mIoU): not yet measured.
+Expected runtime: 3.0 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
+Expected result (synthetic target val mIoU, %): 47.9 ± 1.4 (student, seeds 0-2).
+Measured with `python -m wsda_jax.experiments.synthetic_table --seeds=3`.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Command:
   python -m wsda_jax.main --config=configs/synthetic_source_only.py \
       --workdir=workdirs/synthetic_source_only
 
-Expected runtime: not yet measured.
-Expected result (synthetic target val mIoU): not yet measured.
+Expected runtime: 1.6 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
+Expected result (synthetic target val mIoU, %): 8.7 ± 1.5 (student, seeds 0-2).
+Measured with `python -m wsda_jax.experiments.synthetic_table --seeds=3`.
 """
 
 from __future__ import annotations
