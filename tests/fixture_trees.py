@@ -226,11 +226,11 @@ def make_cityscapes_tree(
     return FixtureTree(root, labels, images, {"splits": splits})
 
 
-def make_folder_tree(root: str, num_images: int = 2) -> FixtureTree:
+def make_folder_tree(root: str, num_images: int = 2, first: int = 0) -> FixtureTree:
     """A user dataset: `img/NAME_rgb.png` and `gt/NAME_ids.png` with ids = train id + 1
-    (0 = ignore), for an explicit id map {0: 255, k + 1: k}."""
+    (0 = ignore), for an explicit id map {0: 255, k + 1: k}; scenes first, first + 1, ..."""
     labels, images = {}, {}
-    for i in range(num_images):
+    for i in range(first, first + num_images):
         name = f"scene{i}"
         train = scene_label(i)
         ids = np.where(train == 255, 0, train.astype(np.int64) + 1).astype(np.uint8)

@@ -201,6 +201,32 @@ def test_folder_pairs(trees, data_dir):
         _prepare("folder_pairs/mine", data_dir, tree.root, options={"image_glob": "img/*.png"})
 
 
+def test_folder_pairs_val_split(tmp_path):
+    train = fixture_trees.make_folder_tree(str(tmp_path / "raw"), num_images=2)
+    val = fixture_trees.make_folder_tree(str(tmp_path / "raw" / "val"), num_images=1, first=5)
+    options = {
+        "image_glob": "img/*_rgb.png",
+        "label_glob": "gt/*_ids.png",
+        "val_image_glob": "val/img/*_rgb.png",
+        "val_label_glob": "val/gt/*_ids.png",
+        "id_map": train.info["id_map"],
+        "weak_labels": True,
+    }
+    data_dir = tmp_path / "prepared"
+    summary = _prepare("folder_pairs/split", data_dir, train.root, options=options)
+    assert sorted(summary["splits"]) == ["train", "val"]
+    for split, tree in (("train", train), ("val", val)):
+        examples = _read("folder_pairs/split", split, data_dir)
+        assert sorted(examples) == sorted(tree.labels)
+        for name, example in examples.items():
+            np.testing.assert_array_equal(example["label"], tree.labels[name])
+            assert example["coarse_label"].shape == tree.labels[name].shape
+    with pytest.raises(ValueError, match="both val_image_glob and val_label_glob"):
+        _prepare(
+            "folder_pairs/half", data_dir, train.root, options={**options, "val_label_glob": ""}
+        )
+
+
 def test_synthetic_prepared_on_first_use(tmp_path):
     config_data = _config_data(tmp_path)
     source = sources.open_split("synthetic_target", "val", config_data)

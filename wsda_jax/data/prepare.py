@@ -4,7 +4,8 @@ r"""Prepares a dataset to ArrayRecord under --data_dir and prints the summary.
       --manual_dir=/data/cityscapes --data_dir=~/tensorflow_datasets --num_workers=8
 
 Datasets: gta5 (gta5/skip), synthia, cityscapes_weak (cityscapes_weak/synthetic_coarse),
-folder_pairs/NAME (with --image_glob, --label_glob, --id_map), synthetic_source,
+folder_pairs/NAME (with --image_glob, --label_glob, --id_map, optionally --val_image_glob
+and --val_label_glob, --weak_labels), synthetic_source,
 synthetic_target. An interrupted run leaves only an `incomplete.*` folder.
 """
 
@@ -28,6 +29,12 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 4, "Processes that decode and
 _POINTS = flags.DEFINE_integer("points_per_class", 1, "Point labels per present class (targets).")
 _IMAGE_GLOB = flags.DEFINE_string("image_glob", "images/*.png", "folder_pairs: image pattern.")
 _LABEL_GLOB = flags.DEFINE_string("label_glob", "labels/*.png", "folder_pairs: label pattern.")
+_VAL_IMAGE_GLOB = flags.DEFINE_string(
+    "val_image_glob", "", "folder_pairs: image pattern of a 'val' split (needs val_label_glob)."
+)
+_VAL_LABEL_GLOB = flags.DEFINE_string(
+    "val_label_glob", "", "folder_pairs: label pattern of a 'val' split (needs val_image_glob)."
+)
 _ID_MAP = flags.DEFINE_string(
     "id_map",
     "identity",
@@ -50,6 +57,8 @@ def _folder_pairs_options() -> dict:
     return {
         "image_glob": _IMAGE_GLOB.value,
         "label_glob": _LABEL_GLOB.value,
+        "val_image_glob": _VAL_IMAGE_GLOB.value,
+        "val_label_glob": _VAL_LABEL_GLOB.value,
         "id_map": id_map,
         "size_mismatch": _SIZE_MISMATCH.value,
         "weak_labels": _WEAK_LABELS.value,

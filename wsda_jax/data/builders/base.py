@@ -354,6 +354,10 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Targets carry coarse_label, point_label and presence."""
         return self.TARGET
 
+    def splits(self) -> tuple[str, ...]:
+        """The splits this preparation writes."""
+        return self.SPLITS
+
     def _tasks(self, split: str) -> tuple[Callable[[Any], Any], list[Any]]:
         raise NotImplementedError(f"{type(self).__name__} must implement _tasks")
 
@@ -373,8 +377,8 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager  # Raw files come from self.manual_dir; nothing is downloaded.
         self.check_manual_dir()
         # Build every split's task list first, so a layout problem fails before writing.
-        tasks = {split: self._tasks(split) for split in self.SPLITS}
-        return {split: self._generate_examples(split, *tasks[split]) for split in self.SPLITS}
+        tasks = {split: self._tasks(split) for split in self.splits()}
+        return {split: self._generate_examples(split, *tasks[split]) for split in self.splits()}
 
     def _generate_examples(
         self, split: str, fn: Callable[[Any], Any], tasks: list[Any]

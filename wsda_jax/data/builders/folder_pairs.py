@@ -10,13 +10,15 @@ from wsda_jax.data.builders import base
 
 
 class FolderPairs(base.WsdaBuilder, skip_registration=True):
-    """Image/label pairs from two glob patterns (relative to manual_dir); split 'train'.
+    """Image/label pairs from glob patterns (relative to manual_dir); 'train', optional 'val'.
 
     Options: `name` (the config name: prepared data lives in folder_pairs/NAME),
-    `image_glob`, `label_glob` (`**` allowed), `id_map` ('cityscapes', 'synthia',
-    'identity' or a {source id: train id} dict), `size_mismatch` ('error',
-    'resize', 'skip'), `weak_labels` (add coarse/point/presence like a target,
-    coarse synthesised from fine) and `points_per_class`.
+    `image_glob`, `label_glob` (`**` allowed), `val_image_glob`, `val_label_glob`
+    (both or neither: a 'val' split, which a target domain needs for evaluation),
+    `id_map` ('cityscapes', 'synthia', 'identity' or a {source id: train id} dict),
+    `size_mismatch` ('error', 'resize', 'skip'), `weak_labels` (add
+    coarse/point/presence like a target, coarse synthesised from fine) and
+    `points_per_class`.
 
     Files pair up by the part of their file name that the patterns' `*` match:
     'img/*_leftImg8bit.png' and 'gt/*_labelIds.png' pair 'a_leftImg8bit.png'
@@ -31,6 +33,8 @@ class FolderPairs(base.WsdaBuilder, skip_registration=True):
             "name": "default",
             "image_glob": "images/*.png",
             "label_glob": "labels/*.png",
+            "val_image_glob": "",
+            "val_label_glob": "",
             "id_map": "identity",
             "size_mismatch": "error",
             "weak_labels": False,
@@ -45,16 +49,19 @@ class FolderPairs(base.WsdaBuilder, skip_registration=True):
 
     @classmethod
     def expected_layout(cls, options: dict[str, Any]) -> list[str]:
-        return [options["image_glob"], options["label_glob"]]
+        return [pattern for split in _splits(options) for pattern in _globs(options, split)]
 
     def is_target(self) -> bool:
         return bool(self.options["weak_labels"])
 
+    def splits(self) -> tuple[str, ...]:
+        return _splits(self.options)
+
     def _tasks(self, split: str) -> tuple[Any, list[base.PairTask]]:
-        del split
-        expected = self.expected_layout(self.options)
-        images = _by_key(self.manual_dir, self.options["image_glob"])
-        labels = _by_key(self.manual_dir, self.options["label_glob"])
+        image_glob, label_glob = _globs(self.options, split)
+        expected = [image_glob, label_glob]
+        images = _by_key(self.manual_dir, image_glob)
+        labels = _by_key(self.manual_dir, label_glob)
         pairs = base.pair_by_key(self.manual_dir, expected, images, labels, "folder_pairs")
         id_map = self.options["id_map"]
         if isinstance(id_map, dict):
@@ -70,6 +77,23 @@ class FolderPairs(base.WsdaBuilder, skip_registration=True):
             for key, image, label in pairs
         ]
         return base.process_pair, tasks
+
+
+def _splits(options: dict[str, Any]) -> tuple[str, ...]:
+    """('train',) or ('train', 'val'); a val split needs both of its patterns."""
+    given = [bool(options["val_image_glob"]), bool(options["val_label_glob"])]
+    if any(given) and not all(given):
+        raise ValueError(
+            "folder_pairs: give both val_image_glob and val_label_glob, or neither "
+            f"(got {options['val_image_glob']!r} and {options['val_label_glob']!r})"
+        )
+    return ("train", "val") if all(given) else ("train",)
+
+
+def _globs(options: dict[str, Any], split: str) -> tuple[str, str]:
+    """(image pattern, label pattern) of `split`."""
+    prefix = "" if split == "train" else f"{split}_"
+    return options[f"{prefix}image_glob"], options[f"{prefix}label_glob"]
 
 
 def _by_key(manual_dir: str, pattern: str) -> dict[str, str]:
