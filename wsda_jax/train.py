@@ -220,7 +220,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with checkpointing.PreemptionWatcher() as watcher:
         while step < config.num_steps:
             batch = parallel.put_batch(next(train_iter), mesh)
-            state, step_metrics = train_step(state, batch)
+            # The step never touches the host; an implicit transfer (a stray NumPy
+            # input, a resharding copy) raises here instead of slowing every step.
+            with jax.transfer_guard("disallow"):
+                state, step_metrics = train_step(state, batch)
             step += 1
             reporter.update(step, step_metrics)
             last = step == config.num_steps
