@@ -108,8 +108,13 @@ def _assert_one_line_error(result, expected):
         (["--config=configs/missing.py"], "No such file or directory: 'configs/missing.py'"),
         ([TINY, "--config.num_step=3"], 'Did you mean "num_steps"'),
         (["--config=configs/gta2cs_coarse.py"], "Prepare it with: python -m wsda_jax.data.prepare"),
+        ([TINY, "--process_id=1"], "need --coordinator_address, --num_processes as well"),
+        (
+            [TINY, "--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+            "--process_id=2 must be in [0, 2)",
+        ),
     ],
-    ids=["missing_config", "unknown_key", "dataset_not_prepared"],
+    ids=["missing_config", "unknown_key", "dataset_not_prepared", "half_process_flags", "bad_id"],
 )
 def test_bad_input_is_one_line(args, expected, tmp_path):
     if args[0].startswith("--config=configs/gta"):

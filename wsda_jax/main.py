@@ -7,18 +7,20 @@ Several processes (multi-host GPU or TPU): `jax.distributed.initialize()` is cal
 the environment says this is one of several processes: JAX_COORDINATOR_ADDRESS set, a
 SLURM job with more than one task (SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_SIZE), a
 multi-host Cloud TPU (TPU_WORKER_HOSTNAMES with a comma), or WSDA_DISTRIBUTED=1 (the
-launch scripts set it). Bad input (config file, override key, workdir, dataset not
-prepared, init_from mismatch) exits with one line on stderr and status 1.
+launch scripts set it); elsewhere give `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` to every process. Bad input (config file, override
+key, workdir, dataset not prepared, init_from mismatch, process flags) exits with one
+line on stderr and status 1.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging as std_logging
 import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import traceback
 
 import ml_collections
@@ -38,13 +40,38 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evalua
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
 flags.DEFINE_string("input_dir", None, "predict: folder of .png/.jpg images.")
 flags.DEFINE_string("output_dir", None, "predict: folder for colourised predictions.")
+flags.DEFINE_string(
+    "coordinator_address", None, "Several processes by hand: host:port of process 0."
+)
+flags.DEFINE_integer("num_processes", None, "Several processes by hand: how many.")
+flags.DEFINE_integer("process_id", None, "Several processes by hand: this one's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _distributed_arguments() -> dict:
+    """The explicit jax.distributed.initialize arguments; all or none must be given."""
+    given = {
+        "coordinator_address": FLAGS.coordinator_address,
+        "num_processes": FLAGS.num_processes,
+        "process_id": FLAGS.process_id,
+    }
+    if any(value is not None for value in given.values()):
+        missing = [f"--{name}" for name, value in given.items() if value is None]
+        if missing:
+            raise ValueError(f"several processes by hand need {', '.join(missing)} as well")
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise ValueError(
+                f"--process_id={FLAGS.process_id} must be in [0, {FLAGS.num_processes})"
+            )
+        return given
+    return {}
 
 
 def _is_multiprocess() -> bool:
     env = os.environ
     return bool(
-        env.get("WSDA_DISTRIBUTED") == "1"
+        _distributed_arguments()
+        or env.get("WSDA_DISTRIBUTED") == "1"
         or env.get("JAX_COORDINATOR_ADDRESS")
         or int(env.get("SLURM_NTASKS", "1")) > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
@@ -67,10 +94,9 @@ def _load_config() -> ml_collections.ConfigDict:
 def _check_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w"):
+        # A unique name: several processes may share the workdir.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
             pass
-        os.remove(probe)
     except OSError as error:
         raise ValueError(f"--workdir={workdir} cannot be written: {error.strerror}") from error
 
@@ -88,16 +114,16 @@ def _run(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
     config = _load_config()
-    if importlib.util.find_spec("wsda_jax.cpu_flags") is not None:
-        from wsda_jax import cpu_flags  # Must run before JAX initialises its backends.
+    _distributed_arguments()  # Bad process flags fail before any work.
+    from wsda_jax import cpu_flags  # Must run before JAX initialises its backends.
 
-        cpu_flags.apply_cpu_defaults()
+    cpu_flags.apply_cpu_defaults()
     import jax
 
     from wsda_jax import train
 
     if _is_multiprocess():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_distributed_arguments())
     logging.info(
         "Process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
