@@ -53,7 +53,9 @@ class Datasets:
 _PREPARATION_TIMEOUT_MS = 60 * 60 * 1000
 
 
-def _procedural_first_on_process_zero(config: ml_collections.ConfigDict, datasets) -> None:
+def _procedural_first_on_process_zero(
+    config: ml_collections.ConfigDict, datasets: Sequence[str]
+) -> None:
     """With several processes, process 0 generates the embedded datasets while the others
     wait; they then reuse its files (a shared data_dir) or generate their own copy (a
     local one), and all start training together."""
