@@ -271,6 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     reporter.close()
     manager.wait_until_finished()
     manager.close()
+    train_iter.close()  # Stops the data workers and frees their shared memory.
     return report
 
 
