@@ -67,10 +67,10 @@ def _distributed_arguments() -> dict:
     return {}
 
 
-def _is_multiprocess() -> bool:
+def _is_multiprocess(distributed_arguments: dict) -> bool:
     env = os.environ
     return bool(
-        _distributed_arguments()
+        distributed_arguments
         or env.get("WSDA_DISTRIBUTED") == "1"
         or env.get("JAX_COORDINATOR_ADDRESS")
         or int(env.get("SLURM_NTASKS", "1")) > 1
@@ -114,7 +114,7 @@ def _run(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
     config = _load_config()
-    _distributed_arguments()  # Bad process flags fail before any work.
+    distributed_arguments = _distributed_arguments()  # Bad flags fail before any work.
     from wsda_jax import cpu_flags  # Must run before JAX initialises its backends.
 
     cpu_flags.apply_cpu_defaults()
@@ -122,8 +122,8 @@ def _run(argv: list[str]) -> None:
 
     from wsda_jax import train
 
-    if _is_multiprocess():
-        jax.distributed.initialize(**_distributed_arguments())
+    if _is_multiprocess(distributed_arguments):
+        jax.distributed.initialize(**distributed_arguments)
     logging.info(
         "Process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )

@@ -212,9 +212,7 @@ def main(argv: Sequence[str]) -> None:
             REFERENCE_BACKWARD_S,
         ),
     ]
-    print(
-        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), runs: {_RUNS.value}\n"
-    )
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), runs: {runs}\n")
     print("| computation | median ms | min ms | PyTorch reference ms | speed-up (median) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, fn, reference in cases:
