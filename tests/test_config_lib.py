@@ -31,6 +31,7 @@ def test_reference_defaults_validate():
         ({"data__crop_size": (8, 8)}, 1, "config.data.crop_size=(8, 8)"),
         ({"data__crop_size": (100, 64)}, 1, "multiples of the output stride 8"),
         ({"compute_dtype": "float16"}, 1, "config.compute_dtype='float16'"),
+        ({"model__remat": "all"}, 1, "config.model.remat='all': expected one of"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

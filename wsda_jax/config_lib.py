@@ -13,6 +13,7 @@ import ml_collections
 WEAK_LABEL_KINDS = ("none", "image", "point", "coarse")
 STAGES = ("source_only", "adapt", "oracle")
 DEPTHS = (18, 34, 50, 101)
+REMAT_MODES = ("none", "blocks", "conv_outputs")  # As models.resnet.REMAT_MODES.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.proj_dim = 256
     c.model.aspp_dilations = (12, 24, 36, 48)
     c.model.stage_sizes = ()  # Blocks per stage; () = the depth's standard (3, 4, 23, 3) etc.
+    # Backbone rematerialisation: 'none', 'blocks' (recompute each residual block in the
+    # backward pass) or 'conv_outputs' (keep conv outputs, recompute BatchNorm and ReLU).
+    # Peak memory and speed of each: README "Accelerator readiness".
+    c.model.remat = "none"
 
     c.init = ml_collections.ConfigDict()
     c.init.imagenet = ""  # Converted torchvision ResNet (.pth or .npz), stage 1.
@@ -136,6 +141,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
     if config.model.depth not in DEPTHS:
         raise ValueError(f"config.model.depth={config.model.depth}: expected one of {DEPTHS}")
+    if config.model.remat not in REMAT_MODES:
+        raise ValueError(
+            f"config.model.remat={config.model.remat!r}: expected one of {REMAT_MODES}"
+        )
     if config.batch_size % num_devices:
         raise ValueError(
             f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices"

@@ -1,15 +1,29 @@
-"""Times the full adaptation train step (jit(shard_map(steps.adapt_step))) on the devices.
+"""Times, or only compiles, the full adaptation train step (jit(shard_map(steps.adapt_step))).
 
-    python -m wsda_jax.benchmarks.train_step --depth=101 --crop=256 --batch=1 --dtype=float32
+    python -m wsda_jax.benchmarks.train_step --depth=101 --crop=256 --images_per_device=1
+    python -m wsda_jax.benchmarks.train_step --depth=101 --crop=512 --images_per_device=4 \
+        --dtype=bfloat16 --remat=blocks --compile_only
+    python -m wsda_jax.benchmarks.train_step --crop=512 --images_per_device=1 \
+        --simulated_devices=4 --compile_only
 
-What is timed: one call of the compiled step on a random batch of `--batch` source plus
-`--batch` target images (global, split over all devices), including the teacher EMA,
-four network passes (teacher, student on target, source and the ClassMix batch), three
-backward passes, prototypes, the three sampled contrastive losses and the SGD update.
-Reported: trace+lower time, XLA compile time, the median of `--steps` calls after one
-warm-up call, images/s (source + target images per second), and the FLOP rate from
-XLA's cost analysis of the compiled program (per device program, times the devices).
-Prints a markdown table row.
+What is timed: one call of the compiled step on a random batch of `--images_per_device`
+source plus as many target images on every device, including the teacher EMA, four
+network passes (teacher, student on target, source and the ClassMix batch), three
+backward passes, prototypes, the three sampled contrastive losses and the SGD update
+(`--before_contrast_start`: the step before `loss.contrast_start`, without the
+contrastive and image-level losses). Reported: trace+lower time, XLA compile time, the
+median of `--steps` calls after one warm-up call, images/s (source + target images per
+second), and the FLOP rate from XLA's cost analysis of the compiled program (per device
+program, times the devices). Prints a markdown table row.
+
+`--compile_only` lowers the step on abstract inputs (no weights are made, nothing runs)
+and prints XLA's `memory_analysis()` of one device's program: argument, output, aliased
+(the donated state) and temporary bytes, their sum `peak_memory_gb` = arguments +
+outputs - aliased + temporaries on its own line (everything live at once: an upper bound
+of what the device must hold), XLA's own heap-simulated peak, and the FLOPs of
+`cost_analysis()`. The analysis is of the program XLA compiled for THIS backend: the
+CPU's buffer assignment and fusion differ from a GPU's or a TPU's, so on the CPU it
+estimates the accelerator's number (see README "Accelerator readiness").
 """
 
 from __future__ import annotations
@@ -33,29 +47,57 @@ from wsda_jax.models import deeplab  # noqa: E402
 _DEPTH = flags.DEFINE_integer("depth", 101, "ResNet depth (18, 34, 50, 101).")
 _WIDTH = flags.DEFINE_integer("width", 64, "Stem width.")
 _CROP = flags.DEFINE_integer("crop", 256, "Square crop size in pixels.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Global images per domain per step.")
+_IMAGES = flags.DEFINE_integer(
+    "images_per_device", 1, "Source images per device per step (and as many target images)."
+)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _WEAK = flags.DEFINE_enum("weak_label", "coarse", ["none", "image", "point", "coarse"], "Kind.")
+_REMAT = flags.DEFINE_enum("remat", "none", list(config_lib.REMAT_MODES), "config.model.remat.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up step.")
+_BEFORE_CONTRAST = flags.DEFINE_bool(
+    "before_contrast_start", False, "Time the step before loss.contrast_start."
+)
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Only compile; print the memory and cost analyses."
+)
+_SIMULATED_DEVICES = flags.DEFINE_integer(
+    "simulated_devices", 0, "Run on this many simulated CPU devices (0 = the real devices)."
+)
 
 
-def make_config(depth: int, width: int, crop: int, batch: int, dtype: str, weak_label: str):
-    """The base configuration at the benchmark's size (all loss terms active)."""
+def make_config(
+    depth: int,
+    width: int,
+    crop: int,
+    images_per_device: int,
+    dtype: str,
+    weak_label: str,
+    remat: str = "none",
+    num_devices: int = 1,
+):
+    """The base configuration at the benchmark's size (all loss terms active from step 0)."""
     config = config_lib.base_config()
     config.model.depth = depth
     config.model.width = width
+    config.model.remat = remat
     config.data.crop_size = (crop, crop)
-    config.batch_size = batch
+    config.batch_size = images_per_device * num_devices  # Global, per domain.
     config.compute_dtype = dtype
     config.weak_label = weak_label
     config.loss.contrast_start = 0
     return config
 
 
+def global_batch_size(config) -> int:
+    """Images per domain in one step, over all devices."""
+    return config.batch_size
+
+
 def random_batch(config, seed: int = 0) -> dict:
-    """A numpy train batch of the configured shape with random images and labels."""
+    """A numpy train batch of the configured (global) shape with random images and labels."""
     rng = np.random.default_rng(seed)
-    batch, (height, width), classes = config.batch_size, config.data.crop_size, config.num_classes
+    batch, (height, width) = global_batch_size(config), config.data.crop_size
+    classes = config.num_classes
     shape = (batch, height, width)
 
     def labels():
@@ -130,22 +172,94 @@ def flops_of(compiled) -> float | None:
     return float(analysis["flops"])
 
 
-def run(config, num_steps: int) -> dict:
-    """Compiles and times the adapt step; returns the measurements."""
-    mesh = parallel.make_mesh()
+def _abstract(tree, sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
+    """ShapeDtypeStructs of `random_batch(config)`, sharded P('data') on `mesh`."""
+    return _abstract(
+        random_batch(config), jax.sharding.NamedSharding(mesh, parallel.P(parallel.AXIS))
+    )
+
+
+def abstract_state(config, model, optimizer, mesh: jax.sharding.Mesh) -> train_state.TrainState:
+    """ShapeDtypeStructs of the train state, replicated on `mesh`."""
+    size = config.data.crop_size[0]
+    abstract = train_state.abstract_train_state(config, model, (1, size, size, 3), optimizer)
+    return _abstract(abstract, jax.sharding.NamedSharding(mesh, parallel.P()))
+
+
+def make_step(config, mesh: jax.sharding.Mesh):
+    """(model, optimizer, jitted sharded adapt step) for `config` on `mesh`."""
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     optimizer = optim.make_optimizer(config)
-    state = parallel.replicate(random_state(config, model, optimizer), mesh)
-    batch = parallel.put_batch(random_batch(config), mesh)
     step = parallel.shard_train_step(
         steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config
     )
+    return model, optimizer, step
+
+
+def compile_step(step, state, batch) -> tuple[object, float, float]:
+    """(compiled step, trace+lower seconds, compile seconds); state/batch may be abstract."""
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
+    return compiled, lower_s, time.perf_counter() - start
+
+
+GB = 1e9
+
+
+def memory_of(compiled) -> dict[str, float] | None:
+    """XLA's memory analysis of one device's program in GB, None where the backend has none.
+
+    peak_memory_gb = arguments + outputs - aliased (donated state) + temporaries;
+    xla_peak_memory_gb is XLA's heap-simulated peak (0 where not computed).
+    """
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # Not every backend implements it.
+        return None
+    if stats is None:
+        return None
+    argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+    return {
+        "argument_gb": argument / GB,
+        "output_gb": output / GB,
+        "alias_gb": alias / GB,
+        "temp_gb": temp / GB,
+        "peak_memory_gb": (argument + output - alias + temp) / GB,
+        "xla_peak_memory_gb": getattr(stats, "peak_memory_in_bytes", 0) / GB,
+    }
+
+
+def compile_only(config) -> dict:
+    """Compiles the adapt step on abstract inputs; returns timings, memory and FLOPs."""
+    mesh = parallel.make_mesh()
+    model, optimizer, step = make_step(config, mesh)
+    state = abstract_state(config, model, optimizer, mesh)
+    compiled, lower_s, compile_s = compile_step(step, state, abstract_batch(config, mesh))
+    flops = flops_of(compiled)
+    return {
+        "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "memory": memory_of(compiled),
+        "gflop_per_device_step": None if flops is None else flops / 1e9,
+    }
+
+
+def run(config, num_steps: int) -> dict:
+    """Compiles and times the adapt step; returns the measurements."""
+    mesh = parallel.make_mesh()
+    model, optimizer, step = make_step(config, mesh)
+    state = parallel.replicate(random_state(config, model, optimizer), mesh)
+    batch = parallel.put_batch(random_batch(config), mesh)
+    compiled, lower_s, compile_s = compile_step(step, state, batch)
     state, metrics = compiled(state, batch)  # Warm-up.
     jax.block_until_ready(metrics)
     times = []
@@ -163,30 +277,62 @@ def run(config, num_steps: int) -> dict:
         "lower_s": lower_s,
         "compile_s": compile_s,
         "step_s": step_s,
-        "images_per_s": 2 * config.batch_size / step_s,
+        "images_per_s": 2 * global_batch_size(config) / step_s,
         "gflop_per_step": None if flops is None else flops / 1e9,
         "gflop_per_s": None if flops is None else flops / 1e9 / step_s,
+        "memory": memory_of(compiled),
         "total_loss": float(metrics["total"]),
     }
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    if _SIMULATED_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _SIMULATED_DEVICES.value)
+        jax.config.update("jax_platforms", "cpu")
     config = make_config(
-        _DEPTH.value, _WIDTH.value, _CROP.value, _BATCH.value, _DTYPE.value, _WEAK.value
+        _DEPTH.value,
+        _WIDTH.value,
+        _CROP.value,
+        _IMAGES.value,
+        _DTYPE.value,
+        _WEAK.value,
+        remat=_REMAT.value,
+        num_devices=jax.device_count(),
     )
-    result = run(config, _STEPS.value)
+    if _BEFORE_CONTRAST.value:
+        config.loss.contrast_start = 10**9  # Every benchmarked step is before it.
+    config_lib.validate(config, jax.device_count())
     fmt = lambda x: "n/a" if x is None else f"{x:.1f}"
-    print(
-        "| device | model | crop | images (src+tgt) | dtype | lower s | compile s | step s "
-        "| images/s | GFLOP/step | GFLOP/s |"
+    images = f"{_IMAGES.value}+{_IMAGES.value}"
+    setting = (
+        f"device={jax.device_count()}x{jax.devices()[0].device_kind} model=ResNet-{_DEPTH.value} "
+        f"width={_WIDTH.value} crop={_CROP.value} images_per_device={images} "
+        f"dtype={_DTYPE.value} remat={_REMAT.value} "
+        f"before_contrast_start={_BEFORE_CONTRAST.value}"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if _COMPILE_ONLY.value:
+        result = compile_only(config)
+        print(setting)
+        print(f"lower_s={result['lower_s']:.1f}")
+        print(f"compile_s={result['compile_s']:.1f}")
+        for name, value in (result["memory"] or {}).items():
+            print(f"{name}={value:.2f}")
+        print(f"gflop_per_device_step={fmt(result['gflop_per_device_step'])}")
+        return
+    result = run(config, _STEPS.value)
+    peak = None if result["memory"] is None else result["memory"]["peak_memory_gb"]
+    print(setting)
+    print(
+        "| device | model | crop | images/device (src+tgt) | dtype | remat | lower s | compile s "
+        "| step s | images/s | GFLOP/step | GFLOP/s | peak GB (XLA) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| {result['device']} | ResNet-{_DEPTH.value} w{_WIDTH.value} | {_CROP.value} "
-        f"| {_BATCH.value}+{_BATCH.value} | {_DTYPE.value} | {result['lower_s']:.1f} "
+        f"| {images} | {_DTYPE.value} | {_REMAT.value} | {result['lower_s']:.1f} "
         f"| {result['compile_s']:.1f} | {result['step_s']:.2f} | {result['images_per_s']:.2f} "
-        f"| {fmt(result['gflop_per_step'])} | {fmt(result['gflop_per_s'])} |"
+        f"| {fmt(result['gflop_per_step'])} | {fmt(result['gflop_per_s'])} | {fmt(peak)} |"
     )
 
 

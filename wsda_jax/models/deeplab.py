@@ -86,6 +86,7 @@ class DeepLabV2(nn.Module):
     stage_sizes: Sequence[int] = ()
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    remat: str = "none"  # Backbone rematerialisation, see resnet.py.
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> SegmentationOutput:
@@ -102,6 +103,7 @@ class DeepLabV2(nn.Module):
             stage_sizes=tuple(self.stage_sizes),
             bn_axis_name=self.bn_axis_name,
             dtype=self.dtype,
+            remat=self.remat,
             name="backbone",
         )(images, train=train)
         lowres_logits, features = Head(
@@ -119,7 +121,8 @@ class DeepLabV2(nn.Module):
 
 
 def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> DeepLabV2:
-    """DeepLabV2 from `config.model.*`, `config.num_classes` and `config.compute_dtype`."""
+    """DeepLabV2 from `config.model.*` (remat included), `config.num_classes` and
+    `config.compute_dtype`."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if config.compute_dtype not in dtypes:
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
@@ -132,4 +135,5 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
         stage_sizes=tuple(config.model.stage_sizes),
         bn_axis_name=bn_axis_name,
         dtype=dtypes[config.compute_dtype],
+        remat=config.model.remat,
     )

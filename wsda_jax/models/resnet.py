@@ -13,6 +13,12 @@ keep stride 1 and every 3x3 conv in them is dilated by 2 and 4 respectively
 
 For XLA:CPU speed, 1x1 convs are matrix products (`Conv1x1`), with nn.Conv's
 parameter shapes and the same maths.
+
+Rematerialisation (`remat`, from `config.model.remat`) trades compute for activation
+memory in the backward pass: 'blocks' wraps each residual block in `nn.remat` (only the
+block inputs are kept, everything inside is recomputed); 'conv_outputs' also wraps each
+block but keeps the outputs of its convolutions (tagged `CONV_OUTPUT` with
+`checkpoint_name`), so only the cheap BatchNorm and ReLU are recomputed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 BOTTLENECK_DEPTHS = (50, 101)
@@ -33,6 +40,10 @@ STAGE_DILATIONS = (1, 1, 2, 4)
 
 # torchvision initialises convs with kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+REMAT_MODES = ("none", "blocks", "conv_outputs")
+# The name of every backbone convolution output, saved by the 'conv_outputs' policy.
+CONV_OUTPUT = "conv_output"
 
 
 def stage_sizes_for(depth: int, stage_sizes: Sequence[int] = ()) -> tuple[int, ...]:
@@ -65,12 +76,16 @@ class Conv1x1(nn.Module):
         if self.strides > 1:
             x = x[:, :: self.strides, :: self.strides, :]
         x = x.astype(self.dtype)
-        return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0].astype(self.dtype))
+        y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0].astype(self.dtype))
+        return checkpoint_name(y, CONV_OUTPUT)
 
 
-def conv3x3(features: int, strides: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
-    """3x3 conv without bias, torch padding (= dilation on each side)."""
-    return nn.Conv(
+def conv3x3(
+    x: jax.Array, features: int, strides: int, dilation: int, dtype: Any, name: str
+) -> jax.Array:
+    """3x3 conv of `x` without bias, torch padding (= dilation on each side); the output
+    is tagged `CONV_OUTPUT`. Called inside a block's compact `__call__`."""
+    conv = nn.Conv(
         features,
         (3, 3),
         strides=strides,
@@ -82,6 +97,19 @@ def conv3x3(features: int, strides: int, dilation: int, dtype: Any, name: str) -
         kernel_init=conv_init,
         name=name,
     )
+    return checkpoint_name(conv(x), CONV_OUTPUT)
+
+
+def block_class(block_cls: type[nn.Module], remat: str) -> type[nn.Module]:
+    """`block_cls`, wrapped in `nn.remat` with the policy of `remat` (see module doc)."""
+    if remat == "none":
+        return block_cls
+    if remat == "blocks":
+        return nn.remat(block_cls)
+    if remat == "conv_outputs":
+        policy = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+        return nn.remat(block_cls, policy=policy)
+    raise ValueError(f"remat={remat!r}: expected one of {REMAT_MODES}")
 
 
 class BasicBlock(nn.Module):
@@ -96,9 +124,9 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = conv3x3(self.features, self.strides, self.dilation, self.dtype, "conv1")(x)
+        out = conv3x3(x, self.features, self.strides, self.dilation, self.dtype, "conv1")
         out = nn.relu(self.norm(name="bn1")(out))
-        out = conv3x3(self.features, 1, self.dilation, self.dtype, "conv2")(out)
+        out = conv3x3(out, self.features, 1, self.dilation, self.dtype, "conv2")
         out = self.norm(name="bn2")(out)
         return nn.relu(out + shortcut(x, self.features, self.strides, self.norm, self.dtype))
 
@@ -117,7 +145,7 @@ class Bottleneck(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         out = Conv1x1(self.features, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(self.norm(name="bn1")(out))
-        out = conv3x3(self.features, self.strides, self.dilation, self.dtype, "conv2")(out)
+        out = conv3x3(out, self.features, self.strides, self.dilation, self.dtype, "conv2")
         out = nn.relu(self.norm(name="bn2")(out))
         out = Conv1x1(self.features * 4, dtype=self.dtype, name="conv3")(out)
         out = self.norm(name="bn3")(out)
@@ -145,6 +173,7 @@ class ResNet(nn.Module):
       bn_axis_name: mesh axis over which BatchNorm statistics are averaged
         (under shard_map), None on one device.
       dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+      remat: 'none', 'blocks' or 'conv_outputs' (see the module docstring).
     """
 
     depth: int = 101
@@ -152,6 +181,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = ()
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -162,6 +192,7 @@ class ResNet(nn.Module):
         """
         sizes = stage_sizes_for(self.depth, self.stage_sizes)
         block_cls = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+        block_cls = block_class(block_cls, self.remat)
         # torch defaults: eps 1e-5, momentum 0.1 (== flax momentum 0.9).
         norm = functools.partial(
             nn.BatchNorm,
