@@ -27,6 +27,7 @@ from wsda_jax.models import deeplab
 from wsda_jax.train_state import TrainState
 
 IGNORE_LABEL = 255
+CONTRAST_TERMS = ("inter", "intra_src", "intra_tgt")
 Batch = dict[str, Any]
 
 
@@ -344,6 +345,7 @@ def adapt_step(
     optimizer: optax.GradientTransformation,
     config: ml_collections.ConfigDict,
     axis_name: str = "data",
+    contrast_on: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One adaptation step (METHOD.md section 4), per device.
 
@@ -358,6 +360,11 @@ def adapt_step(
       optimizer: `optim.make_optimizer(config)`.
       config: run configuration.
       axis_name: the data-parallel mesh axis.
+      contrast_on: static. False before `config.loss.contrast_start`: the contrastive and
+        image-level losses are then not computed at all (their metrics read 0), instead
+        of being computed and multiplied by 0. The caller picks it from the host's step
+        count (`train.make_train_step`); True keeps the in-step factor c = [step >=
+        contrast_start], so it is never wrong, only slower, before contrast_start.
     Returns:
       (new state, metrics): float32 scalars identical on every device: every weighted loss
       term (pmean over devices), total, learning_rate (backbone), the confident fraction
@@ -387,6 +394,7 @@ def adapt_step(
     # (10, inputs) ClassMix and strong augmentation do not depend on the parameters.
     mixed = mixed_batch(keys["mix"], source_image, source_label, target_image, teacher, config)
     ramp = (state.step >= w.contrast_start).astype(jnp.float32)  # c = i in section 4.11.
+    zero = jnp.zeros((), jnp.float32)
 
     def loss_fn(params):
         terms, counts = {}, {}
@@ -395,7 +403,11 @@ def adapt_step(
         if weak_kind in ("point", "coarse"):
             terms["seg_u"] = w.seg_u * losses.cross_entropy(out_u.logits, weak_label)
         if weak_kind != "none":  # Plain UDA has no presence vector to learn from.
-            terms["im_u"] = ramp * w.im_u * losses.image_level_loss(out_u.logits, presence)
+            terms["im_u"] = (
+                ramp * w.im_u * losses.image_level_loss(out_u.logits, presence)
+                if contrast_on
+                else zero
+            )
         # (3) Student on source.
         out_s, batch_stats = _forward(model, params, batch_stats, source_image)
         terms["seg_s"] = w.seg_s * losses.cross_entropy(out_s.logits, source_label)
@@ -409,13 +421,15 @@ def adapt_step(
             state.source_prototypes, out_s.features, source_low, source_low, axis_name=axis_name
         )
         # (8) Image-level loss of the prototype logits (weak labels only).
-        if weak_kind != "none":
+        if weak_kind != "none" and contrast_on:
             proto_logits = jnp.einsum(
                 "bhwd,cd->bhwc", out_u.features, jax.lax.stop_gradient(target_protos)
             )
             terms["im_proto"] = ramp * w.im_proto * losses.image_level_loss(proto_logits, presence)
+        elif weak_kind != "none":
+            terms["im_proto"] = zero
         # (9) Contrastive losses.
-        if w.use_contrast:
+        if w.use_contrast and contrast_on:
             contrast, counts = contrastive_losses(
                 keys,
                 out_s,
@@ -428,6 +442,9 @@ def adapt_step(
                 config,
             )
             terms.update({name: ramp * w[name] * loss for name, loss in contrast.items()})
+        elif w.use_contrast:
+            terms.update({name: zero for name in CONTRAST_TERMS})
+            counts = {name: jnp.zeros((), jnp.int32) for name in CONTRAST_TERMS}
         # (10) Student on the mixed batch.
         out_m, batch_stats = _forward(model, params, batch_stats, mixed.image)
         terms["seg_mix"] = w.seg_mix * losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)

@@ -160,10 +160,23 @@ def initial_state(
 
 def make_train_step(
     config: ml_collections.ConfigDict, model: Any, optimizer: Any, mesh: jax.sharding.Mesh
-) -> Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]:
-    """The jitted, sharded step of the configured stage."""
-    step_fn = steps.adapt_step if config.stage == "adapt" else steps.source_only_step
-    return parallel.shard_train_step(step_fn, mesh, model=model, optimizer=optimizer, config=config)
+) -> Callable[[Any, Any, int], tuple[Any, dict[str, jax.Array]]]:
+    """The jitted, sharded step of the configured stage: fn(state, batch, step), where
+    `step` is the host's count of steps done (= state.step).
+
+    Adaptation has two programs: before `config.loss.contrast_start` without the
+    contrastive and image-level losses (not computed, rather than multiplied by 0), and
+    from it with them; `step` picks one on the host. Each compiles on first use.
+    """
+    kwargs = dict(model=model, optimizer=optimizer, config=config)
+    if config.stage != "adapt":
+        source_only = parallel.shard_train_step(steps.source_only_step, mesh, **kwargs)
+        return lambda state, batch, step: source_only(state, batch)
+    programs = {
+        on: parallel.shard_train_step(steps.adapt_step, mesh, contrast_on=on, **kwargs)
+        for on in (False, True)
+    }
+    return lambda state, batch, step: programs[step >= config.loss.contrast_start](state, batch)
 
 
 def evaluate_and_report(
@@ -181,17 +194,17 @@ def evaluate_and_report(
     models = {"student": state.student_variables()}
     if config.stage == "adapt":
         models["teacher"] = state.teacher_variables()
-    results, examples = {}, []
+    iterator = pipeline.make_eval_iterator(config, val_records, **_process_kwargs())
+    confusions, examples = evaluation.evaluate(
+        config, models, iterator, model=model, mesh=mesh, eval_fn=eval_fn
+    )
+    results = {}
     for name, variables in models.items():
-        iterator = pipeline.make_eval_iterator(config, val_records, **_process_kwargs())
-        confusion, examples = evaluation.evaluate(
-            config, variables, iterator, model=model, mesh=mesh, eval_fn=eval_fn
-        )
         predictions = None
         if examples:
             images = np.stack([example["image"] for example in examples])
             predictions = evaluation.predict_labels(config, variables, images, model=model)
-        results[name] = (confusion, predictions)
+        results[name] = (confusions[name], predictions)
     report = evaluation.write_report(config, workdir, step, results, examples)
     shown = ", ".join(f"{name} mIoU {report[name]['miou']}" for name in results)
     logging.info("Evaluation at step %d: %s.", step, shown)
@@ -250,7 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # The step never touches the host; an implicit transfer (a stray NumPy
             # input, a resharding copy) raises here instead of slowing every step.
             with jax.transfer_guard("disallow"):
-                state, step_metrics = train_step(state, batch)
+                state, step_metrics = train_step(state, batch, step)
             step += 1
             reporter.update(step, step_metrics)
             last = step == config.num_steps

@@ -191,11 +191,17 @@ def abstract_state(config, model, optimizer, mesh: jax.sharding.Mesh) -> train_s
 
 
 def make_step(config, mesh: jax.sharding.Mesh):
-    """(model, optimizer, jitted sharded adapt step) for `config` on `mesh`."""
+    """(model, optimizer, jitted sharded adapt step) for `config` on `mesh`; the step of
+    step 0 (without the contrastive and image-level losses if 0 < loss.contrast_start)."""
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     optimizer = optim.make_optimizer(config)
     step = parallel.shard_train_step(
-        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config
+        steps.adapt_step,
+        mesh,
+        model=model,
+        optimizer=optimizer,
+        config=config,
+        contrast_on=config.loss.contrast_start == 0,
     )
     return model, optimizer, step
 

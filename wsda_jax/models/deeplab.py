@@ -47,10 +47,12 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = 0.0
+        logits = jnp.zeros((), jnp.float32)
         for i, d in enumerate(self.aspp_dilations):
-            # The reference initialises these with normal(0, 0.01) and bias 0.
-            logits = logits + nn.Conv(
+            # The reference initialises these with normal(0, 0.01) and bias 0. The branches
+            # are summed in float32: in bfloat16 (8 significant bits) the sum of four
+            # branches would round away what the smaller ones add.
+            branch = nn.Conv(
                 self.num_classes,
                 (3, 3),
                 padding=((d, d), (d, d)),
@@ -62,6 +64,7 @@ class Head(nn.Module):
                 bias_init=nn.initializers.zeros,
                 name=f"classifier_{i}",
             )(x)
+            logits = logits + branch.astype(jnp.float32)
         features = nn.Dense(
             self.proj_dim, dtype=self.dtype, param_dtype=jnp.float32, name="projection"
         )(x)
@@ -69,7 +72,7 @@ class Head(nn.Module):
         # F.normalize(dim=1): x / max(||x||, 1e-12).
         norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
         features = features / jnp.maximum(norm, 1e-12)
-        return logits.astype(jnp.float32), features
+        return logits, features
 
 
 class DeepLabV2(nn.Module):
