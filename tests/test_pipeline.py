@@ -73,11 +73,11 @@ def test_train_batch_shapes_and_dtypes():
     assert set(batch["target"]) == {"image", "weak_label", "presence", "label"}
     assert batch["source"]["image"].dtype == np.uint8
     assert batch["source"]["image"].shape == (2, 24, 40, 3)
-    assert batch["source"]["label"].dtype == np.int32
+    assert batch["source"]["label"].dtype == np.uint8  # uint8 to the device; the steps cast
     assert batch["source"]["label"].shape == (2, 24, 40)
     assert batch["target"]["image"].shape == (2, 24, 40, 3)
     for key in ("weak_label", "label"):
-        assert batch["target"][key].dtype == np.int32
+        assert batch["target"][key].dtype == np.uint8
         assert batch["target"][key].shape == (2, 24, 40)
     assert batch["target"]["presence"].dtype == np.float32
     assert batch["target"]["presence"].shape == (2, C)

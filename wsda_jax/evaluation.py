@@ -1,6 +1,7 @@
 """Evaluation on the target val split: confusion, IoU/mIoU, JSON, panels, confusion plot.
 
-`evaluate` streams the padded eval batches through the jitted, psum-ed `steps.eval_step`
+`evaluate` streams the padded eval batches (decoded once for the student and the teacher)
+through the jitted, psum-ed `steps.eval_step`
 (single- or multi-scale, optional flip: `config.eval.scales` / `config.eval.flip`) and
 sums the per-batch confusion matrices on the host in int64 once the pass is dispatched,
 so the loop never waits on the device. `write_report` stores per-class IoU and mIoU
@@ -58,31 +59,38 @@ def class_subsets(config: ml_collections.ConfigDict) -> dict[str, tuple[int, ...
 
 def evaluate(
     config: ml_collections.ConfigDict,
-    variables: Mapping[str, Any],
+    models: Mapping[str, Mapping[str, Any]],
     eval_iterator: Iterable[Mapping[str, np.ndarray]],
     *,
     model: Any,
     mesh: jax.sharding.Mesh,
     eval_fn: Callable[[Any, Any], jax.Array] | None = None,
-) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-    """One pass over `eval_iterator` with `variables` ({'params', 'batch_stats'} on mesh).
+) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """One pass over `eval_iterator` that evaluates every model on each batch.
 
-    Returns the dataset-level confusion matrix, int64 [C, C] (rows ground truth, columns
-    prediction), and up to `config.eval.num_panels` unpadded host examples
-    ({'image', 'label'}) for panels.
+    `models` maps a name ('student', 'teacher') to its variables ({'params',
+    'batch_stats'} on mesh). Each batch is decoded and copied to the devices once, however
+    many models read it. Returns each model's dataset-level confusion matrix, int64
+    [C, C] (rows ground truth, columns prediction), and up to `config.eval.num_panels`
+    unpadded host examples ({'image', 'label'}) for panels.
     """
     if eval_fn is None:
         eval_fn = make_eval_fn(config, model, mesh)
-    per_batch = []
+    per_batch = {name: [] for name in models}
     examples = []
     for batch in eval_iterator:
         for i in np.flatnonzero(batch["mask"])[: config.eval.num_panels - len(examples)]:
             examples.append({"image": batch["image"][i], "label": batch["label"][i]})
-        per_batch.append(eval_fn(variables, parallel.put_batch(dict(batch), mesh)))
-    confusion = np.zeros((config.num_classes, config.num_classes), np.int64)
-    for matrix in per_batch:  # Fetched only after every batch is dispatched.
-        confusion += np.asarray(jax.device_get(matrix.addressable_data(0)), np.int64)
-    return confusion, examples
+        device_batch = parallel.put_batch(dict(batch), mesh)
+        for name, variables in models.items():
+            per_batch[name].append(eval_fn(variables, device_batch))
+    confusions = {}
+    for name, matrices in per_batch.items():  # Fetched only after every batch is dispatched.
+        confusion = np.zeros((config.num_classes, config.num_classes), np.int64)
+        for matrix in matrices:
+            confusion += np.asarray(jax.device_get(matrix.addressable_data(0)), np.int64)
+        confusions[name] = confusion
+    return confusions, examples
 
 
 def summarize(config: ml_collections.ConfigDict, confusion: np.ndarray) -> dict[str, Any]:

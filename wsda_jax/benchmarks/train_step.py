@@ -50,6 +50,8 @@ _CROP = flags.DEFINE_integer("crop", 256, "Square crop size in pixels.")
 _IMAGES = flags.DEFINE_integer(
     "images_per_device", 1, "Source images per device per step (and as many target images)."
 )
+# The name of earlier commands (README "Benchmarks"), the same on one device.
+flags.DEFINE_alias("batch", "images_per_device")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _WEAK = flags.DEFINE_enum("weak_label", "coarse", ["none", "image", "point", "coarse"], "Kind.")
 _REMAT = flags.DEFINE_enum("remat", "none", list(config_lib.REMAT_MODES), "config.model.remat.")

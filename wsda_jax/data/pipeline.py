@@ -46,7 +46,7 @@ def _derived_seed(*parts: int) -> int:
 
 
 class _DecodeSource(grain.transforms.Map):
-    """Record -> {'image' uint8 (H,W,3), 'label' int32 (H,W)}; decodes only what it needs."""
+    """Record -> {'image' uint8 (H,W,3), 'label' uint8 (H,W)}; decodes only what it needs."""
 
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         example = records_lib.decode_example({k: record[k] for k in ("image", "label")})
@@ -88,11 +88,18 @@ class _DecodeTarget(grain.transforms.Map):
         }
 
 
-def _labels_to_int32(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _labels_to_uint8(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Label maps travel as uint8 (train ids < 255, 255 = ignore): a quarter of int32's
+    bytes through batching, worker shared memory and the host-to-device copy; the
+    steps cast them to int32 on the device."""
     out = dict(example)
     for key in transforms.label_keys(example):
-        out[key] = example[key].astype(np.int32)
+        out[key] = example[key].astype(np.uint8, copy=False)
     return out
+
+
+def _source_only(example: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    return {"source": example}
 
 
 def _pair_to_dict(pair: tuple) -> dict[str, dict[str, np.ndarray]]:
@@ -120,7 +127,7 @@ def _domain_dataset(
         ds = ds.random_map(transforms.RandomFlip())
     if config.data.jitter > 0:
         ds = ds.random_map(transforms.ColorJitter(config.data.jitter))
-    return ds.map(_labels_to_int32)
+    return ds.map(_labels_to_uint8)
 
 
 def per_host_batch_size(batch_size: int, process_count: int) -> int:
@@ -154,9 +161,10 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """The infinite, checkpointable iterator of training batches for this host.
 
-    Yields {'source': {'image' uint8 (b,H,W,3), 'label' int32 (b,H,W)},
-            'target': {'image' uint8, 'weak_label' int32, 'presence' float32 (b,C),
-                       'label' int32}}
+    Yields {'source': {'image' uint8 (b,H,W,3), 'label' uint8 (b,H,W)},
+            'target': {'image' uint8, 'weak_label' uint8, 'presence' float32 (b,C),
+                       'label' uint8}}
+    ('source' only for stages other than 'adapt', which never read a target batch)
     with b = config.batch_size // process_count and (H, W) = config.data.crop_size.
     Source records need 'image' and 'label'; target records 'image', 'presence' and
     the weak label chosen by config.weak_label ('label' is optional).
@@ -166,11 +174,14 @@ def make_train_iterator(
     source = _domain_dataset(
         config, source_records, _DecodeSource(), seeds[0], process_index, process_count
     )
-    target_decode = _DecodeTarget(config.weak_label, config.num_classes)
-    target = _domain_dataset(
-        config, target_records, target_decode, seeds[1], process_index, process_count
-    )
-    ds = grain.experimental.ZipMapDataset([source, target]).map(_pair_to_dict)
+    if config.stage == "adapt":
+        target_decode = _DecodeTarget(config.weak_label, config.num_classes)
+        target = _domain_dataset(
+            config, target_records, target_decode, seeds[1], process_index, process_count
+        )
+        ds = grain.experimental.ZipMapDataset([source, target]).map(_pair_to_dict)
+    else:  # Stage 1 and the oracle: no target stream to decode, augment and copy.
+        ds = source.map(_source_only)
     ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(READ_BUFFER, 2 * b))
     )

@@ -1,0 +1,286 @@
+"""The first thing to run on an accelerator: correctness, speed and memory in one table.
+
+    bash launch/device_check.sh              # on whatever accelerator JAX sees
+    bash launch/device_check.sh --dry_run    # tiny sizes on the CPU (what the tests run)
+
+Three checks, printed as ONE markdown table (paste it into the README as-is):
+  1. The tiny adaptation step (ResNet-18, one block per stage, 32x32, 2 + 2 images),
+     two steps on the default device against the same two steps on the CPU: the losses
+     must agree within `TINY_RTOL` (float32 convolutions on Ampere+ GPUs use TF32 by
+     default, ~1e-3 relative per layer; a wrong kernel is off by far more).
+  2. The reference-size step (ResNet-101, 512x512, 4 + 4 images on one device) in
+     float32 and bfloat16, each in its own process (so the peak-memory counter and the
+     compile are its own): compile time, median step time, images/s, achieved TFLOP/s
+     (XLA's cost analysis / step time), MFU against the device's peak (`PEAK_TFLOPS`,
+     matched on `jax.devices()[0].device_kind`) and the peak memory from
+     `device.memory_stats()`.
+  3. 50 steps of `configs/synthetic_coarse.py` from the real input pipeline (a small
+     copy of the embedded dataset is generated in a temporary directory), with
+     `loss.contrast_start=25`: the median time per step before and after the
+     contrastive and image-level losses switch on.
+Designed to take < 8 minutes on one H100, compilation included.
+"""
+
+from __future__ import annotations
+
+from wsda_jax import cpu_flags
+
+cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from wsda_jax import optim, parallel, train, train_state  # noqa: E402
+from wsda_jax.benchmarks import train_step as bench  # noqa: E402
+from wsda_jax.data import pipeline  # noqa: E402
+from wsda_jax.models import deeplab  # noqa: E402
+
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny sizes everywhere (CPU-friendly).")
+_PART = flags.DEFINE_enum(
+    "part", "all", ["all", "reference"], "Internal: 'reference' runs one check-2 row."
+)
+_DTYPE = flags.DEFINE_enum(
+    "reference_dtype", "float32", ["float32", "bfloat16"], "Internal (--part)."
+)
+_REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 5, "Timed reference steps.")
+_SYNTHETIC_STEPS = flags.DEFINE_integer("synthetic_steps", 50, "Steps of synthetic_coarse.")
+_TIMEOUT = flags.DEFINE_integer("reference_timeout_s", 300, "Limit of one reference row.")
+
+TINY_RTOL = 2e-2
+# Dense peak TFLOP/s per chip: (bfloat16, float32 as XLA runs it by default). float32
+# convolutions and dots run as TF32 on Ampere and later NVIDIA GPUs and as bfloat16
+# passes on TPUs (default precision), so those are the float32 peaks; V100 has no
+# bfloat16 units (its FP32 rate is used for both). Matched in order on device_kind.
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.0, 494.0),
+    ("H200", 989.0, 494.0),
+    ("A100", 312.0, 156.0),
+    ("V100", 15.7, 15.7),
+    ("L4", 121.0, 60.0),
+    ("TPU v4", 275.0, 275.0),
+    ("TPU v5 lite", 197.0, 197.0),
+    ("TPU v5e", 197.0, 197.0),
+    ("TPU v5p", 459.0, 459.0),
+    ("TPU v5", 459.0, 459.0),
+)
+ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
+HEADER = (
+    "| check | setting | compile s | step s | images/s | TFLOP/s | MFU | peak GB | result |",
+    "|---|---|---|---|---|---|---|---|---|",
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """The device's dense peak TFLOP/s for `dtype`, None for a device not in the table."""
+    for name, bf16, fp32 in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return bf16 if dtype == "bfloat16" else fp32
+    return None
+
+
+def tiny_config():
+    """The test suite's tiny adaptation setting (ResNet-18, 1 block/stage, 32x32, 2 + 2)."""
+    config = bench.make_config(18, 4, 32, 2, "float32", "coarse")
+    config.num_classes = 5
+    config.model.stage_sizes = (1, 1, 1, 1)
+    config.model.proj_dim = 16
+    config.model.aspp_dilations = (1, 2)
+    config.loss.max_views = 2
+    config.loss.inter_max_samples = 32
+    config.loss.intra_max_samples = 16
+    config.pseudo.threshold = 0.2
+    config.pseudo.proto_threshold = 0.2
+    config.pseudo.ignore_top = 2
+    config.pseudo.ignore_bottom = 4
+    config.optim.warmup_steps = 0
+    return config
+
+
+def _tiny_losses(config, mesh: jax.sharding.Mesh, step, state, batch) -> list[float]:
+    """Total loss of two calls of `step` on `mesh` from the host `state`."""
+    state = parallel.replicate(state, mesh)
+    totals = []
+    for _ in range(2):
+        state, metrics = step(state, parallel.put_batch(batch, mesh))
+        totals.append(float(metrics["total"]))
+    return totals
+
+
+def tiny_check() -> str:
+    """Check 1 as a table row: the tiny step on the default device against the CPU."""
+    config = tiny_config()
+    model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        state = jax.device_get(
+            train_state.create_train_state(
+                config, model, jax.random.PRNGKey(0), (1, 32, 32, 3), optim.make_optimizer(config)
+            )
+        )
+    batch = bench.random_batch(config)
+    meshes = {"device": parallel.make_mesh(jax.devices()[:1]), "cpu": parallel.make_mesh([cpu])}
+    step_fns = {name: bench.make_step(config, mesh)[2] for name, mesh in meshes.items()}
+    if jax.devices()[0] == cpu:  # A dry run: the same program twice, compiled once.
+        meshes["cpu"], step_fns["cpu"] = meshes["device"], step_fns["device"]
+    start = time.perf_counter()
+    device_losses = _tiny_losses(config, meshes["device"], step_fns["device"], state, batch)
+    seconds = time.perf_counter() - start
+    cpu_losses = _tiny_losses(config, meshes["cpu"], step_fns["cpu"], state, batch)
+    error = max(abs(a / b - 1) for a, b in zip(device_losses, cpu_losses, strict=True))
+    ok = error <= TINY_RTOL and all(np.isfinite(device_losses))
+    verdict = "ok" if ok else "MISMATCH"
+    losses = ", ".join(f"{a:.4f}/{b:.4f}" for a, b in zip(device_losses, cpu_losses, strict=True))
+    return (
+        f"| 1. tiny step: {jax.devices()[0].platform} vs cpu | ResNet-18 1 block/stage, 32x32, "
+        f"2+2, float32, 2 steps | {seconds:.1f} (both steps) | | | | | | {verdict}: losses "
+        f"device/cpu {losses}, max rel. diff {error:.1e} (tol {TINY_RTOL:g}) |"
+    )
+
+
+def reference_result(dtype: str, dry_run: bool, num_steps: int) -> dict:
+    """Check 2 in this process: compile and time one step size, with peak memory."""
+    if dry_run:
+        config = tiny_config()
+        config.compute_dtype = dtype
+    else:
+        config = bench.make_config(101, 64, 512, 4, dtype, "coarse")
+    depth, width = config.model.depth, config.model.width
+    crop, images = config.data.crop_size[0], bench.global_batch_size(config)
+    result = bench.run(config, num_steps)
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    flops = result["gflop_per_step"]
+    tflops = None if flops is None else flops / 1e3 / result["step_s"] / jax.device_count()
+    peak_tf = peak_tflops(jax.devices()[0].device_kind, dtype)
+    return {
+        "setting": f"ResNet-{depth} w{width}, {crop}x{crop}, {images}+{images}, {dtype}",
+        "compile_s": result["lower_s"] + result["compile_s"],
+        "step_s": result["step_s"],
+        "images_per_s": result["images_per_s"],
+        "tflop_per_s": tflops,
+        "mfu": None if tflops is None or peak_tf is None else tflops / peak_tf,
+        "peak_gb": None if peak is None else peak / 1e9,
+        "total_loss": result["total_loss"],
+    }
+
+
+def reference_row(dtype: str, dry_run: bool) -> str:
+    """Check 2 as a table row, run in a subprocess (its own compile and memory peak)."""
+    command = [
+        sys.executable,
+        "-m",
+        "wsda_jax.benchmarks.device_check",
+        "--part=reference",
+        f"--reference_dtype={dtype}",
+        f"--reference_steps={_REFERENCE_STEPS.value}",
+    ] + (["--dry_run"] if dry_run else [])
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=_TIMEOUT.value, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return f"| 2. reference step | {dtype} | | | | | | | FAILED: over {_TIMEOUT.value} s |"
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        errors = [line for line in done.stderr.splitlines() if ERROR_LINE.match(line)]
+        last = (errors or done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return (
+            f"| 2. reference step | {dtype} | | | | | | | FAILED (rc {done.returncode}): {last} |"
+        )
+    r = json.loads(lines[-1])
+    fmt = lambda x, spec: "n/a" if x is None else format(x, spec)
+    verdict = "ok" if np.isfinite(r["total_loss"]) else "NON-FINITE LOSS"
+    return (
+        f"| 2. reference step | {r['setting']} | {r['compile_s']:.1f} | {r['step_s']:.3f} "
+        f"| {r['images_per_s']:.1f} | {fmt(r['tflop_per_s'], '.1f')} | {fmt(r['mfu'], '.1%')} "
+        f"| {fmt(r['peak_gb'], '.2f')} | {verdict}: loss {r['total_loss']:.3f} |"
+    )
+
+
+def synthetic_config(dry_run: bool, data_dir: str, num_steps: int):
+    """configs/synthetic_coarse.py (':tiny' for a dry run) on a small generated copy."""
+    sys.path.insert(0, os.getcwd())  # configs/ is a folder of the repository root.
+    from configs import synthetic_coarse  # noqa: PLC0415
+
+    config = synthetic_coarse.get_config("tiny" if dry_run else None)
+    config.data.data_dir = data_dir
+    config.data.synthetic.num_source = min(config.data.synthetic.num_source, 64)
+    config.data.synthetic.num_target_train = min(config.data.synthetic.num_target_train, 64)
+    config.data.synthetic.num_target_val = min(config.data.synthetic.num_target_val, 8)
+    config.num_steps = num_steps
+    # Half the steps before the contrastive terms switch on; a dry run compiles only the
+    # full program (each tiny compile costs more than the whole run).
+    config.loss.contrast_start = 0 if dry_run else num_steps // 2
+    return config
+
+
+def synthetic_row(dry_run: bool, num_steps: int) -> str:
+    """Check 3 as a table row: the real loop's data and steps, timed per step."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        config = synthetic_config(dry_run, data_dir, num_steps)
+        start = time.perf_counter()
+        data = train.open_datasets(config)
+        prepare_s = time.perf_counter() - start
+        mesh = parallel.make_mesh()
+        model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
+        optimizer = optim.make_optimizer(config)
+        iterator = pipeline.make_train_iterator(config, data.source, data.target)
+        state = train.fresh_state(config, model, optimizer, mesh)
+        step_fn = train.make_train_step(config, model, optimizer, mesh)
+        times, losses = [], []
+        for step in range(num_steps):
+            batch = parallel.put_batch(next(iterator), mesh)
+            start = time.perf_counter()
+            state, metrics = step_fn(state, batch, step)
+            losses.append(float(metrics["total"]))  # Waits for the step.
+            times.append(time.perf_counter() - start)
+        iterator.close()
+    switch = config.loss.contrast_start
+    before = f"{statistics.median(times[1:switch]):.3f}" if switch > 1 else "n/a"
+    after = statistics.median(times[switch + 1 :]) if num_steps > switch + 1 else times[-1]
+    compile_s = times[0] + (times[switch] if switch else 0.0)
+    images = 2 * bench.global_batch_size(config)
+    verdict = "ok" if np.all(np.isfinite(losses)) else "NON-FINITE LOSS"
+    return (
+        f"| 3. synthetic_coarse | {num_steps} steps, {images // 2}+{images // 2} images, "
+        f"{config.data.crop_size[0]}x{config.data.crop_size[1]}, contrast_start={switch} "
+        f"| {compile_s:.1f} (first steps) | {before} before / {after:.3f} "
+        f"from contrast_start | {images / after:.1f} | | | | {verdict}: loss {losses[0]:.3f} -> "
+        f"{losses[-1]:.3f} (data generated in {prepare_s:.0f} s) |"
+    )
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    dry_run = _DRY_RUN.value
+    if dry_run:
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_disable_most_optimizations", True)  # Faster tiny compiles.
+    if _PART.value == "reference":
+        print(json.dumps(reference_result(_DTYPE.value, dry_run, _REFERENCE_STEPS.value)))
+        return
+    device = jax.devices()[0]
+    rows = [tiny_check()]
+    rows += [reference_row(dtype, dry_run) for dtype in ("float32", "bfloat16")]
+    rows.append(synthetic_row(dry_run, 4 if dry_run else _SYNTHETIC_STEPS.value))
+    print(f"Device check: {jax.device_count()}x {device.device_kind} ({device.platform}), ", end="")
+    print(f"jax {jax.__version__}{', DRY RUN (tiny sizes)' if dry_run else ''}")
+    print("\n".join([*HEADER, *rows]))
+    if any("FAILED" in row or "MISMATCH" in row or "NON-FINITE" in row for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
