@@ -71,6 +71,9 @@ _NUM_RECORDS = flags.DEFINE_integer("num_records", 16, "Records built in memory.
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed batches per worker count.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed batches after the first one.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker-process counts to time.")
+_STAGE = flags.DEFINE_enum(
+    "stage", "adapt", ["adapt", "source_only"], "source_only: the source stream alone."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -87,11 +90,13 @@ def main(argv: Sequence[str]) -> None:
     )
     config = config_lib.base_config()
     config.batch_size = 4
+    config.stage = _STAGE.value
     config.weak_label = "coarse"
     config.data.crop_size = (512, 512)
     config.data.scale_range = (0.5, 2.0)
     config.data.jitter = 0.25
 
+    print(f"stage={config.stage}")
     print("| workers | first batch (s) | step (s) | steps/s | images/s (src+tgt) |")
     print("| --- | --- | --- | --- | --- |")
     for workers in [int(w) for w in _WORKERS.value]:
@@ -99,7 +104,7 @@ def main(argv: Sequence[str]) -> None:
         first, per_step = time_pipeline(
             config, source, target, warmup=_WARMUP.value, steps=_STEPS.value
         )
-        images = 2 * config.batch_size / per_step
+        images = (2 if config.stage == "adapt" else 1) * config.batch_size / per_step
         print(f"| {workers} | {first:.2f} | {per_step:.3f} | {1 / per_step:.2f} | {images:.1f} |")
 
 
