@@ -42,5 +42,5 @@ def test_dry_run_prints_one_table(tmp_path_factory):
     rows = table[2:]
     assert [row.split("|")[1].strip().split(" ")[0] for row in rows] == ["1.", "2.", "2.", "3."]
     assert all("| ok" in row for row in rows), rows
-    assert "float32" in rows[1] and "bfloat16" in rows[2]
+    assert "float32, remat=none" in rows[1] and "bfloat16, remat=none" in rows[2]
     assert "DRY RUN" in done.stdout

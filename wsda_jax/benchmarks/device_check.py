@@ -53,6 +53,12 @@ _PART = flags.DEFINE_enum(
 _DTYPE = flags.DEFINE_enum(
     "reference_dtype", "float32", ["float32", "bfloat16"], "Internal (--part)."
 )
+_REMAT = flags.DEFINE_list(
+    "reference_remat",
+    ["none"],
+    "config.model.remat settings of the reference rows (each adds a float32 and a bfloat16 "
+    "row, ~2 minutes on an H100); e.g. none,conv_outputs,blocks.",
+)
 _REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 5, "Timed reference steps.")
 _SYNTHETIC_STEPS = flags.DEFINE_integer("synthetic_steps", 50, "Steps of synthetic_coarse.")
 _TIMEOUT = flags.DEFINE_integer("reference_timeout_s", 300, "Limit of one reference row.")
@@ -149,13 +155,14 @@ def tiny_check() -> str:
     )
 
 
-def reference_result(dtype: str, dry_run: bool, num_steps: int) -> dict:
+def reference_result(dtype: str, remat: str, dry_run: bool, num_steps: int) -> dict:
     """Check 2 in this process: compile and time one step size, with peak memory."""
     if dry_run:
         config = tiny_config()
         config.compute_dtype = dtype
+        config.model.remat = remat
     else:
-        config = bench.make_config(101, 64, 512, 4, dtype, "coarse")
+        config = bench.make_config(101, 64, 512, 4, dtype, "coarse", remat=remat)
     depth, width = config.model.depth, config.model.width
     crop, images = config.data.crop_size[0], bench.global_batch_size(config)
     result = bench.run(config, num_steps)
@@ -165,7 +172,9 @@ def reference_result(dtype: str, dry_run: bool, num_steps: int) -> dict:
     tflops = None if flops is None else flops / 1e3 / result["step_s"] / jax.device_count()
     peak_tf = peak_tflops(jax.devices()[0].device_kind, dtype)
     return {
-        "setting": f"ResNet-{depth} w{width}, {crop}x{crop}, {images}+{images}, {dtype}",
+        "setting": (
+            f"ResNet-{depth} w{width}, {crop}x{crop}, {images}+{images}, {dtype}, remat={remat}"
+        ),
         "compile_s": result["lower_s"] + result["compile_s"],
         "step_s": result["step_s"],
         "images_per_s": result["images_per_s"],
@@ -176,7 +185,7 @@ def reference_result(dtype: str, dry_run: bool, num_steps: int) -> dict:
     }
 
 
-def reference_row(dtype: str, dry_run: bool) -> str:
+def reference_row(dtype: str, remat: str, dry_run: bool) -> str:
     """Check 2 as a table row, run in a subprocess (its own compile and memory peak)."""
     command = [
         sys.executable,
@@ -184,6 +193,7 @@ def reference_row(dtype: str, dry_run: bool) -> str:
         "wsda_jax.benchmarks.device_check",
         "--part=reference",
         f"--reference_dtype={dtype}",
+        f"--reference_remat={remat}",
         f"--reference_steps={_REFERENCE_STEPS.value}",
     ] + (["--dry_run"] if dry_run else [])
     try:
@@ -269,11 +279,13 @@ def main(argv: Sequence[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_disable_most_optimizations", True)  # Faster tiny compiles.
     if _PART.value == "reference":
-        print(json.dumps(reference_result(_DTYPE.value, dry_run, _REFERENCE_STEPS.value)))
+        result = reference_result(_DTYPE.value, _REMAT.value[0], dry_run, _REFERENCE_STEPS.value)
+        print(json.dumps(result))
         return
     device = jax.devices()[0]
     rows = [tiny_check()]
-    rows += [reference_row(dtype, dry_run) for dtype in ("float32", "bfloat16")]
+    for remat in _REMAT.value:
+        rows += [reference_row(dtype, remat, dry_run) for dtype in ("float32", "bfloat16")]
     rows.append(synthetic_row(dry_run, 4 if dry_run else _SYNTHETIC_STEPS.value))
     print(f"Device check: {jax.device_count()}x {device.device_kind} ({device.platform}), ", end="")
     print(f"jax {jax.__version__}{', DRY RUN (tiny sizes)' if dry_run else ''}")
