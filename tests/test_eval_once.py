@@ -29,7 +29,7 @@ class CountingRecords:
 
 def test_one_decode_pass_evaluates_student_and_teacher(tmp_path):
     config = tiny_config("coarse")
-    config.eval.batch_size = 2
+    config.eval.per_device_batch_size = 2
     config.eval.num_panels = 1
     rng = np.random.default_rng(0)
     shape = (IMAGE_SIZE, IMAGE_SIZE)

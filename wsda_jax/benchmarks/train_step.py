@@ -75,7 +75,6 @@ def make_config(
     dtype: str,
     weak_label: str,
     remat: str = "none",
-    num_devices: int = 1,
 ):
     """The base configuration at the benchmark's size (all loss terms active from step 0)."""
     config = config_lib.base_config()
@@ -83,7 +82,7 @@ def make_config(
     config.model.width = width
     config.model.remat = remat
     config.data.crop_size = (crop, crop)
-    config.batch_size = images_per_device * num_devices  # Global, per domain.
+    config.per_device_batch_size = images_per_device
     config.compute_dtype = dtype
     config.weak_label = weak_label
     config.loss.contrast_start = 0
@@ -91,8 +90,8 @@ def make_config(
 
 
 def global_batch_size(config) -> int:
-    """Images per domain in one step, over all devices."""
-    return config.batch_size
+    """Images per domain in one step, over all devices (the batch size is per device)."""
+    return config.per_device_batch_size * jax.device_count()
 
 
 def random_batch(config, seed: int = 0) -> dict:
@@ -306,7 +305,6 @@ def main(argv: Sequence[str]) -> None:
         _DTYPE.value,
         _WEAK.value,
         remat=_REMAT.value,
-        num_devices=jax.device_count(),
     )
     if _BEFORE_CONTRAST.value:
         config.loss.contrast_start = 10**9  # Every benchmarked step is before it.
