@@ -57,7 +57,7 @@ _REMAT = flags.DEFINE_list(
     "reference_remat",
     ["none"],
     "config.model.remat settings of the reference rows (each adds a float32 and a bfloat16 "
-    "row, ~2 minutes on an H100); e.g. none,conv_outputs,blocks.",
+    "row); e.g. none,conv_outputs,blocks.",
 )
 _REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 5, "Timed reference steps.")
 _SYNTHETIC_STEPS = flags.DEFINE_integer("synthetic_steps", 50, "Steps of synthetic_coarse.")
