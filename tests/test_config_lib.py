@@ -29,6 +29,7 @@ def test_reference_defaults_validate():
         ({"per_device_batch_size": 0}, 4, "config.per_device_batch_size=0: must be an integer"),
         ({"eval__per_device_batch_size": 0}, 1, "config.eval.per_device_batch_size=0"),
         ({"presence": "tags"}, 1, "config.presence='tags'"),
+        ({"eval__images_per_forward": 3}, 1, "config.eval.images_per_forward=3"),
         ({"init__teacher": "fresh"}, 1, "config.init.teacher='fresh'"),
         ({"loss__boundary_max": "batch"}, 1, "config.loss.boundary_max='batch'"),
         ({"loss__contrast_start": -1}, 1, "contrast_start=-1 must be >= 0"),

@@ -367,6 +367,17 @@ def test_eval_step_confusion_of_unmasked_images(runner):
     expected = metrics.confusion_matrix(pred[:1], eval_batch["label"][:1], NUM_CLASSES)
     np.testing.assert_array_equal(confusion, expected)
     assert confusion.sum() == IMAGE_SIZE * IMAGE_SIZE
+    # One image per forward (config.eval.images_per_forward=1) counts the same pixels.
+    chunked_fn = parallel.shard_eval_step(
+        steps.eval_step,
+        runner.mesh,
+        model=runner.model,
+        num_classes=NUM_CLASSES,
+        images_per_forward=1,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(chunked_fn(variables, runner.put(eval_batch))), expected
+    )
 
 
 @pytest.mark.slow

@@ -624,16 +624,43 @@ def eval_step(
     num_classes: int,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    images_per_forward: int = 0,
     axis_name: str = "data",
 ) -> jax.Array:
     """Confusion matrix int32 [C, C] (rows = ground truth) of the batch, psum-ed over devices.
 
     batch: {'image': uint8 [B, H, W, 3], 'label': int32 [B, H, W], 'mask': bool [B]};
-    masked-out (padding) images count nothing.
+    masked-out (padding) images count nothing. With 0 < images_per_forward < B the
+    forward runs on chunks of that many images in sequence (`lax.map`): the same
+    result, with the full-resolution logits of only one chunk alive at a time, and a
+    chunk of padding only is skipped (`lax.cond`), so the padded last batch of a split
+    costs only its real images.
     """
-    logits = predict(variables, batch["image"], model=model, scales=scales, flip=flip)
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    confusion = metrics.batch_confusion_matrix(
-        pred, batch["label"].astype(jnp.int32), num_classes, mask=batch["mask"]
-    )
+
+    def confusion_of(images, labels, mask):
+        logits = predict(variables, images, model=model, scales=scales, flip=flip)
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return metrics.batch_confusion_matrix(
+            pred, labels.astype(jnp.int32), num_classes, mask=mask
+        )
+
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    chunk = images_per_forward
+    if 0 < chunk < images.shape[0]:
+        if images.shape[0] % chunk:
+            raise ValueError(
+                f"images_per_forward={chunk} does not divide the batch {images.shape[0]}"
+            )
+        split = lambda x: x.reshape(images.shape[0] // chunk, chunk, *x.shape[1:])
+        # Varying over the devices like the computed branch (shard_map's check_vma).
+        empty = jax.lax.pcast(
+            jnp.zeros((num_classes, num_classes), jnp.int32), (axis_name,), to="varying"
+        )
+        per_chunk = jax.lax.map(
+            lambda xs: jax.lax.cond(jnp.any(xs[2]), confusion_of, lambda *_: empty, *xs),
+            (split(images), split(labels), split(mask)),
+        )
+        confusion = jnp.sum(per_chunk, axis=0)
+    else:
+        confusion = confusion_of(images, labels, mask)
     return jax.lax.psum(confusion, axis_name)
