@@ -130,7 +130,12 @@ def _from_imagenet(
     state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
 ) -> train_state.TrainState:
     """Student and teacher backbones from a converted torchvision ResNet."""
-    variables = imagenet_init.init_from_imagenet(jax.device_get(state.student_variables()), path)
+    try:
+        variables = imagenet_init.init_from_imagenet(
+            jax.device_get(state.student_variables()), path
+        )
+    except ValueError as error:
+        raise ValueError(f"config.init.imagenet={path!r}: {error}") from error
     variables = parallel.replicate(
         {"params": variables["params"], "batch_stats": variables["batch_stats"]}, mesh
     )
@@ -375,8 +380,7 @@ def predict_images(
 ) -> list[str]:
     """Colourised predictions of the images in `input_dir` by the latest checkpoint
     (the EMA teacher when adapting, else the student); returns the written paths."""
-    if not os.path.isdir(input_dir):
-        raise ValueError(f"--input_dir={input_dir!r} is not a directory")
+    evaluation.check_predict_dirs(input_dir, output_dir)  # Before any work.
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     # Read only: predict writes nothing in the workdir (and takes no lock on it).
