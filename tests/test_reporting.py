@@ -89,3 +89,31 @@ def test_eval_report_json_and_plots(tmp_path):
     assert json.load(open(tmp_path / "eval" / "7.json")) == report
     for name in ("7_student_panels.png", "7_student_confusion.png"):
         assert os.path.getsize(tmp_path / "eval" / name) > 0
+
+
+def test_resume_drops_the_lines_past_the_restored_step(tmp_path):
+    reporter = _reporter(tmp_path, log_every_steps=1)
+    for step in range(1, 6):
+        reporter.update(step, {"loss": jnp.asarray(float(step))})
+    reporter.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # A line cut short by a kill.
+    # Resumed from the checkpoint of step 3: steps 4 and 5 are trained (and logged) again.
+    reporter = _reporter(tmp_path, log_every_steps=1, initial_step=3)
+    reporter.update(4, {"loss": jnp.asarray(40.0)})
+    reporter.close()
+    lines = reporting.read_metrics(str(tmp_path))
+    assert [(line["step"], line["loss"]) for line in lines] == [(1, 1), (2, 2), (3, 3), (4, 40)]
+    assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+
+
+def test_predict_output_names_are_distinct():
+    names = evaluation.output_names(["a.png", "x.jpg", "x.png", "x_png.png", "y.JPEG"])
+    assert names == {
+        "a.png": "a.png",
+        "x.jpg": "x_jpg.png",
+        "x.png": "x_png.png",
+        "x_png.png": "x_png_png_1.png",  # Its plain name is taken by x.png.
+        "y.JPEG": "y.png",
+    }
+    assert len(set(names.values())) == len(names)

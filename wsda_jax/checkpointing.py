@@ -81,6 +81,11 @@ def make_manager(directory: str, config: ml_collections.ConfigDict) -> ocp.Check
         best_mode="max",
         preservation_policy=policy,
         enable_async_checkpointing=True,
+        # The step's folder is made in the caller's thread, so that a folder that cannot
+        # be created raises from `save` (made in the background, the failure left the
+        # save waiting up to 20 minutes for a "created" signal); the arrays are still
+        # written in the background.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=True,
         cleanup_tmp_directories=True,  # Saves cut short by a kill.
     )
@@ -97,18 +102,19 @@ def _item_handlers() -> dict[str, Any]:
     }
 
 
-def _check_writable(directory: str) -> None:
-    """Raises CheckpointWriteError when no file can be created in `directory`.
+def _check_writable(manager: ocp.CheckpointManager) -> None:
+    """Raises CheckpointWriteError when no file can be created in the manager's folder.
 
     Orbax creates a save's folder in a background thread; if that fails, the save
     waits minutes for a signal that never comes. Checking first fails in milliseconds.
     """
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test"):
+        with tempfile.NamedTemporaryFile(dir=str(manager.directory), prefix=".write_test"):
             pass
     except OSError as error:
         raise CheckpointWriteError(
-            f"cannot write checkpoints to {directory}: {error.strerror or error}"
+            f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
+            f"(the last good checkpoint is {_last_committed(manager)})"
         ) from error
 
 
@@ -128,8 +134,7 @@ def save(
     """
     if step in manager.all_steps():
         return False
-    directory = str(manager.directory)
-    _check_writable(directory)
+    _check_writable(manager)
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         train_iter=grain.checkpoint.CheckpointSave(train_iter),
@@ -159,7 +164,11 @@ def _save_errors(manager: ocp.CheckpointManager):
 
 
 def _last_committed(manager: ocp.CheckpointManager) -> str:
-    steps = [int(name) for name in os.listdir(manager.directory) if name.isdigit()]
+    """'step N' of the newest finished checkpoint on disk ('unknown' if unlistable)."""
+    try:
+        steps = [int(name) for name in os.listdir(manager.directory) if name.isdigit()]
+    except OSError:
+        return "unknown"
     return f"step {max(steps)}" if steps else "none"
 
 
