@@ -187,6 +187,8 @@ def _kill_at(point, process, workdir, rng):
     if point == "start":
         time.sleep(rng.uniform(0.5, 4.0))
     elif point == "write":
+        # A killed write's leftover folder is removed when the run opens its checkpoints.
+        _wait_for(process, lambda: not _writing_checkpoint(workdir), "the leftovers' removal")
         _wait_for(process, lambda: _writing_checkpoint(workdir), "a checkpoint write")
     else:
         logged = _logged_steps(workdir)

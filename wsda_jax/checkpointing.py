@@ -66,8 +66,15 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
     return float(metrics[BEST_METRIC])
 
 
-def make_manager(directory: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """An async manager keeping the last `config.keep_checkpoints` and the best by mIoU."""
+def make_manager(
+    directory: str, config: ml_collections.ConfigDict, *, owner: bool = True
+) -> ocp.CheckpointManager:
+    """An async manager keeping the last `config.keep_checkpoints` and the best by mIoU.
+
+    `owner`: this run holds the workdir (its lock), so the unfinished saves it finds are
+    leftovers of a killed run and are removed; a reader (predict) leaves them alone, as
+    they may be another run's saves in progress.
+    """
     policy = checkpoint_managers.AnyPreservationPolicy(
         [
             checkpoint_managers.LatestN(n=config.keep_checkpoints),
@@ -87,7 +94,7 @@ def make_manager(directory: str, config: ml_collections.ConfigDict) -> ocp.Check
         # written in the background.
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         create=True,
-        cleanup_tmp_directories=True,  # Saves cut short by a kill.
+        cleanup_tmp_directories=owner,  # Saves cut short by a kill.
     )
     return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
 

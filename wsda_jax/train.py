@@ -156,12 +156,7 @@ def initial_state(
     """The state to start from, and its step."""
     # Resume order:
     # (1) the latest readable checkpoint in the workdir (state and data position);
-    restored = _restore(
-        manager,
-        lambda: checkpointing.restore_latest(
-            manager, abstract_state(config, model, optimizer, mesh), train_iter
-        ),
-    )
+    restored = _restore_latest(manager, abstract_state(config, model, optimizer, mesh), train_iter)
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
@@ -177,10 +172,13 @@ def initial_state(
     return state, 0
 
 
-def _restore(manager: Any, restore: Callable[[], Any]) -> Any:
-    """`restore()`, with the workdir named when its checkpoints are of another model."""
+def _restore_latest(
+    manager: Any, abstract: Any, train_iter: Any = None, *, set_aside: bool = True
+) -> tuple[train_state.TrainState, int] | None:
+    """`checkpointing.restore_latest`, naming the folder when its checkpoints are of
+    another model."""
     try:
-        return restore()
+        return checkpointing.restore_latest(manager, abstract, train_iter, set_aside=set_aside)
     except checkpointing.DifferentModelError as error:
         raise ValueError(
             f"{manager.directory}: {error} (use another --workdir for this config)"
@@ -348,13 +346,9 @@ def _restore_for_inference(
     directory = checkpointing.checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
-    with checkpointing.make_manager(directory, config) as manager:
-        restored = _restore(
-            manager,
-            lambda: checkpointing.restore_latest(
-                manager, abstract_state(config, model, optimizer, mesh), set_aside=set_aside
-            ),
-        )
+    with checkpointing.make_manager(directory, config, owner=set_aside) as manager:
+        abstract = abstract_state(config, model, optimizer, mesh)
+        restored = _restore_latest(manager, abstract, set_aside=set_aside)
     if restored is None:
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
     return restored
