@@ -3,6 +3,8 @@ the evaluation report turns a confusion matrix into IoU JSON and plots."""
 
 import json
 import os
+import struct
+import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -98,6 +100,7 @@ def test_resume_drops_the_lines_past_the_restored_step(tmp_path):
     reporter.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "lo')  # A line cut short by a kill.
+    time.sleep(1.1)  # Event file names carry the second they were made.
     # Resumed from the checkpoint of step 3: steps 4 and 5 are trained (and logged) again.
     reporter = _reporter(tmp_path, log_every_steps=1, initial_step=3)
     reporter.update(4, {"loss": jnp.asarray(40.0)})
@@ -105,6 +108,26 @@ def test_resume_drops_the_lines_past_the_restored_step(tmp_path):
     lines = reporting.read_metrics(str(tmp_path))
     assert [(line["step"], line["loss"]) for line in lines] == [(1, 1), (2, 2), (3, 3), (4, 40)]
     assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+    # TensorBoard: the resumed writer's file starts with SessionLog START at step 4, on
+    # which TensorBoard hides the older files' events from step 4 on.
+    files = sorted(os.listdir(tmp_path / "tensorboard"))
+    assert len(files) == 2
+    starts = [e.step for e in _events(tmp_path / "tensorboard" / files[-1]) if e.session_log.status]
+    assert starts == [4]
+
+
+def _events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[offset + 12 : offset + 12 + length])
+        events.append(event)
+        offset += 12 + length + 4
+    return events
 
 
 def test_predict_output_names_are_distinct():
