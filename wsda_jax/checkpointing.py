@@ -110,19 +110,20 @@ def _item_handlers() -> dict[str, Any]:
 
 
 def _check_writable(manager: ocp.CheckpointManager) -> None:
-    """Raises CheckpointWriteError when no file can be created in the manager's folder.
-
-    Orbax creates a save's folder in a background thread; if that fails, the save
-    waits minutes for a signal that never comes. Checking first fails in milliseconds.
-    """
+    """Raises CheckpointWriteError when no file can be created in the manager's folder,
+    before Orbax starts a save that it could not finish."""
     try:
         with tempfile.NamedTemporaryFile(dir=str(manager.directory), prefix=".write_test"):
             pass
     except OSError as error:
-        raise CheckpointWriteError(
-            f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
-            f"(the last good checkpoint is {_last_committed(manager)})"
-        ) from error
+        raise _write_error(manager, error) from error
+
+
+def _write_error(manager: ocp.CheckpointManager, error: OSError) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
+        f"(the last good checkpoint is {_last_committed(manager)})"
+    )
 
 
 def save(
@@ -164,10 +165,7 @@ def _save_errors(manager: ocp.CheckpointManager):
     try:
         yield
     except OSError as error:
-        raise CheckpointWriteError(
-            f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
-            f"(the last good checkpoint is {_last_committed(manager)})"
-        ) from error
+        raise _write_error(manager, error) from error
 
 
 def _last_committed(manager: ocp.CheckpointManager) -> str:
