@@ -55,7 +55,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.model.aspp_dilations = (3, 6)
 
     config.num_steps = 600
-    config.batch_size = 4
+    config.per_device_batch_size = 4
     config.loss.contrast_start = 200
     # The reference's 0.999 averages over ~1,000 of its 150,000 steps; over 600 steps
     # it would leave the teacher (the pseudo-label source) close to its initialisation.
@@ -66,7 +66,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
 
     config.eval.every_steps = 200
-    config.eval.batch_size = 8
+    config.eval.per_device_batch_size = 8
     config.eval.max_images = 100
     config.log_every_steps = 20
     config.checkpoint_every_steps = 200
@@ -102,7 +102,7 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.pseudo.ignore_bottom = _scaled_rows(120, 32)
 
     config.eval.every_steps = 4
-    config.eval.batch_size = 4
+    config.eval.per_device_batch_size = 4
     config.eval.max_images = 8
     config.eval.num_panels = 2
     config.log_every_steps = 1

@@ -1,7 +1,7 @@
 """Stage 2, GTA5 -> Cityscapes without target labels (plain UDA).
 
-Reference hyper-parameters (METHOD.md sections 4-12): 512x512 crops, batch 4 + 4,
-150k steps of SGD. Prepare the datasets first (see the README).
+Reference hyper-parameters (METHOD.md sections 4-12): 512x512 crops, 4 + 4 images
+per device, 150k steps of SGD. Prepare the datasets first (see the README).
 
 Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
   python -m wsda_jax.main --config=configs/gta2cs_uda.py --workdir=workdirs/gta2cs_uda \

@@ -16,7 +16,7 @@ def tiny_config(weak_label: str = "coarse", batch_size: int = 2):
     config = config_lib.base_config()
     config.num_classes = NUM_CLASSES
     config.weak_label = weak_label
-    config.batch_size = batch_size
+    config.per_device_batch_size = batch_size
     config.num_steps = 100
     config.model.depth = 18
     config.model.width = 4

@@ -124,23 +124,26 @@ def encode_png_rgb16(array: np.ndarray) -> bytes:
     )
 
 
-def make_gta5_tree(root: str, num_images: int = 3) -> FixtureTree:
+def make_gta5_tree(
+    root: str, num_images: int = 3, height: int = HEIGHT, width: int = WIDTH
+) -> FixtureTree:
     """GTA5 layout `images/00001.png`, `labels/00001.png` (palette PNGs of labelIds).
 
     Image '00002' is larger than its label (a size mismatch); label '00001' has a
-    2x3 block of id OUT_OF_MAP_ID (info['out_of_map_pixels'] = 6).
+    2x3 block of id OUT_OF_MAP_ID (info['out_of_map_pixels'] = 6). The real GTA5
+    size is 1052x1914 (height, width).
     """
     inverse = _inverse(classes.CITYSCAPES_ID_TO_TRAIN, ignore_id=0)
     labels, images = {}, {}
     for i in range(num_images):
         name = f"{i + 1:05d}"
-        train = scene_label(i)
+        train = scene_label(i, height, width)
         ids = inverse[train]
         if i == 0:
             ids[10:12, 20:23] = OUT_OF_MAP_ID
             train = train.copy()
             train[10:12, 20:23] = 255
-        image = random_image(i, HEIGHT + 4, WIDTH + 6) if i == 1 else random_image(i)
+        image = random_image(i, height + 4, width + 6) if i == 1 else random_image(i, height, width)
         save_png(os.path.join(root, "images", f"{name}.png"), image)
         save_palette_png(os.path.join(root, "labels", f"{name}.png"), ids)
         labels[name], images[name] = train, image
@@ -148,22 +151,25 @@ def make_gta5_tree(root: str, num_images: int = 3) -> FixtureTree:
     return FixtureTree(root, labels, images, info)
 
 
-def make_synthia_tree(root: str, num_images: int = 2) -> FixtureTree:
+def make_synthia_tree(
+    root: str, num_images: int = 2, height: int = HEIGHT, width: int = WIDTH
+) -> FixtureTree:
     """SYNTHIA-RAND-CITYSCAPES layout `RGB/0000000.png`, `GT/LABELS/0000000.png`.
 
     Labels are 16-bit RGB PNGs: red = SYNTHIA class id, green/blue = instance ids
     above 255 (which must not leak into the class). Label '0000000' has a 2x2
-    block of id 300 (out of map, info['out_of_map_pixels'] = 4).
+    block of id 300 (out of map, info['out_of_map_pixels'] = 4). The real size is
+    760x1280 (height, width).
     """
     inverse = _inverse(classes.SYNTHIA_ID_TO_TRAIN, ignore_id=0)
     labels, images = {}, {}
     for i in range(num_images):
         name = f"{i:07d}"
-        train = scene_label(i)
-        gt = np.zeros((HEIGHT, WIDTH, 3), np.uint16)
+        train = scene_label(i, height, width)
+        gt = np.zeros((height, width, 3), np.uint16)
         gt[..., 0] = inverse[train]
         gt[..., 1] = 1000 + i
-        gt[..., 2] = (np.arange(WIDTH) * 997) % 65536
+        gt[..., 2] = (np.arange(width) * 997) % 65536
         if i == 0:
             gt[3:5, 40:42, 0] = 300
             train = train.copy()
@@ -171,7 +177,7 @@ def make_synthia_tree(root: str, num_images: int = 2) -> FixtureTree:
         os.makedirs(os.path.join(root, "GT", "LABELS"), exist_ok=True)
         with open(os.path.join(root, "GT", "LABELS", f"{name}.png"), "wb") as f:
             f.write(encode_png_rgb16(gt))
-        image = random_image(100 + i)
+        image = random_image(100 + i, height, width)
         save_png(os.path.join(root, "RGB", f"{name}.png"), image)
         labels[name], images[name] = train, image
     return FixtureTree(root, labels, images, {"out_of_map_pixels": 4})
@@ -182,7 +188,8 @@ def coarse_of(train: np.ndarray) -> np.ndarray:
     around each band boundary and no small objects (car, bicycle, pole -> 255)."""
     coarse = train.copy()
     coarse[np.isin(train, (13, 18, 5, 1))] = 255
-    for row in (HEIGHT // 4, HEIGHT // 2):
+    height = train.shape[0]
+    for row in (height // 4, height // 2):
         coarse[row - 3 : row + 3] = 255
     return coarse
 
@@ -192,9 +199,12 @@ def make_cityscapes_tree(
     cities: dict[str, tuple[str, ...]] | None = None,
     per_city: int = 2,
     with_val_coarse: bool = False,
+    height: int = HEIGHT,
+    width: int = WIDTH,
 ) -> FixtureTree:
     """Cityscapes layout with real file names: leftImg8bit, gtFine (labelIds and the
-    colour images that must be ignored) and gtCoarse for train (and val if asked)."""
+    colour images that must be ignored) and gtCoarse for train (and val if asked).
+    The real size is 1024x2048 (height, width)."""
     cities = cities or {"train": ("aachen", "bochum"), "val": ("frankfurt",)}
     inverse = _inverse(classes.CITYSCAPES_ID_TO_TRAIN, ignore_id=0)
     labels, images, splits = {}, {}, {}
@@ -203,8 +213,8 @@ def make_cityscapes_tree(
         for city in split_cities:
             for j in range(per_city):
                 name = f"{city}_{j:06d}_{19 + j:06d}"
-                train = scene_label(index)
-                image = random_image(200 + index)
+                train = scene_label(index, height, width)
+                image = random_image(200 + index, height, width)
                 save_png(
                     os.path.join(root, "leftImg8bit", split, city, f"{name}_leftImg8bit.png"), image
                 )

@@ -149,3 +149,25 @@ def test_blur_kernel_size_is_odd_and_about_ten_percent():
     assert augment.blur_kernel_size(512, 512) == 53
     assert augment.blur_kernel_size(32, 64) == 5
     assert augment.blur_kernel_size(8, 8) == 3
+
+
+def _changed_per_image(key, images, per_image_decisions):
+    out = augment.strong_augment(
+        key, images, jitter_prob=0.5, blur_prob=0.0, per_image_decisions=per_image_decisions
+    )
+    return np.abs(np.asarray(out) - np.asarray(images)).reshape(images.shape[0], -1).max(1) > 1e-3
+
+
+def test_strong_augment_decides_once_per_batch_by_default():
+    """The reference draws the jitter and blur decisions once per step for the batch."""
+    images = jax.random.uniform(jax.random.key(1), (6, 16, 16, 3), minval=0.2, maxval=0.8)
+    batch_rows, image_rows = [], []
+    for seed in range(12):
+        key = jax.random.key(seed)
+        batch_rows.append(_changed_per_image(key, images, per_image_decisions=False))
+        image_rows.append(_changed_per_image(key, images, per_image_decisions=True))
+    # Per batch: every image jittered or none; both outcomes occur at probability 1/2.
+    assert all(row.all() or not row.any() for row in batch_rows)
+    assert any(row.all() for row in batch_rows) and any(not row.any() for row in batch_rows)
+    # Per image: some batch mixes jittered and plain images.
+    assert any(row.any() and not row.all() for row in image_rows)

@@ -15,10 +15,13 @@ from wsda_jax.data import builders, records, sources
 from wsda_jax.data.builders import base
 
 
-def _config_data(data_dir, manual_dir=""):
+def _config_data(data_dir, manual_dir="", pre_resize=False):
+    """config.data for the tiny fixture trees; the reference pre-resize (which would blow
+    32x64 fixtures up to 1280x720) only where a test asks for it."""
     config_data = config_lib.base_config().data
     config_data.data_dir = str(data_dir)
     config_data.manual_dir = str(manual_dir)
+    config_data.pre_resize = pre_resize
     config_data.num_workers = 1
     config_data.points_per_class = 2
     config_data.synthetic.height = 32
@@ -29,13 +32,13 @@ def _config_data(data_dir, manual_dir=""):
     return config_data
 
 
-def _prepare(dataset, data_dir, manual_dir, **kwargs):
-    builder = builders.make_builder(dataset, _config_data(data_dir, manual_dir), **kwargs)
-    return builders.prepare(builder)
+def _prepare(dataset, data_dir, manual_dir, pre_resize=False, **kwargs):
+    config_data = _config_data(data_dir, manual_dir, pre_resize)
+    return builders.prepare(builders.make_builder(dataset, config_data, **kwargs))
 
 
-def _read(dataset, split, data_dir):
-    source = sources.open_split(dataset, split, _config_data(data_dir))
+def _read(dataset, split, data_dir, pre_resize=False):
+    source = sources.open_split(dataset, split, _config_data(data_dir, pre_resize=pre_resize))
     examples = [records.decode_example(source[i]) for i in range(len(source))]
     return {example["name"]: example for example in examples}
 
@@ -322,3 +325,41 @@ def test_label_reader_handles_palette_and_grey(tmp_path):
         base.read_label_ids(str(tmp_path / "p.png")), classes.CITYSCAPES_ID_TO_TRAIN
     )
     np.testing.assert_array_equal(mapped, [[0, 13], [18, 255]])
+
+
+def test_pre_resize_to_the_reference_working_sizes(trees, tmp_path):
+    """GTA5 to 1280x720 and Cityscapes train to 1024x512 at preparation (val untouched);
+    points drawn at that size; the size is part of the dataset's name."""
+    data_dir = tmp_path / "data"
+    gta5_summary = _prepare("gta5", data_dir, trees["gta5"].root, pre_resize=True)
+    assert gta5_summary["splits"]["train"]["pre_resized"] == 3
+    assert os.path.isdir(data_dir / "gta5" / "resize_1280x720")
+    for example in _read("gta5", "train", data_dir, pre_resize=True).values():
+        assert example["image"].shape == (720, 1280, 3) and example["label"].shape == (720, 1280)
+
+    tree = trees["cityscapes"]
+    summary = _prepare("cityscapes_weak", data_dir, tree.root, pre_resize=True)
+    assert summary["splits"]["train"]["pre_resized"] == 4
+    assert "pre_resized" not in summary["splits"]["val"]
+    assert os.path.isdir(data_dir / "cityscapes_weak" / "points2_train1024x512")
+    up = lambda label: np.repeat(np.repeat(label, 16, axis=0), 16, axis=1)  # 32x64 -> 512x1024.
+    for name, example in _read("cityscapes_weak", "train", data_dir, pre_resize=True).items():
+        assert example["image"].shape == (512, 1024, 3)
+        np.testing.assert_array_equal(example["label"], up(tree.labels[name]))
+        np.testing.assert_array_equal(
+            example["coarse_label"], up(fixture_trees.coarse_of(tree.labels[name]))
+        )
+        _check_weak_labels(example, k=2)  # Points lie on the resized fine label.
+    for name, example in _read("cityscapes_weak", "val", data_dir, pre_resize=True).items():
+        np.testing.assert_array_equal(example["image"], tree.images[name])
+
+
+def test_dataset_prepared_without_pre_resize_is_not_reused(trees, data_dir, tmp_path):
+    """A dataset prepared the old way (full size) has another name: a config that asks
+    for the pre-resize is told to prepare, never handed full-size records."""
+    data_dir, _ = data_dir  # Holds gta5 and cityscapes_weak prepared without pre-resize.
+    for dataset in ("gta5", "cityscapes_weak"):
+        with pytest.raises(sources.DatasetNotPreparedError, match="--dataset=" + dataset):
+            sources.open_split(dataset, "train", _config_data(data_dir, pre_resize=True))
+    message = sources.prepare_command("gta5", _config_data(data_dir, pre_resize=False))
+    assert "--nopre_resize" in message

@@ -140,9 +140,14 @@ def test_init_from_loads_student_and_teacher(tmp_path):
     fresh = _state(seed=0)
     loaded = checkpointing.load_init_from(str(tmp_path), fresh, _mesh())  # The workdir.
     _assert_trees_equal(loaded.params, stage1.params)
-    _assert_trees_equal(loaded.teacher_params, stage1.params)
     _assert_trees_equal(loaded.batch_stats, stage1.batch_stats)
-    _assert_trees_equal(loaded.teacher_batch_stats, stage1.batch_stats)
+    # The teacher is the stage-1 EMA teacher (here all zeros), as the reference loads it.
+    _assert_trees_equal(loaded.teacher_params, stage1.teacher_params)
+    _assert_trees_equal(loaded.teacher_batch_stats, stage1.teacher_batch_stats)
+    # teacher='student': a copy of the stage-1 student instead.
+    copied = checkpointing.load_init_from(str(tmp_path), _state(seed=0), _mesh(), teacher="student")
+    _assert_trees_equal(copied.teacher_params, stage1.params)
+    _assert_trees_equal(copied.teacher_batch_stats, stage1.batch_stats)
     # Everything else stays fresh.
     _assert_trees_equal(loaded.target_prototypes, fresh.target_prototypes)
     assert int(loaded.step) == 0

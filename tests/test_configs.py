@@ -64,7 +64,7 @@ def test_reference_configs_carry_paper_hyper_parameters(path):
     assert config.num_classes == 19
     assert (config.model.depth, config.model.width, config.model.proj_dim) == (101, 64, 256)
     assert tuple(config.model.aspp_dilations) == (12, 24, 36, 48)
-    assert config.batch_size == 4 and tuple(config.data.crop_size) == (512, 512)
+    assert config.per_device_batch_size == 4 and tuple(config.data.crop_size) == (512, 512)
     assert tuple(config.data.scale_range) == (0.5, 2.0) and config.data.jitter == 0.25
     assert config.num_steps == 150_000
     optim = config.optim

@@ -1,6 +1,9 @@
 """Tests of wsda_jax.losses (under jax.jit) against the literal NumPy reference."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -271,3 +274,51 @@ def test_sampled_contrastive_loss_without_eligible_class_is_zero(sampled_fn):
         np.zeros((NUM_CLASSES, 6), np.float32),
     )
     assert float(loss) == 0.0 and int(count) == 0
+
+
+_GLOBAL_MAX_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np, numpy_reference as ref
+from wsda_jax import losses
+P = jax.sharding.PartitionSpec
+mesh = jax.make_mesh((4,), ("data",))
+rng = np.random.default_rng(5)
+logits = rng.normal(size=(4, 6, 7, 5)).astype(np.float32)
+logits[2] *= 8.0  # One device's magnitudes dominate: per-device and global maxima differ.
+labels = rng.integers(0, 5, size=(4, 6, 7)).astype(np.int32)
+key = jax.random.key(1)
+split = jax.sharding.NamedSharding(mesh, P("data"))
+logits_d, labels_d = jax.device_put(logits, split), jax.device_put(labels, split)
+def per_device(axis_name):
+    def body(lg, lb):
+        loss = losses.boundary_loss(lg, lb, key, max_axis_name=axis_name)
+        return jax.lax.pmean(loss, "data")
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))
+noise = np.tile(np.asarray(jax.random.gumbel(key, (1, 6, 7, 5), dtype=jnp.float32)), (4, 1, 1, 1))
+whole = ref.boundary_loss(logits, labels, noise, tau=0.5)  # One maximum over all 4 images.
+per_image = np.mean(
+    [ref.boundary_loss(logits[i : i + 1], labels[i : i + 1], noise[:1]) for i in range(4)]
+)
+global_max = float(per_device("data")(logits_d, labels_d))
+print(global_max, whole, float(per_device(None)(logits_d, labels_d)), per_image)
+"""
+
+
+def test_boundary_loss_global_maximum_over_devices(tmp_path):
+    """loss.boundary_max='global': the magnitudes of every device share one maximum, so
+    4 devices x 1 image equal 1 device x 4 images; the default is per device (DDP)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=f"{os.path.dirname(tests_dir)}:{tests_dir}")
+    result = subprocess.run(
+        [sys.executable, "-c", _GLOBAL_MAX_SCRIPT],
+        cwd=tests_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    global_max, whole, device_max, per_image = map(float, result.stdout.split())
+    np.testing.assert_allclose(global_max, whole, rtol=1e-4)
+    np.testing.assert_allclose(device_max, per_image, rtol=1e-4)
+    assert abs(whole - per_image) > 2e-4  # The two forms are different losses here.

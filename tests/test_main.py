@@ -150,5 +150,6 @@ def test_init_from_stage_one_workdir_trains(trained, tmp_path, tmp_path_factory)
         f"--workdir={workdir}",
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "Initialised student and teacher from" in result.stderr
+    assert "Initialised the student from" in result.stderr
+    assert "and the teacher from its EMA teacher" in result.stderr
     assert json.load(open(workdir / "eval" / "4.json"))["step"] == 4

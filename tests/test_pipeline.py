@@ -34,11 +34,11 @@ def _records(num, *, target, first=0):
 def _config(*, augment=False, weak_label="coarse", batch_size=2, seed=0, num_workers=0):
     config = config_lib.base_config()
     config.seed = seed
-    config.batch_size = batch_size
+    config.per_device_batch_size = batch_size
     config.weak_label = weak_label
     config.data.num_workers = num_workers
     config.data.prefetch_buffer_size = 2
-    config.eval.batch_size = 2
+    config.eval.per_device_batch_size = 2
     if augment:
         config.data.crop_size = (24, 40)
         config.data.scale_range = (0.5, 2.0)
@@ -138,7 +138,7 @@ def test_orbax_checkpoint_of_the_iterator(tmp_path):
 
 
 def test_two_hosts_get_disjoint_shards_covering_the_data():
-    config = _config(batch_size=2)  # 1 image per host and domain
+    config = _config(batch_size=1)  # 1 image per host (one device each) and domain
     seen = {"source": [], "target": []}
     for process_index in range(2):
         iterator = pipeline.make_train_iterator(
@@ -156,19 +156,35 @@ def test_two_hosts_get_disjoint_shards_covering_the_data():
         assert host0 | host1 == set(range(first, first + len(SOURCE if first == 0 else TARGET)))
 
 
-def test_batch_size_must_divide_over_hosts():
-    with pytest.raises(ValueError, match="divisible"):
-        pipeline.make_train_iterator(_config(batch_size=3), SOURCE, TARGET, process_count=2)
+def test_host_batch_is_per_device_size_times_local_devices():
+    iterator = pipeline.make_train_iterator(
+        _config(batch_size=3), SOURCE, TARGET, process_count=2, num_local_devices=2
+    )
+    batch = next(iterator)
+    assert batch["source"]["image"].shape[0] == 6
+    assert batch["target"]["weak_label"].shape[0] == 6
+    evaluated = next(pipeline.make_eval_iterator(_config(), SOURCE, num_local_devices=3))
+    assert evaluated["image"].shape[0] == 6  # eval.per_device_batch_size=2 x 3 devices.
 
 
 @pytest.mark.parametrize(
-    "weak_label,expected", [("coarse", {1, 255}), ("point", {2, 255}), ("image", {255})]
+    "weak_label,presence,expected",
+    [
+        ("coarse", "crop", {1, 255}),
+        ("point", "crop", {2, 255}),
+        # Image labels carry the gtCoarse crop, from which the step takes the presence...
+        ("image", "crop", {1, 255}),
+        # ...unless the presence is the whole image's: then no map travels.
+        ("image", "image", {255}),
+    ],
 )
-def test_weak_label_selection(weak_label, expected):
-    batch = next(pipeline.make_train_iterator(_config(weak_label=weak_label), SOURCE, TARGET))
+def test_weak_label_selection(weak_label, presence, expected):
+    config = _config(weak_label=weak_label)
+    config.presence = presence
+    batch = next(pipeline.make_train_iterator(config, SOURCE, TARGET))
     weak = batch["target"]["weak_label"]
     assert set(np.unique(weak)) == expected
-    if weak_label == "coarse":
+    if expected == {1, 255}:
         assert (weak[:, :, : W // 2] == 1).all() and (weak[:, :, W // 2 :] == 255).all()
     if weak_label == "point":
         assert (weak[:, 5, 7] == 2).all() and (weak == 2).sum() == weak.shape[0]

@@ -16,8 +16,9 @@ jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of 
 class Runner:
     """A compiled adapt step on a 1-device mesh, its initial state and a fixed batch pair."""
 
-    def __init__(self, weak_label="coarse"):
+    def __init__(self, weak_label="coarse", presence="crop"):
         self.config = tiny_config(weak_label)
+        self.config.presence = presence
         self.model = tiny_model(self.config)
         self.optimizer = optim.make_optimizer(self.config)
         self.mesh = parallel.make_mesh(jax.devices()[:1])
@@ -45,6 +46,12 @@ class Runner:
 @pytest.fixture(scope="session")
 def runner():
     return Runner("coarse")
+
+
+@pytest.fixture(scope="session")
+def image_tags_runner():
+    """Image labels with whole-image presence: the batch's 'presence' reaches the losses."""
+    return Runner("image", presence="image")
 
 
 def _host(tree):
@@ -106,7 +113,9 @@ def test_teacher_ema_numbers():
 
 
 def test_teacher_ema_in_step(runner):
-    """After two steps: teacher = 0.999 * teacher_1 + 0.001 * student_1, BN stats too."""
+    """After two steps: teacher params = 0.999 * teacher_1 + 0.001 * student_1; the teacher's
+    BN statistics are that blend, then updated by the teacher's own train-mode forward on
+    the target batch (METHOD.md section 4.4, as the reference)."""
     state = runner.state()
     batch = runner.put(runner.batches[0])
     state, _ = runner.step(state, batch)
@@ -118,18 +127,32 @@ def test_teacher_ema_in_step(runner):
         runner.initial.params,
     )
     state, _ = runner.step(state, batch)
-    for name, student in (("params", "params"), ("batch_stats", "batch_stats")):
-        teacher_name = f"teacher_{name}"
-        expected = jax.tree.map(
-            lambda t, s: 0.999 * t + 0.001 * s,
-            getattr(after_one, teacher_name),
-            getattr(after_one, student),
-        )
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-            _host(getattr(state, teacher_name)),
-            expected,
-        )
+    blend = lambda t, s: 0.999 * t + 0.001 * s
+    expected_params = jax.tree.map(blend, after_one.teacher_params, after_one.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        _host(state.teacher_params),
+        expected_params,
+    )
+    blended_stats = jax.tree.map(blend, after_one.teacher_batch_stats, after_one.batch_stats)
+    target_image = augment.normalize(jnp.asarray(runner.batches[0]["target"]["image"]))
+    _, updates = tiny_model(runner.config, bn_axis_name=None).apply(
+        {"params": expected_params, "batch_stats": blended_stats},
+        target_image,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    teacher_stats = _host(state.teacher_batch_stats)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        teacher_stats,
+        _host(updates["batch_stats"]),
+    )
+    # The old behaviour (the forward's update discarded) would leave the plain blend.
+    assert any(
+        not np.allclose(a, b, rtol=1e-3)
+        for a, b in zip(jax.tree.leaves(teacher_stats), jax.tree.leaves(blended_stats), strict=True)
+    )
     # The student's BN statistics move during training (chained over the passes).
     leaves_before = jax.tree.leaves(runner.initial.batch_stats)
     leaves_after = jax.tree.leaves(after_one.batch_stats)
@@ -221,7 +244,8 @@ def test_mixed_batch_classmix_rule():
     np.testing.assert_allclose(mixed.image, target_image, atol=1e-4)
 
 
-def test_nonfinite_guard_skips_update(runner):
+def test_nonfinite_guard_skips_update(image_tags_runner):
+    runner = image_tags_runner
     state = runner.state()
     before = _host(state)
     bad = jax.tree.map(np.copy, runner.batches[0])
@@ -343,6 +367,17 @@ def test_eval_step_confusion_of_unmasked_images(runner):
     expected = metrics.confusion_matrix(pred[:1], eval_batch["label"][:1], NUM_CLASSES)
     np.testing.assert_array_equal(confusion, expected)
     assert confusion.sum() == IMAGE_SIZE * IMAGE_SIZE
+    # One image per forward (config.eval.images_per_forward=1) counts the same pixels.
+    chunked_fn = parallel.shard_eval_step(
+        steps.eval_step,
+        runner.mesh,
+        model=runner.model,
+        num_classes=NUM_CLASSES,
+        images_per_forward=1,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(chunked_fn(variables, runner.put(eval_batch))), expected
+    )
 
 
 @pytest.mark.slow
@@ -365,3 +400,67 @@ def test_predict_multiscale_flip_averages(runner):
     np.testing.assert_allclose(logits, jax.jit(manual)(variables, images), rtol=1e-4, atol=1e-5)
     single = jax.jit(lambda v, x: steps.predict(v, x, model=runner.model))(variables, images)
     assert not np.allclose(single, logits, atol=1e-4)
+
+
+def test_presence_comes_from_the_crop_of_the_weak_label():
+    """METHOD.md section 4: the presence vector is the set of classes in the weak-label
+    crop (coarse / point / image kinds), not the record's whole-image presence."""
+    config = tiny_config("coarse")
+    crop = np.full((2, 8, 8), 255, np.int32)
+    crop[0, :2, :2] = 3
+    crop[1, 4:, 4:] = 0
+    crop[1, 0, 0] = 4
+    target = {"weak_label": jnp.asarray(crop), "presence": jnp.ones((2, NUM_CLASSES))}
+    expected = np.zeros((2, NUM_CLASSES), np.float32)
+    expected[0, 3] = expected[1, 0] = expected[1, 4] = 1.0
+    for kind in ("coarse", "point", "image"):
+        config.weak_label = kind
+        weak, presence = steps.target_weak_labels(target, config)
+        np.testing.assert_array_equal(presence, expected)
+        # For image labels only the presence carries information: the map is all 255.
+        np.testing.assert_array_equal(weak, crop if kind != "image" else np.full_like(crop, 255))
+    config.presence = "image"  # True image-level tags: the record's vector.
+    _, presence = steps.target_weak_labels(target, config)
+    np.testing.assert_array_equal(presence, np.ones((2, NUM_CLASSES)))
+
+
+def test_step_ignores_record_presence_unless_asked(runner, image_tags_runner):
+    """The compiled step reads the crop's presence: changing the record's vector changes
+    nothing, except with config.presence='image'."""
+    for active, run in ((False, runner), (True, image_tags_runner)):
+        batch = run.batches[0]
+        other = jax.tree.map(np.copy, batch)
+        other["target"]["presence"] = 1.0 - other["target"]["presence"]
+        _, first = run.step(run.state(), run.put(batch))
+        _, second = run.step(run.state(), run.put(other))
+        same = float(first["im_u"]) == float(second["im_u"])
+        assert same != active, (active, float(first["im_u"]), float(second["im_u"]))
+
+
+def test_inter_takes_plain_downsampled_source_labels():
+    """`inter` anchors use the source labels as they are (ignored pixels stay ignored),
+    while `intra_src` fuses them with the prediction (METHOD.md section 8)."""
+    config = tiny_config("coarse")
+    batch, h, w, size = 2, 8, 8, 64
+    features = jnp.ones((batch, h, w, 4)) / 2.0
+    confident = np.zeros((batch, h, w, NUM_CLASSES), np.float32)
+    confident[..., 1] = 20.0  # Predicts class 1 everywhere, with confidence ~1.
+    out = deeplab.SegmentationOutput(
+        features=features,
+        lowres_logits=jnp.asarray(confident),
+        logits=jnp.zeros((batch, size, size, NUM_CLASSES)),
+    )
+    ignored = jnp.full((batch, size, size), 255, jnp.int32)
+    teacher = {
+        "features": features,
+        "masked_lowres": jnp.full((batch, h, w), 255, jnp.int32),
+        "lowres_confidence": jnp.ones((batch, h, w)),
+    }
+    names = ("inter", "intra_src", "intra_tgt")
+    keys = dict(zip(names, jax.random.split(jax.random.key(0), 3), strict=True))
+    protos = jnp.ones((NUM_CLASSES, 4)) / 2.0
+    _, counts = steps.contrastive_losses(
+        keys, out, out, ignored, ignored, teacher, protos, protos, config
+    )
+    assert int(counts["inter"]) == 0  # Fused labels would make every pixel a class-1 anchor.
+    assert int(counts["intra_src"]) > 0

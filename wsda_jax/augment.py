@@ -146,29 +146,45 @@ def strong_augment(
     jitter_strength: float = 0.25,
     blur_prob: float = 0.5,
     blur_sigma: tuple[float, float] = (0.15, 1.15),
+    per_image_decisions: bool = False,
 ) -> jax.Array:
-    """Per-image random colour jitter and Gaussian blur (METHOD.md section 10).
+    """Random colour jitter and Gaussian blur (METHOD.md section 10).
+
+    Whether to jitter and whether to blur is decided once for the whole batch (the
+    reference draws both decisions once per step), or per image with
+    `per_image_decisions`; the jitter factors and the blur sigma are drawn per image in
+    both cases (the reference applies its transforms image by image).
 
     Args:
       key: PRNG key; the same key gives the same output.
       images: float32 [B, H, W, 3] on a 0..1 scale (de-normalised).
-      jitter_prob: probability of colour jitter per image.
+      jitter_prob: probability of colour jitter.
       jitter_strength: brightness/contrast/saturation/hue strength.
-      blur_prob: probability of a Gaussian blur per image.
+      blur_prob: probability of a Gaussian blur.
       blur_sigma: (low, high) of the uniform blur sigma, in pixels.
+      per_image_decisions: decide jitter and blur per image instead of per batch.
     Returns:
       float32 [B, H, W, 3] in 0..1.
     """
-    _, height, width, _ = images.shape
+    batch, height, width, _ = images.shape
     kernel_size = blur_kernel_size(height, width)
+    k_decide_j, k_decide_b, k_images = jax.random.split(key, 3)
+    decision_shape = (batch,) if per_image_decisions else ()
+    apply_jitter = jnp.broadcast_to(
+        jax.random.uniform(k_decide_j, decision_shape) < jitter_prob, (batch,)
+    )
+    apply_blur = jnp.broadcast_to(
+        jax.random.uniform(k_decide_b, decision_shape) < blur_prob, (batch,)
+    )
 
-    def one(key, image):
-        k_apply_j, k_jitter, k_apply_b, k_sigma = jax.random.split(key, 4)
+    def one(key, image, jitter, blur):
+        k_jitter, k_sigma = jax.random.split(key)
         jittered = _color_jitter(k_jitter, image, jitter_strength)
-        image = jnp.where(jax.random.uniform(k_apply_j) < jitter_prob, jittered, image)
+        image = jnp.where(jitter, jittered, image)
         sigma = jax.random.uniform(k_sigma, (), minval=blur_sigma[0], maxval=blur_sigma[1])
         blurred = _gaussian_blur(image, sigma, kernel_size)
-        return jnp.where(jax.random.uniform(k_apply_b) < blur_prob, blurred, image)
+        return jnp.where(blur, blurred, image)
 
-    keys = jax.random.split(key, images.shape[0])
-    return jnp.clip(jax.vmap(one)(keys, images.astype(jnp.float32)), 0.0, 1.0)
+    keys = jax.random.split(k_images, batch)
+    augmented = jax.vmap(one)(keys, images.astype(jnp.float32), apply_jitter, apply_blur)
+    return jnp.clip(augmented, 0.0, 1.0)

@@ -401,11 +401,15 @@ def _first_mismatch(expected: Any, found: Mapping[str, Any], prefix: str) -> str
     )
 
 
-def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Copies params and batch_stats of a stage-1 checkpoint into student AND teacher.
+def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: str = "ema") -> Any:
+    """Student and teacher of stage 2 from a stage-1 checkpoint.
 
-    Everything else of `state` (optimizer, prototypes, step, rng) stays fresh. Raises a
-    one-line ValueError naming the first parameter whose shape does not match.
+    The student gets the checkpoint's params and batch_stats. The teacher gets the
+    checkpoint's EMA teacher (`teacher='ema'`, as the reference loads its EMA weights)
+    where the checkpoint has one, else a copy of the student (`teacher='student'`, or a
+    checkpoint without a teacher). Everything else of `state` (optimizer, prototypes,
+    step, rng) stays fresh. Raises a one-line ValueError naming the first parameter
+    whose shape does not match.
     """
     directory = _resolve_init_dir(path)
     if not os.path.isdir(directory):
@@ -422,16 +426,17 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh) -> Any:
 
         def read(step: int) -> Any:
             metadata = manager.item_metadata(step)["state"].tree
-            for name in ("params", "batch_stats"):
+            names = ["params", "batch_stats"]
+            if teacher == "ema" and "teacher_params" in metadata:
+                names += ["teacher_params", "teacher_batch_stats"]
+            for name in names:
                 problem = _first_mismatch(getattr(state, name), metadata.get(name, {}), name)
                 if problem:
                     raise DifferentModelError(
                         f"checkpoint {step} was written by a different model: {problem}"
                     )
-            target = abstract_on_mesh(
-                {"params": metadata["params"], "batch_stats": metadata["batch_stats"]}, mesh
-            )
-            # A partial restore: only params and batch_stats are read from the stage-1 state.
+            target = abstract_on_mesh({name: metadata[name] for name in names}, mesh)
+            # A partial restore: only the variables are read from the stage-1 state.
             return manager.restore(
                 step,
                 args=ocp.args.Composite(
@@ -450,8 +455,22 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh) -> Any:
         if found is None:
             raise ValueError(f"config.init.init_from={path!r}: no checkpoint in {directory}")
         restored, step = found
-    logging.info("Initialised student and teacher from %s (step %d).", directory, step)
-    return with_student_and_teacher(state, restored["params"], restored["batch_stats"])
+    state = with_student_and_teacher(state, restored["params"], restored["batch_stats"])
+    if "teacher_params" in restored:
+        state = state.replace(
+            teacher_params=restored["teacher_params"],
+            teacher_batch_stats=restored["teacher_batch_stats"],
+        )
+        source = "its EMA teacher"
+    else:
+        source = "a copy of the student"
+    logging.info(
+        "Initialised the student from %s (step %d) and the teacher from %s.",
+        directory,
+        step,
+        source,
+    )
+    return state
 
 
 def with_student_and_teacher(state: Any, params: Any, batch_stats: Any) -> Any:

@@ -13,6 +13,9 @@ import ml_collections
 WEAK_LABEL_KINDS = ("none", "image", "point", "coarse")
 STAGES = ("source_only", "adapt", "oracle")
 DEPTHS = (18, 34, 50, 101)
+PRESENCE_SOURCES = ("crop", "image")
+TEACHER_INITS = ("ema", "student")
+BOUNDARY_MAX = ("device", "global")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -25,8 +28,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.stage = "adapt"
     # Target weak label: 'none' (plain UDA), 'image', 'point' or 'coarse'.
     c.weak_label = "coarse"
+    # Presence vector of the image-level losses: 'crop' = the classes of the augmented
+    # crop of the weak label map (gtCoarse for coarse/image, points for point), the
+    # faithful default; 'image' = the whole image's fine-label classes (true image tags).
+    c.presence = "crop"
     c.num_steps = 150_000
-    c.batch_size = 4  # Global, per domain: 4 source + 4 target images per step.
+    # Per device, per domain, as the reference's bs_trn: 4 source + 4 target images on
+    # every device; the global batch is this times the number of devices.
+    c.per_device_batch_size = 4
     c.compute_dtype = "float32"  # or 'bfloat16' (parameters and losses stay float32).
 
     c.model = ml_collections.ConfigDict()
@@ -39,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ml_collections.ConfigDict()
     c.init.imagenet = ""  # Converted torchvision ResNet (.pth or .npz), stage 1.
     c.init.init_from = ""  # Stage-1 checkpoint directory (student and teacher), stage 2.
+    # Stage-2 teacher: 'ema' = the stage-1 checkpoint's EMA teacher (the reference),
+    # 'student' = a copy of the stage-1 student.
+    c.init.teacher = "ema"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "gta5"
@@ -46,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "~/tensorflow_datasets"  # Where prepared datasets live.
     c.data.manual_dir = ""  # Raw download, used only to prepare.
     c.data.source_manual_dir = ""  # Raw source download when it differs from manual_dir.
+    # Fixed resize at preparation, before the random scale and crop (METHOD.md s. 12):
+    # GTA5 to 1280x720, Cityscapes train to 1024x512 (val stays 2048x1024); SYNTHIA
+    # and the embedded datasets are not resized. Part of the prepared dataset's name.
+    c.data.pre_resize = True
     c.data.crop_size = (512, 512)  # (height, width)
     c.data.scale_range = (0.5, 2.0)
     c.data.flip = True
@@ -84,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.inter_easy_threshold = 0.95
     c.loss.intra_easy_threshold = 0.96
     c.loss.boundary_tau = 0.5
+    # Normaliser of the boundary loss's gradient magnitudes: 'device' = the maximum over
+    # this device's batch (the reference's DDP), 'global' = over all devices.
+    c.loss.boundary_max = "device"
 
     c.pseudo = ml_collections.ConfigDict()
     c.pseudo.threshold = 0.968  # Confidence for the ClassMix pixel weight.
@@ -95,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema = ml_collections.ConfigDict()
     c.ema.decay = 0.999
     c.ema.ramp = False  # a = min(1 - 1/(step+1), decay), the reference's other mode.
+    # The teacher's train-mode forward updates its BatchNorm running statistics (the
+    # reference); False discards that update.
+    c.ema.teacher_bn_update = True
 
     c.classmix = ml_collections.ConfigDict()
     c.classmix.enabled = True
@@ -103,6 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.classmix.jitter_strength = 0.25
     c.classmix.blur_prob = 0.5
     c.classmix.blur_sigma = (0.15, 1.15)
+    # Jitter / blur decided once per step for the device's batch (faithful) or per image.
+    c.classmix.per_image_augment = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2.5e-3
@@ -114,7 +138,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 5000
-    c.eval.batch_size = 2
+    c.eval.per_device_batch_size = 8  # As the reference's bs_val.
+    # Images per model forward within a device's eval batch (0 = all at once): at
+    # 2048x1024 the full-resolution logits of 8 images take 1.3 GB; the result is the same.
+    c.eval.images_per_forward = 1
     c.eval.scales = (1.0,)
     c.eval.flip = False
     c.eval.num_panels = 4
@@ -233,7 +260,12 @@ def validate_ranges(config: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises a one-line ValueError for a configuration that cannot run."""
+    """Raises a one-line ValueError for a configuration that cannot run on `num_devices`.
+
+    Batch sizes are per device (the reference's bs_trn / bs_val), so every positive
+    size runs on any number of devices and hosts; the global batch is the per-device
+    size times `num_devices` (`global_batch_size`).
+    """
     validate_ranges(config)
     if config.weak_label not in WEAK_LABEL_KINDS:
         raise ValueError(
@@ -243,10 +275,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
     if config.model.depth not in DEPTHS:
         raise ValueError(f"config.model.depth={config.model.depth}: expected one of {DEPTHS}")
-    if config.batch_size % num_devices:
+    if num_devices < 1:
+        raise ValueError(f"no devices to run on (num_devices={num_devices})")
+    for key in ("per_device_batch_size", "eval.per_device_batch_size"):
+        value = config[key] if "." not in key else config.eval[key.split(".")[1]]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"config.{key}={value!r}: must be an integer >= 1 (images per device)")
+    per_forward, eval_batch = config.eval.images_per_forward, config.eval.per_device_batch_size
+    if per_forward < 0 or (per_forward and eval_batch % per_forward):
         raise ValueError(
-            f"config.batch_size={config.batch_size} is not divisible by the {num_devices} devices"
+            f"config.eval.images_per_forward={per_forward}: must be 0 (all) or divide "
+            f"config.eval.per_device_batch_size={eval_batch}"
         )
+    for key, allowed in (
+        ("presence", PRESENCE_SOURCES),
+        ("init.teacher", TEACHER_INITS),
+        ("loss.boundary_max", BOUNDARY_MAX),
+    ):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if value not in allowed:
+            raise ValueError(f"config.{key}={value!r}: expected one of {allowed}")
     if config.loss.contrast_start < 0:
         raise ValueError(f"config.loss.contrast_start={config.loss.contrast_start} must be >= 0")
     height, width = config.data.crop_size
@@ -257,3 +307,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
+
+
+def global_batch_size(config: ml_collections.ConfigDict, num_devices: int) -> int:
+    """Training images per domain and step over all devices."""
+    return config.per_device_batch_size * num_devices
+
+
+def batch_summary(config: ml_collections.ConfigDict, num_devices: int) -> str:
+    """One line for the start-up log: per-device and global train and eval batches."""
+    per_device, eval_per_device = config.per_device_batch_size, config.eval.per_device_batch_size
+    domains = "source + target" if config.stage == "adapt" else "source"
+    return (
+        f"Batch: {per_device} {domains} image(s) per device x {num_devices} device(s) = "
+        f"{global_batch_size(config, num_devices)} per domain and step; evaluation "
+        f"{eval_per_device} per device = {eval_per_device * num_devices} per batch."
+    )

@@ -45,6 +45,7 @@ def make_eval_fn(
         num_classes=config.num_classes,
         scales=tuple(config.eval.scales),
         flip=config.eval.flip,
+        images_per_forward=config.eval.images_per_forward,
     )
 
 

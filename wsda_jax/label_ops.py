@@ -96,3 +96,20 @@ def fuse(pred_lowres: jax.Array, label_fullres: jax.Array) -> jax.Array:
     label = label_fullres[:, rows_full][:, :, cols_full]
     pred = pred_lowres[:, rows_low][:, :, cols_low].astype(label.dtype)
     return jnp.where(label != IGNORE_LABEL, label, pred)
+
+
+def presence(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Class-presence vector of each label map: float32 `[B, C]`, 1 where class c labels a pixel.
+
+    The image-level losses' targets (METHOD.md section 4): computed per step from the
+    augmented crop of the weak label map, as the reference does. Values outside
+    [0, C) (255 = ignore) count nothing. Works on NumPy and JAX arrays alike (the batch
+    browser calls it on host batches).
+    """
+    _check_rank3(labels, "labels")
+    batch = labels.shape[0]
+    flat = labels.reshape(batch, -1).astype(jnp.int32)
+    ids = jnp.where((flat >= 0) & (flat < num_classes), flat, num_classes)
+    rows = jnp.arange(batch)[:, None]
+    hits = jnp.zeros((batch, num_classes + 1), jnp.float32).at[rows, ids].set(1.0)
+    return hits[:, :num_classes]

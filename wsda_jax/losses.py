@@ -81,16 +81,21 @@ def image_level_loss(logits: jax.Array, presence: jax.Array) -> jax.Array:
     return jnp.mean(bce)
 
 
-def _gradient_magnitude(maps: jax.Array) -> jax.Array:
+def _gradient_magnitude(maps: jax.Array, max_axis_name: str | None = None) -> jax.Array:
     """Central-difference gradient magnitude of `[B, H, W, C]` maps, zero padded.
 
-    `sqrt(dx^2 + dy^2 + 1e-6)` divided by its maximum over the whole tensor.
+    `sqrt(dx^2 + dy^2 + 1e-6)` divided by its maximum over the whole tensor, or over the
+    tensors of every device along `max_axis_name` (inside shard_map).
     """
     padded = jnp.pad(maps, ((0, 0), (1, 1), (1, 1), (0, 0)))
     dy = (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) / 2.0
     dx = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) / 2.0
     magnitude = jnp.sqrt(dx * dx + dy * dy + 1e-6)
-    return magnitude / jnp.max(magnitude)
+    maximum = jnp.max(magnitude)
+    if max_axis_name is not None:
+        # all_gather (not pmax) so that the maximum stays differentiable.
+        maximum = jnp.max(jax.lax.all_gather(maximum, max_axis_name))
+    return magnitude / maximum
 
 
 def boundary_loss(
@@ -100,6 +105,7 @@ def boundary_loss(
     *,
     tau: float = 0.5,
     ignore_label: int = 255,
+    max_axis_name: str | None = None,
 ) -> jax.Array:
     """Boundary loss on the source (M section 9): L1 between gradient magnitudes.
 
@@ -113,6 +119,8 @@ def boundary_loss(
       labels: int `[B, H, W]` source labels.
       key: PRNG key for the Gumbel noise.
       tau: Gumbel-softmax temperature.
+      max_axis_name: normalise the magnitudes by their maximum over all devices of this
+        mesh axis instead of this device's batch (the reference's DDP normalises per GPU).
     Returns: float32 scalar.
     """
     _check_logits_labels(logits, labels)
@@ -123,7 +131,11 @@ def boundary_loss(
     noise = jax.random.gumbel(key, logits.shape, dtype=jnp.float32)
     soft = jax.nn.softmax((logits + noise) / tau, axis=-1)
     target = jax.nn.one_hot(jnp.where(ignored, 0, labels), num_classes, dtype=jnp.float32)
-    return jnp.mean(jnp.abs(_gradient_magnitude(soft) - _gradient_magnitude(target)))
+    return jnp.mean(
+        jnp.abs(
+            _gradient_magnitude(soft, max_axis_name) - _gradient_magnitude(target, max_axis_name)
+        )
+    )
 
 
 def pixel_prototype_contrastive_loss(

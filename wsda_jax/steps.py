@@ -101,14 +101,43 @@ def teacher_pseudo_labels(
     target: Batch,
     config: ml_collections.ConfigDict,
     axis_name: str | None,
-) -> dict[str, jax.Array]:
+) -> tuple[dict[str, jax.Array], Any]:
     """Teacher on the target batch, then `pseudo_labels` (sections 4.4-4.6).
 
-    The teacher runs with BatchNorm in training mode (target batch statistics, as the
-    reference) and its statistics updates are discarded; nothing here has a gradient.
+    The teacher runs with BatchNorm in training mode (target batch statistics), as the
+    reference, whose forward also updates the teacher's running statistics; the next
+    step's EMA then blends them with the student's. Returns (pseudo labels, the teacher's
+    batch_stats after this forward: updated by it when config.ema.teacher_bn_update, else
+    unchanged). Nothing here has a gradient.
     """
-    out, _ = _forward(model, teacher_params, teacher_batch_stats, target_image)
-    return pseudo_labels(jax.lax.stop_gradient(out), target, config, axis_name)
+    out, updated = _forward(model, teacher_params, teacher_batch_stats, target_image)
+    batch_stats = updated if config.ema.teacher_bn_update else teacher_batch_stats
+    pseudo = pseudo_labels(jax.lax.stop_gradient(out), target, config, axis_name)
+    return pseudo, jax.lax.stop_gradient(batch_stats)
+
+
+def target_weak_labels(
+    target: Batch, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
+    """The step's weak label map and presence vector from the target batch (section 4).
+
+    `target['weak_label']` is the augmented crop of the weak label map: gtCoarse for
+    'coarse' and 'image', the points for 'point'. With config.presence == 'crop'
+    (faithful default) the presence vector is the set of classes in that crop, as the
+    reference computes it every step; with 'image' it is the record's whole-image
+    presence (true image-level tags, `target['presence']`). For 'image' the weak label
+    map is then all 255: only the presence vector carries information.
+
+    Returns (weak_label int32 [B, H, W], presence float32 [B, C]).
+    """
+    crop = target["weak_label"].astype(jnp.int32)
+    if config.presence == "crop":
+        presence = label_ops.presence(crop, config.num_classes)
+    else:
+        presence = target["presence"].astype(jnp.float32)
+    if config.weak_label not in ("point", "coarse"):
+        crop = jnp.full_like(crop, IGNORE_LABEL)
+    return crop, presence
 
 
 def pseudo_labels(
@@ -216,8 +245,22 @@ def mixed_batch(
         jitter_strength=config.classmix.jitter_strength,
         blur_prob=config.classmix.blur_prob,
         blur_sigma=tuple(config.classmix.blur_sigma),
+        per_image_decisions=config.classmix.per_image_augment,
     )
     return mixed._replace(image=augment.normalize(augmented * 255.0))
+
+
+def _boundary_loss(logits, labels, key, config, axis_name):
+    """The source boundary loss; its normalising maximum is per device (the reference's
+    DDP semantics) or over all devices with config.loss.boundary_max == 'global'."""
+    global_max = config.loss.boundary_max == "global"
+    return losses.boundary_loss(
+        logits,
+        labels,
+        key,
+        tau=config.loss.boundary_tau,
+        max_axis_name=axis_name if global_max else None,
+    )
 
 
 def _contrastive(key, features, label, pred, prob, domain, protos, config, *, inter: bool):
@@ -268,6 +311,8 @@ def contrastive_losses(
     """
     src_pred, src_prob = _prediction(out_s.lowres_logits)
     src_label = label_ops.fuse(src_pred, source_label)
+    # `inter` takes the source labels plainly downsampled (no fusion), as the reference.
+    src_plain = label_ops.resize_nearest(source_label, src_pred.shape[1:3])
     tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
     u_pred, u_prob = _prediction(out_u.lowres_logits)
     batch_size = source_label.shape[0]
@@ -278,7 +323,7 @@ def contrastive_losses(
         # Source student and target teacher anchors against the target prototypes.
         "inter": (
             cat(out_s.features, teacher["features"]),
-            cat(src_label, tgt_label),
+            cat(src_plain, tgt_label),
             cat(src_pred, teacher["masked_lowres"]),
             cat(src_prob, teacher["lowres_confidence"]),
             cat(source_domain, target_domain),
@@ -369,16 +414,21 @@ def adapt_step(
     source_image = augment.normalize(source["image"])
     target_image = augment.normalize(target["image"])
     source_label = source["label"].astype(jnp.int32)
-    weak_label = target["weak_label"].astype(jnp.int32)
-    presence = target["presence"].astype(jnp.float32)
+    weak_label, presence = target_weak_labels(target, config)
     weak_kind = config.weak_label
     w = config.loss
 
     # (1) Teacher EMA from the student of the previous step.
     teacher_params, teacher_batch_stats = ema_update(state, config)
     # (4)-(6) Teacher pseudo labels and weights; independent of the student parameters.
-    teacher = teacher_pseudo_labels(
-        model, teacher_params, teacher_batch_stats, target_image, target, config, axis_name
+    teacher, teacher_batch_stats = teacher_pseudo_labels(
+        model,
+        teacher_params,
+        teacher_batch_stats,
+        target_image,
+        {"weak_label": weak_label, "presence": presence},
+        config,
+        axis_name,
     )
     # (7, target) Prototypes from the teacher.
     target_protos = update_target_prototypes(
@@ -399,8 +449,8 @@ def adapt_step(
         # (3) Student on source.
         out_s, batch_stats = _forward(model, params, batch_stats, source_image)
         terms["seg_s"] = w.seg_s * losses.cross_entropy(out_s.logits, source_label)
-        terms["edge_s"] = w.edge_s * losses.boundary_loss(
-            out_s.logits, source_label, keys["edge"], tau=w.boundary_tau
+        terms["edge_s"] = w.edge_s * _boundary_loss(
+            out_s.logits, source_label, keys["edge"], config, axis_name
         )
         # (7, source) Source prototypes from the student's source features.
         feature_size = out_s.features.shape[1:3]
@@ -487,7 +537,7 @@ def source_only_step(
         terms = {
             "seg_s": config.loss.seg_s * losses.cross_entropy(out.logits, label),
             "edge_s": config.loss.edge_s
-            * losses.boundary_loss(out.logits, label, key, tau=config.loss.boundary_tau),
+            * _boundary_loss(out.logits, label, key, config, axis_name),
         }
         return jax.lax.pmean(sum(terms.values()), axis_name), (terms, batch_stats)
 
@@ -557,16 +607,43 @@ def eval_step(
     num_classes: int,
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
+    images_per_forward: int = 0,
     axis_name: str = "data",
 ) -> jax.Array:
     """Confusion matrix int32 [C, C] (rows = ground truth) of the batch, psum-ed over devices.
 
     batch: {'image': uint8 [B, H, W, 3], 'label': int32 [B, H, W], 'mask': bool [B]};
-    masked-out (padding) images count nothing.
+    masked-out (padding) images count nothing. With 0 < images_per_forward < B the
+    forward runs on chunks of that many images in sequence (`lax.map`): the same
+    result, with the full-resolution logits of only one chunk alive at a time, and a
+    chunk of padding only is skipped (`lax.cond`), so the padded last batch of a split
+    costs only its real images.
     """
-    logits = predict(variables, batch["image"], model=model, scales=scales, flip=flip)
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    confusion = metrics.batch_confusion_matrix(
-        pred, batch["label"].astype(jnp.int32), num_classes, mask=batch["mask"]
-    )
+
+    def confusion_of(images, labels, mask):
+        logits = predict(variables, images, model=model, scales=scales, flip=flip)
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return metrics.batch_confusion_matrix(
+            pred, labels.astype(jnp.int32), num_classes, mask=mask
+        )
+
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    chunk = images_per_forward
+    if 0 < chunk < images.shape[0]:
+        if images.shape[0] % chunk:
+            raise ValueError(
+                f"images_per_forward={chunk} does not divide the batch {images.shape[0]}"
+            )
+        split = lambda x: x.reshape(images.shape[0] // chunk, chunk, *x.shape[1:])
+        # Varying over the devices like the computed branch (shard_map's check_vma).
+        empty = jax.lax.pcast(
+            jnp.zeros((num_classes, num_classes), jnp.int32), (axis_name,), to="varying"
+        )
+        per_chunk = jax.lax.map(
+            lambda xs: jax.lax.cond(jnp.any(xs[2]), confusion_of, lambda *_: empty, *xs),
+            (split(images), split(labels), split(mask)),
+        )
+        confusion = jnp.sum(per_chunk, axis=0)
+    else:
+        confusion = confusion_of(images, labels, mask)
     return jax.lax.psum(confusion, axis_name)

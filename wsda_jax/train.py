@@ -96,7 +96,12 @@ def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
 
 
 def _process_kwargs() -> dict[str, int]:
-    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    """This host's place among the hosts, and its devices (batches are per device)."""
+    return {
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "num_local_devices": jax.local_device_count(),
+    }
 
 
 def _init_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
@@ -163,7 +168,10 @@ def initial_state(
     state = fresh_state(config, model, optimizer, mesh)
     # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;
     if config.init.init_from:
-        return checkpointing.load_init_from(config.init.init_from, state, mesh), 0
+        state = checkpointing.load_init_from(
+            config.init.init_from, state, mesh, teacher=config.init.teacher
+        )
+        return state, 0
     # (3) ImageNet weights for the backbones (config.init.imagenet);
     if config.init.imagenet:
         return _from_imagenet(state, config.init.imagenet, mesh), 0
@@ -247,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final evaluation report. Raises `Interrupted` after saving when SIGTERM or SIGINT
     stopped the run early."""
     config_lib.validate(config, jax.device_count())
+    logging.info(config_lib.batch_summary(config, jax.device_count()))
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
@@ -266,7 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         num_steps=config.num_steps,
         initial_step=step,
         log_every_steps=config.log_every_steps,
-        images_per_step=config.batch_size * (2 if config.stage == "adapt" else 1),
+        images_per_step=config_lib.global_batch_size(config, jax.device_count())
+        * (2 if config.stage == "adapt" else 1),
     )
     report, stopped_by = None, None
     if step == 0 and config.init.init_from:

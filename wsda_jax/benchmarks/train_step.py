@@ -45,7 +45,7 @@ def make_config(depth: int, width: int, crop: int, batch: int, dtype: str, weak_
     config.model.depth = depth
     config.model.width = width
     config.data.crop_size = (crop, crop)
-    config.batch_size = batch
+    config.per_device_batch_size = batch
     config.compute_dtype = dtype
     config.weak_label = weak_label
     config.loss.contrast_start = 0
@@ -55,7 +55,11 @@ def make_config(depth: int, width: int, crop: int, batch: int, dtype: str, weak_
 def random_batch(config, seed: int = 0) -> dict:
     """A numpy train batch of the configured shape with random images and labels."""
     rng = np.random.default_rng(seed)
-    batch, (height, width), classes = config.batch_size, config.data.crop_size, config.num_classes
+    batch, (height, width), classes = (
+        config.per_device_batch_size,
+        config.data.crop_size,
+        config.num_classes,
+    )
     shape = (batch, height, width)
 
     def labels():
@@ -163,7 +167,7 @@ def run(config, num_steps: int) -> dict:
         "lower_s": lower_s,
         "compile_s": compile_s,
         "step_s": step_s,
-        "images_per_s": 2 * config.batch_size / step_s,
+        "images_per_s": 2 * config.per_device_batch_size / step_s,
         "gflop_per_step": None if flops is None else flops / 1e9,
         "gflop_per_s": None if flops is None else flops / 1e9 / step_s,
         "total_loss": float(metrics["total"]),

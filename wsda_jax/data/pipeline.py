@@ -37,7 +37,26 @@ IGNORE = 255
 # while decoding and resizing), and the elements each process reads ahead.
 READ_THREADS = 4
 READ_BUFFER = 16
-WEAK_LABEL_KEYS = {"coarse": "coarse_label", "point": "point_label", "image": None, "none": None}
+# The record key of the weak label map that travels with the target crop. 'image' uses
+# gtCoarse too: the step computes the presence vector from its crop (METHOD.md s. 4).
+WEAK_LABEL_KEYS = {
+    "coarse": "coarse_label",
+    "point": "point_label",
+    "image": "coarse_label",
+    "none": None,
+}
+
+
+def weak_label_key(weak_label: str, presence: str) -> str | None:
+    """The record key of the target's weak label map for `config.weak_label` / `presence`.
+
+    None when the step needs no map: plain UDA, or image labels with whole-image presence.
+    """
+    if weak_label not in WEAK_LABEL_KEYS:
+        raise ValueError(f"weak_label={weak_label!r}: expected one of {tuple(WEAK_LABEL_KEYS)}")
+    if weak_label == "image" and presence == "image":
+        return None
+    return WEAK_LABEL_KEYS[weak_label]
 
 
 def _derived_seed(*parts: int) -> int:
@@ -56,15 +75,14 @@ class _DecodeSource(grain.transforms.Map):
 class _DecodeTarget(grain.transforms.Map):
     """Record -> {'image', 'weak_label', 'label', 'presence' float32 (C,)}.
 
-    'weak_label' is the record's coarse or point label for those kinds and all
-    255 for 'image'/'none'; 'label' (fine, used by the oracle stage) is all 255
-    when the record has none.
+    'weak_label' is the record's map named by `weak_label_key` (gtCoarse for 'coarse'
+    and 'image', points for 'point') and all 255 when there is none; 'presence' is the
+    record's whole-image presence (the step uses it only with config.presence='image');
+    'label' (fine, used by the oracle stage) is all 255 when the record has none.
     """
 
-    def __init__(self, weak_label: str, num_classes: int):
-        if weak_label not in WEAK_LABEL_KEYS:
-            raise ValueError(f"weak_label={weak_label!r}: expected one of {tuple(WEAK_LABEL_KEYS)}")
-        self.weak_key = WEAK_LABEL_KEYS[weak_label]
+    def __init__(self, weak_label: str, num_classes: int, presence: str = "crop"):
+        self.weak_key = weak_label_key(weak_label, presence)
         self.needs_presence = weak_label != "none"
         self.num_classes = num_classes
 
@@ -123,11 +141,13 @@ def _domain_dataset(
     return ds.map(_labels_to_int32)
 
 
-def per_host_batch_size(batch_size: int, process_count: int) -> int:
-    """The global batch size split over hosts; raises if it does not divide."""
-    if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
-    return batch_size // process_count
+def host_batch_size(per_device_batch_size: int, num_local_devices: int) -> int:
+    """Images this host reads per batch: the per-device size times its devices."""
+    if per_device_batch_size < 1 or num_local_devices < 1:
+        raise ValueError(
+            f"per-device batch {per_device_batch_size} x {num_local_devices} local devices"
+        )
+    return per_device_batch_size * num_local_devices
 
 
 def _prefetch(ds: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
@@ -151,22 +171,24 @@ def make_train_iterator(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    num_local_devices: int = 1,
 ) -> grain.DatasetIterator:
     """The infinite, checkpointable iterator of training batches for this host.
 
     Yields {'source': {'image' uint8 (b,H,W,3), 'label' int32 (b,H,W)},
             'target': {'image' uint8, 'weak_label' int32, 'presence' float32 (b,C),
                        'label' int32}}
-    with b = config.batch_size // process_count and (H, W) = config.data.crop_size.
+    with b = config.per_device_batch_size * num_local_devices and (H, W) =
+    config.data.crop_size.
     Source records need 'image' and 'label'; target records 'image', 'presence' and
     the weak label chosen by config.weak_label ('label' is optional).
     """
-    b = per_host_batch_size(config.batch_size, process_count)
+    b = host_batch_size(config.per_device_batch_size, num_local_devices)
     seeds = [_derived_seed(config.seed, domain, process_index) for domain in (0, 1)]
     source = _domain_dataset(
         config, source_records, _DecodeSource(), seeds[0], process_index, process_count
     )
-    target_decode = _DecodeTarget(config.weak_label, config.num_classes)
+    target_decode = _DecodeTarget(config.weak_label, config.num_classes, config.presence)
     target = _domain_dataset(
         config, target_records, target_decode, seeds[1], process_index, process_count
     )
@@ -221,11 +243,13 @@ def make_eval_iterator(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    num_local_devices: int = 1,
 ) -> grain.DatasetIterator:
     """Deterministic single pass over `records`, each evaluated exactly once across hosts.
 
     Yields {'image' uint8 (b,H,W,3), 'label' int32 (b,H,W), 'mask' bool (b,),
-    'index' int32 (b,)} with b = config.eval.batch_size (per host), full resolution
+    'index' int32 (b,)} with b = config.eval.per_device_batch_size * num_local_devices
+    (this host's share), full resolution
     or config.data.eval_resize. Only the first config.eval.max_images records are
     used when that is > 0. All hosts yield `num_eval_batches` batches; padding
     entries repeat record 0 with mask False, label all 255 and index -1.
@@ -233,7 +257,7 @@ def make_eval_iterator(
     num_records = len(records)
     if config.eval.max_images > 0:
         num_records = min(num_records, config.eval.max_images)
-    b = config.eval.batch_size
+    b = host_batch_size(config.eval.per_device_batch_size, num_local_devices)
     total = num_eval_batches(num_records, b, process_count) * b
     ds = grain.MapDataset.range(total).map(
         _EvalExample(records, num_records, process_index, process_count, config.data.eval_resize)

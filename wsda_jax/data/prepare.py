@@ -32,6 +32,12 @@ _DATA_DIR = flags.DEFINE_string(
 )
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 4, "Processes that decode and encode images.")
 _POINTS = flags.DEFINE_integer("points_per_class", 1, "Point labels per present class (targets).")
+_PRE_RESIZE = flags.DEFINE_bool(
+    "pre_resize",
+    True,
+    "gta5 and cityscapes_weak: store the training split at the reference's working size "
+    "(GTA5 1280x720, Cityscapes train 1024x512); matches config.data.pre_resize.",
+)
 _IMAGE_GLOB = flags.DEFINE_string("image_glob", "images/*.png", "folder_pairs: image pattern.")
 _LABEL_GLOB = flags.DEFINE_string("label_glob", "labels/*.png", "folder_pairs: label pattern.")
 _VAL_IMAGE_GLOB = flags.DEFINE_string(
@@ -101,6 +107,7 @@ def _prepare(argv: list[str]) -> None:
     config_data.data_dir = _DATA_DIR.value
     config_data.manual_dir = _MANUAL_DIR.value
     config_data.points_per_class = _POINTS.value
+    config_data.pre_resize = _PRE_RESIZE.value
     dataset = _DATASET.value
     options = _folder_pairs_options() if dataset.startswith("folder_pairs") else None
     builder = builders.make_builder(

@@ -34,6 +34,8 @@ def prepare_command(dataset: str, config_data: Any) -> str:
     ]
     if "points_per_class" in builder_options:
         command.append(f"--points_per_class={builder_options['points_per_class']}")
+    if "train_size" in builder_options and not config_data.pre_resize:
+        command.append("--nopre_resize")
     if dataset.startswith("folder_pairs"):
         command += [
             "--image_glob='images/*.png'",

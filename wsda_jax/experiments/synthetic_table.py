@@ -10,9 +10,16 @@ runs start from the same seed's source-only checkpoint, as in the paper's recipe
 
 Writes `OUTDIR/table.md` (target-val mIoU of student and teacher, mean and standard
 deviation over seeds, per-class IoU in an appendix), `OUTDIR/chart.png` and
-`OUTDIR/results.json`. Finished runs are recognised by their `result.json` and skipped,
-and an interrupted run resumes from its latest checkpoint, so the command can simply
-be started again. `--smoke` runs the few-step `tiny` configs (CI).
+`OUTDIR/results.json`. Each finished run's small result is also copied to
+`--results_dir` (committed under docs/results/, so a finished run survives a new
+machine); a run whose result is in either place is skipped, and an interrupted run
+resumes from its latest checkpoint, so the command can simply be started again.
+`--smoke` runs the few-step `tiny` configs (CI).
+
+Variant groups (`--variants`): the table (oracle ... coarse_no_contrast), the
+cumulative component ablation of coarse labels (ablation_uda -> ablation_weak_ce ->
+coarse_no_contrast -> ablation_intra -> coarse), and the long schedule (coarse_long,
+coarse_long_no_contrast: 2,400 stage-2 steps, contrastive terms from step 160 = 1/15).
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ from absl import app, flags, logging  # noqa: E402
 
 from wsda_jax import classes  # noqa: E402
 
+NO_CONTRAST = {"loss.use_contrast": False}
+NO_IMAGE_LEVEL = {"loss.im_u": 0.0, "loss.im_proto": 0.0}
+# The reference switches the contrastive terms on at 1/15 of its steps (10k of 150k).
+LONG = {"num_steps": 2400, "loss.contrast_start": 160}
 # Variant -> (config module, stage-2 overrides). Order is the table's row order.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "oracle": ("configs.synthetic_oracle", {}),
@@ -42,13 +53,25 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "image": ("configs.synthetic_image", {}),
     "point": ("configs.synthetic_point", {}),
     "coarse": ("configs.synthetic_coarse", {}),
-    "coarse_no_contrast": ("configs.synthetic_coarse", {"loss.use_contrast": False}),
+    "coarse_no_contrast": ("configs.synthetic_coarse", NO_CONTRAST),
+    # Cumulative ablation (coarse labels), each row adds one component to the one above:
+    # ClassMix + pseudo labels; + weak-label CE; + image-level losses (=
+    # coarse_no_contrast); + intra-domain contrastive; + inter-domain (= coarse).
+    "ablation_uda": ("configs.synthetic_uda", NO_CONTRAST),
+    "ablation_weak_ce": ("configs.synthetic_coarse", {**NO_CONTRAST, **NO_IMAGE_LEVEL}),
+    "ablation_intra": ("configs.synthetic_coarse", {"loss.inter": 0.0}),
+    "coarse_long": ("configs.synthetic_coarse", LONG),
+    "coarse_long_no_contrast": ("configs.synthetic_coarse", {**LONG, **NO_CONTRAST}),
 }
+TABLE = ("oracle", "source_only", "uda", "image", "point", "coarse", "coarse_no_contrast")
 STAGE_ONE = ("oracle", "source_only")
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/synthetic_table", "Where runs and the table go.")
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Subset of variants to run.")
+_VARIANTS = flags.DEFINE_list("variants", list(TABLE), "Variants to run (see the docstring).")
+_RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", "", "Also keep each finished run's result.json here (e.g. docs/results)."
+)
 _SMOKE = flags.DEFINE_bool("smoke", False, "Few-step tiny configs (a CI check, not a result).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-dataset directory (config default).")
 
@@ -62,12 +85,7 @@ def make_config(
     config.seed = seed
     if data_dir:
         config.data.data_dir = data_dir
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     if variant not in STAGE_ONE:
         config.init.init_from = run_dir(outdir, "source_only", seed)
     return config
@@ -77,22 +95,57 @@ def run_dir(outdir: str, variant: str, seed: int) -> str:
     return os.path.join(os.path.abspath(outdir), f"{variant}_seed{seed}")
 
 
+def _kept_result(variant: str, seed: int, results_dir: str) -> str:
+    return os.path.join(results_dir, f"{variant}_seed{seed}.json")
+
+
+def finished_result(
+    variant: str, seed: int, outdir: str, results_dir: str = ""
+) -> dict[str, Any] | None:
+    """The result of a finished run, from its workdir or from `results_dir`; else None."""
+    paths = [os.path.join(run_dir(outdir, variant, seed), "result.json")]
+    if results_dir:
+        paths.append(_kept_result(variant, seed, results_dir))
+    for path in paths:
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
 def run_variant(
-    variant: str, seed: int, outdir: str, smoke: bool, data_dir: str | None = None
+    variant: str,
+    seed: int,
+    outdir: str,
+    smoke: bool,
+    data_dir: str | None = None,
+    results_dir: str = "",
 ) -> dict[str, Any]:
-    """Trains one run (or resumes it) and returns its final report plus wall time."""
-    workdir = run_dir(outdir, variant, seed)
-    result_path = os.path.join(workdir, "result.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
+    """Trains one run (or resumes it) and returns its final report plus wall time.
+
+    A stage-2 run whose source-only checkpoint is gone (its result kept elsewhere, a new
+    machine) first retrains that seed's source-only run, which is deterministic.
+    """
+    result = finished_result(variant, seed, outdir, results_dir)
+    if result is not None:
+        return result
     from wsda_jax import train  # Imported late: JAX starts only when a run is needed.
 
+    if variant not in STAGE_ONE:
+        source_dir = run_dir(outdir, "source_only", seed)
+        if not os.path.exists(os.path.join(source_dir, "result.json")):
+            config = make_config("source_only", seed, outdir, smoke, data_dir)
+            train.train_and_evaluate(config, source_dir)
+    workdir = run_dir(outdir, variant, seed)
     start = time.time()
     report = train.train_and_evaluate(make_config(variant, seed, outdir, smoke, data_dir), workdir)
     result = {"variant": variant, "seed": seed, "seconds": time.time() - start, **report}
-    with open(result_path, "w") as f:
+    with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
+    if results_dir:
+        os.makedirs(results_dir, exist_ok=True)
+        with open(_kept_result(variant, seed, results_dir), "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 
@@ -167,6 +220,7 @@ def run_table(
     outdir: str,
     smoke: bool = False,
     data_dir: str | None = None,
+    results_dir: str = "",
 ) -> dict[str, list[dict[str, Any]]]:
     """Runs every (variant, seed) not yet finished; writes table.md, chart.png, results.json."""
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -179,7 +233,9 @@ def run_table(
     for seed in range(seeds):
         for variant in order:
             logging.info("Run %s, seed %d.", variant, seed)
-            results[variant].append(run_variant(variant, seed, outdir, smoke, data_dir))
+            results[variant].append(
+                run_variant(variant, seed, outdir, smoke, data_dir, results_dir)
+            )
     with open(os.path.join(outdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(outdir, "table.md"), "w") as f:
@@ -191,7 +247,12 @@ def run_table(
 def main(argv: Sequence[str]) -> None:
     del argv
     run_table(
-        _VARIANTS.value, _SEEDS.value, _OUTDIR.value, smoke=_SMOKE.value, data_dir=_DATA_DIR.value
+        _VARIANTS.value,
+        _SEEDS.value,
+        _OUTDIR.value,
+        smoke=_SMOKE.value,
+        data_dir=_DATA_DIR.value,
+        results_dir=_RESULTS_DIR.value,
     )
     with open(os.path.join(_OUTDIR.value, "table.md")) as f:
         print(f.read())

@@ -41,12 +41,18 @@ def options_for(dataset: str, config_data: Any) -> dict[str, Any]:
     if variant and name not in ("gta5", "cityscapes_weak", "folder_pairs"):
         raise ValueError(f"dataset {name!r} has no variants, got {dataset!r}")
     if name == "gta5":
-        return {"size_mismatch": variant or "resize"}
+        size = list(gta5.TRAIN_SIZE) if config_data.pre_resize else None
+        return {"size_mismatch": variant or "resize", "train_size": size}
     if name == "cityscapes_weak":
         if variant not in ("", "synthetic_coarse"):
             raise ValueError(f"unknown variant {dataset!r}: use cityscapes_weak/synthetic_coarse")
         coarse = "synthetic" if variant else "gt"
-        return {"points_per_class": int(config_data.points_per_class), "coarse": coarse}
+        size = list(cityscapes.TRAIN_SIZE) if config_data.pre_resize else None
+        return {
+            "points_per_class": int(config_data.points_per_class),
+            "coarse": coarse,
+            "train_size": size,
+        }
     if name == "folder_pairs":
         return {"name": variant or "default"}
     if name == "synthia":

@@ -115,6 +115,23 @@ class PairTask:
     size_mismatch: str = "error"  # 'resize' (image to label size), 'skip' or 'error'.
     coarse_path: str | None = None
     weak: WeakSpec | None = None
+    # (height, width) of the fixed pre-resize (METHOD.md section 12), or None.
+    resize_to: tuple[int, int] | None = None
+
+
+def size_option(size: Sequence[int] | None) -> tuple[int, int] | None:
+    """A builder's [height, width] option as a tuple (None = no pre-resize); checked."""
+    if size is None:
+        return None
+    if len(size) != 2 or any(int(side) < 8 for side in size):
+        raise ValueError(f"size {list(size)}: expected [height, width], both >= 8")
+    return int(size[0]), int(size[1])
+
+
+def size_suffix(size: Sequence[int] | None, prefix: str) -> str:
+    """The part of a dataset name that records its pre-resize: '' or e.g. '_1280x720'."""
+    size = size_option(size)
+    return "" if size is None else f"{prefix}{size[1]}x{size[0]}"
 
 
 def read_image(path: str) -> np.ndarray:
@@ -153,6 +170,21 @@ def read_label_ids(path: str) -> np.ndarray:
 def _resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(resized, np.uint8)
+
+
+def _resize_label(label: np.ndarray, height: int, width: int) -> np.ndarray:
+    resized = Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST)
+    return np.asarray(resized, np.uint8)
+
+
+def pre_resize(
+    image: np.ndarray, labels: dict[str, np.ndarray], size: tuple[int, int]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The reference's fixed resize before augmentation: image bilinear, labels nearest
+    (Pillow, as the reference). size = (height, width)."""
+    height, width = size
+    resized = {key: _resize_label(value, height, width) for key, value in labels.items()}
+    return _resize_image(image, height, width), resized
 
 
 def finish_example(
@@ -210,6 +242,12 @@ def process_pair(task: PairTask) -> tuple[str, dict[str, Any] | None, dict[str, 
             raise PreparationError(
                 f"coarse label {task.coarse_path} does not match {task.label_path}"
             )
+    if task.resize_to is not None and image.shape[:2] != tuple(task.resize_to):
+        maps = {"label": label} if coarse is None else {"label": label, "coarse": coarse}
+        image, maps = pre_resize(image, maps, task.resize_to)
+        label, coarse = maps["label"], maps.get("coarse")
+        counts["pre_resized"] += 1
+    # Weak labels come after the pre-resize: points are drawn at the working size.
     record, finish_counts = finish_example(task.name, image, label, coarse, task.weak)
     counts.update(finish_counts)
     return task.name, record, dict(counts)

@@ -8,6 +8,9 @@ from typing import Any
 from wsda_jax.data.builders import base
 
 COARSE_SOURCES = ("gt", "synthetic")
+# The reference's fixed pre-resize of the train split before augmentation, (height,
+# width); val stays 2048x1024.
+TRAIN_SIZE = (512, 1024)
 IMAGE_SUFFIX = "_leftImg8bit.png"
 FINE_SUFFIX = "_gtFine_labelIds.png"
 COARSE_SUFFIX = "_gtCoarse_labelIds.png"
@@ -25,6 +28,10 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
       coarse 'synthetic': always synthesised from fine (`weak_labels.coarse_from_fine`).
     - points: `points_per_class` pixels per class of the fine label, seeded by
       the image name, at least `point_margin` pixels from class boundaries.
+    - `train_size` [height, width] (the configs ask for `TRAIN_SIZE`, 512x1024, as the
+      reference): the train split's image (bilinear), fine and coarse labels (nearest)
+      are resized at preparation, then the points are drawn at that size; val keeps
+      its full size. Part of the name, e.g. 'points1_train1024x512'.
     """
 
     name = "cityscapes_weak"
@@ -33,7 +40,13 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
-        return {"points_per_class": 1, "point_margin": 0, "coarse": "gt", "seed": 0}
+        return {
+            "points_per_class": 1,
+            "point_margin": 0,
+            "coarse": "gt",
+            "seed": 0,
+            "train_size": None,
+        }
 
     @classmethod
     def config_name(cls, options: dict[str, Any]) -> str:
@@ -44,6 +57,7 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
             name += f"_margin{options['point_margin']}"
         if options["seed"]:
             name += f"_seed{options['seed']}"
+        name += base.size_suffix(options["train_size"], "_train")
         return name + ("_synthetic_coarse" if options["coarse"] == "synthetic" else "")
 
     @classmethod
@@ -84,8 +98,17 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
             seed=self.options["seed"],
         )
         label_map = base.LABEL_MAPS["cityscapes"]
+        resize_to = base.size_option(self.options["train_size"]) if split == "train" else None
         tasks = [
-            base.PairTask(key, image, label, label_map, coarse_path=coarse.get(key), weak=weak)
+            base.PairTask(
+                key,
+                image,
+                label,
+                label_map,
+                coarse_path=coarse.get(key),
+                weak=weak,
+                resize_to=resize_to,
+            )
             for key, image, label in pairs
         ]
         return base.process_pair, tasks

@@ -8,6 +8,8 @@ from typing import Any
 from wsda_jax.data.builders import base
 
 SIZE_MISMATCH = ("resize", "skip")
+# The reference's fixed pre-resize of GTA5 (1914x1052) before augmentation, (height, width).
+TRAIN_SIZE = (720, 1280)
 
 
 class Gta5(base.WsdaBuilder, skip_registration=True):
@@ -17,13 +19,17 @@ class Gta5(base.WsdaBuilder, skip_registration=True):
     'resize' (default) resizes the image (bilinear) to the label, 'skip' drops
     the pair; both are counted in the preparation summary, as are label pixels
     whose id is not a Cityscapes labelId (they become 255).
+
+    Option `train_size` [height, width] (default none here; the configs ask for
+    `TRAIN_SIZE`, 720x1280, as the reference) resizes every pair at preparation (image
+    bilinear, label nearest) and is part of the dataset's name, e.g. 'resize_1280x720'.
     """
 
     name = "gta5"
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
-        return {"size_mismatch": "resize"}
+        return {"size_mismatch": "resize", "train_size": None}
 
     @classmethod
     def config_name(cls, options: dict[str, Any]) -> str:
@@ -31,7 +37,7 @@ class Gta5(base.WsdaBuilder, skip_registration=True):
             raise ValueError(
                 f"size_mismatch={options['size_mismatch']!r}: expected one of {SIZE_MISMATCH}"
             )
-        return options["size_mismatch"]
+        return options["size_mismatch"] + base.size_suffix(options["train_size"], "_")
 
     @classmethod
     def expected_layout(cls, options: dict[str, Any]) -> list[str]:
@@ -46,7 +52,14 @@ class Gta5(base.WsdaBuilder, skip_registration=True):
         pairs = base.pair_by_key(self.manual_dir, expected, images, labels, "gta5")
         label_map = base.LABEL_MAPS["cityscapes"]
         tasks = [
-            base.PairTask(key, image, label, label_map, size_mismatch=self.options["size_mismatch"])
+            base.PairTask(
+                key,
+                image,
+                label,
+                label_map,
+                size_mismatch=self.options["size_mismatch"],
+                resize_to=base.size_option(self.options["train_size"]),
+            )
             for key, image, label in pairs
         ]
         return base.process_pair, tasks

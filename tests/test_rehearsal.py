@@ -1,0 +1,211 @@
+"""A full-size rehearsal of the real path: raw trees at the real resolutions -> prepare CLI
+-> the REAL configs on 4 (and 1) simulated devices: stage 1, stage 2 from it, evaluation,
+predict.
+
+Raw trees: GTA5 at 1914x1052 (one image/label size mismatch), SYNTHIA at 1280x760 with
+16-bit labels, Cityscapes at 2048x1024 with gtFine and gtCoarse. They are prepared with
+`python -m wsda_jax.data.prepare` (pre-resize on: GTA5 to 1280x720, Cityscapes train to
+1024x512, val at 2048x1024). Then `python -m wsda_jax.main` runs the real configs
+with the reference's per-device batch (4 + 4) and eval batch (8), overriding only the
+model size, the step counts and the crop size (128x128, for the CPU). On 4 devices
+every listed config runs; on 1 device the GTA5 chain (stage 1, coarse stage 2,
+predict), to keep the suite's time.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import fixture_trees
+import numpy as np
+import pytest
+import subprocesses
+from PIL import Image
+
+from wsda_jax import classes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 2
+CROP = 128
+SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
+# Model size, step counts and crop size: nothing else differs from the real configs.
+OVERRIDES = (
+    "--config.model.depth=18",
+    "--config.model.stage_sizes=(1,1,1,1)",
+    "--config.model.width=8",
+    "--config.model.proj_dim=16",
+    f"--config.num_steps={NUM_STEPS}",
+    "--config.optim.warmup_steps=1",
+    "--config.loss.contrast_start=1",  # The contrastive and image terms act at step 2.
+    "--config.log_every_steps=1",
+    f"--config.data.crop_size=({CROP},{CROP})",
+    "--config.data.num_workers=0",
+)
+
+
+def _prepare(dataset, manual_dir, data_dir, env):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsda_jax.data.prepare",
+            f"--dataset={dataset}",
+            f"--manual_dir={manual_dir}",
+            f"--data_dir={data_dir}",
+            "--num_workers=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Raw trees at the real sizes, prepared with the CLI; returns paths and the trees."""
+    base = tmp_path_factory.getbasetemp()
+    root = tmp_path_factory.mktemp("rehearsal")
+    trees = {
+        "gta5": fixture_trees.make_gta5_tree(str(root / "raw" / "gta5"), 3, *SIZES["gta5"]),
+        "synthia": fixture_trees.make_synthia_tree(
+            str(root / "raw" / "synthia"), 2, *SIZES["synthia"]
+        ),
+        "cityscapes_weak": fixture_trees.make_cityscapes_tree(
+            str(root / "raw" / "cityscapes"),
+            cities={"train": ("aachen", "bochum"), "val": ("frankfurt",)},
+            per_city=1,
+            height=SIZES["cityscapes"][0],
+            width=SIZES["cityscapes"][1],
+        ),
+    }
+    data_dir = root / "data"
+    env = subprocesses.jax_env(base)
+    processes = {name: _prepare(name, tree.root, data_dir, env) for name, tree in trees.items()}
+    summaries = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"prepare {name}:\n{stderr[-3000:]}"
+        summaries[name] = json.loads(stdout[stdout.index("{") :])
+    predict_dir = root / "predict_in"
+    predict_dir.mkdir()
+    for name, split in trees["cityscapes_weak"].info["splits"].items():
+        if split == "val":
+            Image.fromarray(trees["cityscapes_weak"].images[name]).save(predict_dir / f"{name}.png")
+    return {
+        "root": root,
+        "data_dir": data_dir,
+        "trees": trees,
+        "summaries": summaries,
+        "predict_dir": predict_dir,
+        "base": base,
+    }
+
+
+def _main(prepared, devices, config, workdir, *extra):
+    trees = prepared["trees"]
+    source = "synthia" if "synthia" in config else "gta5"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsda_jax.main",
+            f"--config=configs/{config}.py",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={prepared['data_dir']}",
+            f"--config.data.manual_dir={trees['cityscapes_weak'].root}",
+            f"--config.data.source_manual_dir={trees[source].root}",
+            *OVERRIDES,
+            *extra,
+        ],
+        cwd=ROOT,
+        env=subprocesses.jax_env(prepared["base"], devices),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, f"{config} on {devices} devices:\n{result.stderr[-4000:]}"
+    return result
+
+
+def _train_lines(workdir):
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [line for line in lines if "total" in line]
+
+
+def test_prepared_at_the_reference_working_sizes(prepared):
+    summaries, data_dir = prepared["summaries"], prepared["data_dir"]
+    gta5 = summaries["gta5"]["splits"]["train"]
+    assert gta5["pre_resized"] == 3 and gta5["resized"] == 1  # The mismatched pair too.
+    assert summaries["cityscapes_weak"]["splits"]["train"]["pre_resized"] == 2
+    assert "pre_resized" not in summaries["synthia"]["splits"]["train"]
+    assert os.path.isdir(data_dir / "gta5" / "resize_1280x720")
+    assert os.path.isdir(data_dir / "cityscapes_weak" / "points1_train1024x512")
+
+
+def _check_eval(prepared, workdir, step, models, subsets=("miou",)):
+    report = json.load(open(os.path.join(workdir, "eval", f"{step}.json")))
+    tree = prepared["trees"]["cityscapes_weak"]
+    val = [name for name, split in tree.info["splits"].items() if split == "val"]
+    labelled = sum(int((tree.labels[name] != 255).sum()) for name in val)
+    for model in models:
+        for subset in subsets:
+            assert 0.0 <= report[model][subset] <= 1.0, (model, subset, report[model])
+        # Both val images at full size (2048x1024), each counted once despite the padding.
+        assert report[model]["pixels"] == labelled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [4, 1])
+def test_real_configs_stage1_stage2_eval_predict(prepared, devices, tmp_path):
+    runs = tmp_path / f"devices{devices}"
+    stage1 = runs / "gta_source_only"
+    result = _main(prepared, devices, "gta_source_only", stage1)
+    assert f"x {devices} device(s) = {4 * devices} per domain" in result.stderr
+    assert [line["step"] for line in _train_lines(stage1)] == [1, 2]
+    _check_eval(prepared, stage1, NUM_STEPS, ["student"])
+
+    adapted = ("gta2cs_coarse", "gta2cs_image", "gta2cs_point") if devices == 4 else ()
+    for config in adapted or ("gta2cs_coarse",):
+        workdir = runs / config
+        _main(prepared, devices, config, workdir, f"--config.init.init_from={stage1}")
+        lines = _train_lines(workdir)
+        assert [line["step"] for line in lines] == [1, 2]
+        terms = {"seg_s", "edge_s", "seg_mix", "im_u", "im_proto", "inter", "intra_src"}
+        for line in lines:
+            assert terms <= set(line) and all(math.isfinite(line[t]) for t in terms), line
+        assert lines[-1]["inter"] != 0.0  # Switched on at contrast_start=1.
+        _check_eval(prepared, workdir, 0, ["student", "teacher"])  # The stage-1 starting point.
+        _check_eval(prepared, workdir, NUM_STEPS, ["student", "teacher"])
+
+    if devices == 4:
+        synthia = runs / "synthia_source_only"
+        _main(prepared, devices, "synthia_source_only", synthia)
+        _check_eval(prepared, synthia, NUM_STEPS, ["student"], ("miou", "miou_16", "miou_13"))
+        workdir = runs / "synthia2cs_coarse"
+        _main(prepared, devices, "synthia2cs_coarse", workdir, f"--config.init.init_from={synthia}")
+        _check_eval(
+            prepared, workdir, NUM_STEPS, ["student", "teacher"], ("miou", "miou_16", "miou_13")
+        )
+
+    out = runs / "predictions"
+    _main(
+        prepared,
+        devices,
+        "gta2cs_coarse",
+        runs / "gta2cs_coarse",
+        "--mode=predict",
+        f"--input_dir={prepared['predict_dir']}",
+        f"--output_dir={out}",
+    )
+    written = sorted(os.listdir(out))
+    assert written == sorted(os.listdir(prepared["predict_dir"]))
+    prediction = np.asarray(Image.open(out / written[0]).convert("RGB"))
+    assert prediction.shape == (1024, 2048, 3)
+    palette = {tuple(c) for c in classes.PALETTE[: classes.NUM_CLASSES]}
+    assert {tuple(c) for c in prediction.reshape(-1, 3)[::4099]} <= palette
+    shutil.rmtree(runs)  # Checkpoints of both device counts would fill the disk otherwise.

@@ -1,0 +1,140 @@
+r"""Writes training batches as the train step receives them: PNG panels and a JSON summary.
+
+  python -m wsda_jax.data.browse --config=configs/gta2cs_coarse.py --out=/tmp/batches \
+      --num_batches=4 [--config.data.data_dir=...]
+
+For each of `--num_batches` batches of ONE device's share (config.per_device_batch_size
+source + target images, after the pre-resize, random scale, crop and flip and the host
+colour jitter; before the on-device ClassMix and strong augmentation) it writes
+`OUT/batch{i}_{j}.png` per image pair (source image | source label | target image |
+target weak label, with the presence vector's class names as a caption) and
+`OUT/batches.json`, one entry per pair:
+
+  {"batch": i, "pair": j, "source_shape": [H, W], "target_shape": [H, W],
+   "presence": [class ids the image-level losses see],
+   "weak_label_classes": [class ids present in the weak label crop]}
+
+The presence vector is computed by the step's own function (`steps.target_weak_labels`),
+so what is shown is what the losses see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image, ImageDraw
+
+from wsda_jax import classes
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory for the panels and batches.json.")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", 2, "Batches to write (>= 1).")
+flags.mark_flags_as_required(["config", "out"])
+
+CAPTION_HEIGHT = 14
+
+
+def class_ids(label: np.ndarray, num_classes: int) -> list[int]:
+    """Sorted train ids in [0, num_classes) that label at least one pixel."""
+    values = np.unique(np.asarray(label))
+    return [int(v) for v in values if 0 <= v < num_classes]
+
+
+def panel(
+    source_image: np.ndarray,
+    source_label: np.ndarray,
+    target_image: np.ndarray,
+    weak_label: np.ndarray,
+    caption: str,
+) -> np.ndarray:
+    """uint8 (CAPTION_HEIGHT + H, 4 W, 3): the four crops side by side under a caption."""
+    row = np.concatenate(
+        [
+            source_image,
+            classes.colorize(source_label),
+            target_image,
+            classes.colorize(weak_label),
+        ],
+        axis=1,
+    )
+    canvas = Image.new("RGB", (row.shape[1], row.shape[0] + CAPTION_HEIGHT), (255, 255, 255))
+    canvas.paste(Image.fromarray(row), (0, CAPTION_HEIGHT))
+    ImageDraw.Draw(canvas).text((2, 1), caption, fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def describe_batch(batch: dict, config, batch_index: int) -> list[dict]:
+    """The batches.json entries of one host batch (see the module docstring)."""
+    from wsda_jax import steps  # JAX only when a batch is described.
+
+    target = batch["target"]
+    _, presence = steps.target_weak_labels(target, config)
+    presence = np.asarray(presence)
+    entries = []
+    for j in range(batch["source"]["image"].shape[0]):
+        entries.append(
+            {
+                "batch": batch_index,
+                "pair": j,
+                "source_shape": list(batch["source"]["image"].shape[1:3]),
+                "target_shape": list(target["image"].shape[1:3]),
+                "presence": [int(c) for c in np.flatnonzero(presence[j] > 0)],
+                "weak_label_classes": class_ids(target["weak_label"][j], config.num_classes),
+            }
+        )
+    return entries
+
+
+def write_batches(config, out_dir: str, num_batches: int) -> list[dict]:
+    """Writes the panels and batches.json for `num_batches` batches; returns the entries."""
+    from wsda_jax import config_lib, train
+    from wsda_jax.data import pipeline
+
+    config_lib.validate(config, num_devices=1)
+    if num_batches < 1:
+        raise ValueError(f"--num_batches={num_batches}: must be >= 1")
+    os.makedirs(out_dir, exist_ok=True)
+    data = train.open_datasets(config)
+    iterator = pipeline.make_train_iterator(config, data.source, data.target)
+    entries = []
+    try:
+        for i in range(num_batches):
+            batch = next(iterator)
+            batch_entries = describe_batch(batch, config, i)
+            for entry in batch_entries:
+                j = entry["pair"]
+                names = [classes.CLASS_NAMES[c] for c in entry["presence"]]
+                image = panel(
+                    batch["source"]["image"][j],
+                    batch["source"]["label"][j],
+                    batch["target"]["image"][j],
+                    batch["target"]["weak_label"][j],
+                    "presence: " + (", ".join(names) or "none"),
+                )
+                Image.fromarray(image).save(os.path.join(out_dir, f"batch{i}_{j}.png"))
+            entries += batch_entries
+    finally:
+        iterator.close()
+    with open(os.path.join(out_dir, "batches.json"), "w") as f:
+        json.dump(entries, f, indent=1)
+    return entries
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        entries = write_batches(_CONFIG.value, os.path.expanduser(_OUT.value), _NUM_BATCHES.value)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(1)
+    print(f"Wrote {len(entries)} image pairs to {_OUT.value} (panels and batches.json).")
+
+
+if __name__ == "__main__":
+    app.run(main)
