@@ -280,7 +280,8 @@ def test_corrupt_png_is_named(trees, tmp_path):
         _prepare("gta5", tmp_path / "data", raw)
     builder = builders.make_builder("gta5", _config_data(tmp_path / "data", raw))
     assert not builder.is_prepared()
-    assert os.listdir(tmp_path / "data" / "gta5" / "resize") == []  # The temp folder is removed.
+    # The temp folder is removed (the preparation lock file stays).
+    assert os.listdir(tmp_path / "data" / "gta5" / "resize") == [".prepare.lock"]
 
 
 def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
@@ -305,11 +306,13 @@ def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == 3, result.stderr.decode()[-2000:]
     variant = data_dir / "cityscapes_weak" / "points2"
-    assert [p.startswith("incomplete.") for p in os.listdir(variant)] == [True]
+    left = [p for p in os.listdir(variant) if p != ".prepare.lock"]
+    assert [p.startswith("incomplete.") for p in left] == [True]
     with pytest.raises(sources.DatasetNotPreparedError):
         sources.open_split("cityscapes_weak", "train", _config_data(data_dir))
-    _prepare("cityscapes_weak", data_dir, trees["cityscapes"].root)  # A rerun completes.
+    _prepare("cityscapes_weak", data_dir, trees["cityscapes"].root)  # A rerun completes...
     assert len(sources.open_split("cityscapes_weak", "val", _config_data(data_dir))) == 2
+    assert not (variant / left[0]).exists()  # ...and removes the killed run's leftovers.
 
 
 def test_label_reader_handles_palette_and_grey(tmp_path):

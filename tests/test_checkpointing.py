@@ -2,6 +2,9 @@
 
 import logging
 import os
+import signal
+import sys
+import types
 
 import flax
 import grain
@@ -165,3 +168,103 @@ def test_init_from_shape_mismatch_names_parameter(tmp_path):
 def test_init_from_missing_directory(tmp_path):
     with pytest.raises(ValueError, match="no such checkpoint directory"):
         checkpointing.load_init_from(str(tmp_path / "nope"), _state(), _mesh())
+
+
+def _save_steps(directory, states, config):
+    with checkpointing.make_manager(str(directory), config) as manager:
+        for step, state in states.items():
+            checkpointing.save(manager, step, state, _iterator(), config)
+            manager.wait_until_finished()
+
+
+def _zero_files(directory):
+    """Overwrites every file under `directory` with one zero byte (a crash's leftovers)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\0")
+
+
+def test_corrupt_latest_is_moved_aside_so_it_is_saved_again(tmp_path, caplog):
+    config = _config(keep=3)
+    _save_steps(tmp_path, {1: _state(seed=1), 2: _state(seed=2)}, config)
+    _zero_files(tmp_path / "2" / "state")
+    abstract = checkpointing.abstract_on_mesh(jax.eval_shape(lambda: _state()), _mesh())
+    with caplog.at_level(logging.WARNING):
+        with checkpointing.make_manager(str(tmp_path), config) as manager:
+            _, step = checkpointing.restore_latest(manager, abstract, _iterator())
+            assert step == 1 and manager.all_steps() == [1]
+            # The step is written again (the old code skipped it as "already there").
+            assert checkpointing.save(manager, 2, _state(seed=3), _iterator(), config)
+            manager.wait_until_finished()
+    warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert len(warnings) == 1 and f"moved to {tmp_path / 'corrupt' / '2'}" in warnings[0]
+    assert os.listdir(tmp_path / "corrupt") == ["2"]
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        restored, step = checkpointing.restore_latest(manager, abstract)
+    assert step == 2
+    _assert_trees_equal(restored, _state(seed=3))
+
+
+def test_checkpoint_of_another_model_is_named_and_left_in_place(tmp_path):
+    config = _config()
+    _save_steps(tmp_path, {1: _state(kernel_shape=(3, 3))}, config)
+    abstract = checkpointing.abstract_on_mesh(
+        jax.eval_shape(lambda: _state(kernel_shape=(3, 4))), _mesh()
+    )
+    expected = (
+        "checkpoint 1 was written by a different model: params/backbone/conv/kernel has "
+        r"shape \(3, 3\), this config \(3, 4\)"
+    )
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        with pytest.raises(checkpointing.DifferentModelError, match=expected):
+            checkpointing.restore_latest(manager, abstract)
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+
+
+def test_init_from_skips_a_corrupt_latest_without_moving_it(tmp_path, caplog):
+    config = _config(keep=3)
+    _save_steps(tmp_path, {1: _state(seed=1), 2: _state(seed=2)}, config)
+    _zero_files(tmp_path / "2" / "state")
+    with caplog.at_level(logging.WARNING):
+        loaded = checkpointing.load_init_from(str(tmp_path), _state(seed=0), _mesh())
+    _assert_trees_equal(loaded.params, _state(seed=1).params)
+    assert any("2 is unreadable" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]  # Another run's workdir: untouched.
+
+
+def test_restore_noise_filter_drops_only_the_abandoned_reads_errors():
+    seen = []
+    noise = checkpointing._RestoreNoiseFilter()
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_value)
+    try:
+        noise.install()
+        closed, other = RuntimeError("Event loop is closed"), RuntimeError("a real bug")
+        for error in (closed, other):
+            sys.unraisablehook(types.SimpleNamespace(exc_value=error, exc_traceback=None))
+        noise.remove()
+        sys.unraisablehook(types.SimpleNamespace(exc_value=closed, exc_traceback=None))
+    finally:
+        sys.unraisablehook = previous
+    assert seen == [other, closed]  # Dropped only while installed.
+
+
+def test_sigint_is_a_stop_request_like_sigterm():
+    with checkpointing.PreemptionWatcher() as watcher:
+        assert watcher.signum is None
+        os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt: the watcher has it.
+        assert watcher.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_save_to_an_unwritable_directory_fails_at_once(tmp_path):
+    config = _config()
+    directory = tmp_path / "checkpoints"
+    with checkpointing.make_manager(str(directory), config) as manager:
+        checkpointing.save(manager, 1, _state(), _iterator(), config)
+        manager.wait_until_finished()
+        os.rename(directory, tmp_path / "moved")
+        (tmp_path / "checkpoints").write_text("")  # Now a file: nothing can be created in it.
+        with pytest.raises(checkpointing.CheckpointWriteError, match="cannot write checkpoints"):
+            checkpointing.save(manager, 2, _state(), _iterator(), config)

@@ -137,8 +137,8 @@ def test_init_from_shape_mismatch_is_one_line(trained, tmp_path, tmp_path_factor
         f"--config.init.init_from={trained}",
         f"--workdir={tmp_path / 'stage2'}",
     )
-    _assert_one_line_error(result, "params/backbone/")
-    assert "in the checkpoint but" in result.stderr
+    _assert_one_line_error(result, "was written by a different model: params/backbone/")
+    assert ", this config (" in result.stderr
 
 
 def test_init_from_stage_one_workdir_trains(trained, tmp_path, tmp_path_factory):

@@ -3,6 +3,8 @@ the evaluation report turns a confusion matrix into IoU JSON and plots."""
 
 import json
 import os
+import struct
+import time
 
 import jax.numpy as jnp
 import ml_collections
@@ -89,3 +91,52 @@ def test_eval_report_json_and_plots(tmp_path):
     assert json.load(open(tmp_path / "eval" / "7.json")) == report
     for name in ("7_student_panels.png", "7_student_confusion.png"):
         assert os.path.getsize(tmp_path / "eval" / name) > 0
+
+
+def test_resume_drops_the_lines_past_the_restored_step(tmp_path):
+    reporter = _reporter(tmp_path, log_every_steps=1)
+    for step in range(1, 6):
+        reporter.update(step, {"loss": jnp.asarray(float(step))})
+    reporter.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # A line cut short by a kill.
+    time.sleep(1.1)  # Event file names carry the second they were made.
+    # Resumed from the checkpoint of step 3: steps 4 and 5 are trained (and logged) again.
+    reporter = _reporter(tmp_path, log_every_steps=1, initial_step=3)
+    reporter.update(4, {"loss": jnp.asarray(40.0)})
+    reporter.close()
+    lines = reporting.read_metrics(str(tmp_path))
+    assert [(line["step"], line["loss"]) for line in lines] == [(1, 1), (2, 2), (3, 3), (4, 40)]
+    assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
+    # TensorBoard: the resumed writer's file starts with SessionLog START at step 4, on
+    # which TensorBoard hides the older files' events from step 4 on.
+    files = sorted(os.listdir(tmp_path / "tensorboard"))
+    assert len(files) == 2
+    starts = [e.step for e in _events(tmp_path / "tensorboard" / files[-1]) if e.session_log.status]
+    assert starts == [4]
+
+
+def _events(path):
+    """The Event protos of a TensorBoard event file (TFRecord framing)."""
+    from tensorboardX.proto import event_pb2
+
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[offset + 12 : offset + 12 + length])
+        events.append(event)
+        offset += 12 + length + 4
+    return events
+
+
+def test_predict_output_names_are_distinct():
+    names = evaluation.output_names(["a.png", "x.jpg", "x.png", "x_png.png", "y.JPEG"])
+    assert names == {
+        "a.png": "a.png",
+        "x.jpg": "x_jpg.png",
+        "x.png": "x_png.png",
+        "x_png.png": "x_png_png_1.png",  # Its plain name is taken by x.png.
+        "y.JPEG": "y.png",
+    }
+    assert len(set(names.values())) == len(names)

@@ -1,12 +1,18 @@
 """Exact resumption in subprocesses, on the tiny synthetic config.
 
-- SIGKILL after a checkpoint, restart: every step's metrics equal an uninterrupted run's.
-- SIGTERM on 4 simulated devices: a checkpoint of the current step and exit status 0;
-  the run then restores and finishes on 1 device.
+- SIGKILL after a checkpoint, restart: every step's metrics equal an uninterrupted run's,
+  and metrics.jsonl holds each step once.
+- SIGTERM on 4 simulated devices: a checkpoint of the current step, exit status 143 and
+  the command that resumes; the run then restores and finishes on 1 device.
+- SIGINT (Ctrl-C): saved like SIGTERM, exit status 130, no traceback.
+- Five SIGKILLs in a row at random points (during a checkpoint write, after a step, at
+  start-up): the final metrics equal an uninterrupted run's, checkpoints/ holds only
+  readable steps.
 """
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -35,6 +41,17 @@ def _command(base, workdir):
     ]
 
 
+def _start(base, workdir, devices=1):
+    return subprocess.Popen(
+        _command(base, workdir),
+        cwd=ROOT,
+        env=subprocesses.jax_env(base, devices),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _run(base, workdir, devices=1):
     result = subprocess.run(
         _command(base, workdir),
@@ -50,14 +67,7 @@ def _run(base, workdir, devices=1):
 
 def _interrupt_after_first_checkpoint(base, workdir, sig, devices=1):
     """Starts a run, sends `sig` once checkpoint 1 is committed; returns (rc, stderr)."""
-    process = subprocess.Popen(
-        _command(base, workdir),
-        cwd=ROOT,
-        env=subprocesses.jax_env(base, devices),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _start(base, workdir, devices)
     deadline = time.monotonic() + 600
     # Orbax renames a finished checkpoint into place, so the directory means committed.
     while not (workdir / "checkpoints" / "1").is_dir():
@@ -70,14 +80,17 @@ def _interrupt_after_first_checkpoint(base, workdir, sig, devices=1):
     return process.returncode, stderr
 
 
+def _train_lines(workdir):
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [line for line in lines if "total" in line]
+
+
 def _train_metrics(workdir):
-    """Step -> metrics, the last line of each step winning (a resumed run appends)."""
+    """Step -> metrics (a resumed run drops the lines past its restored step first)."""
     metrics = {}
-    for line in open(workdir / "metrics.jsonl"):
-        entry = json.loads(line)
-        if "total" in entry:
-            entry.pop("images_per_sec")
-            metrics[entry.pop("step")] = entry
+    for entry in _train_lines(workdir):
+        entry.pop("images_per_sec")
+        metrics[entry.pop("step")] = entry
     return metrics
 
 
@@ -85,11 +98,18 @@ def _steps(workdir):
     return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
 
 
-def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tmp_path_factory):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run's workdir."""
+    workdir = tmp_path_factory.mktemp("reference") / "run"
+    _run(tmp_path_factory.getbasetemp(), workdir)
+    assert sorted(_train_metrics(workdir)) == [1, 2, 3, 4]
+    return workdir
+
+
+def test_sigkill_then_restart_matches_uninterrupted_run(reference, tmp_path, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
-    _run(base, tmp_path / "reference")
-    reference = _train_metrics(tmp_path / "reference")
-    assert sorted(reference) == [1, 2, 3, 4]
+    reference_dir, reference = reference, _train_metrics(reference)
 
     interrupted = tmp_path / "interrupted"
     returncode, _ = _interrupt_after_first_checkpoint(base, interrupted, signal.SIGKILL)
@@ -99,27 +119,128 @@ def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path, tmp_path_facto
     resumed = _run(base, interrupted)
     assert f"Resuming from step {killed_at}" in resumed.stderr
 
+    assert [line["step"] for line in _train_lines(interrupted)] == [1, 2, 3, 4]  # Each once.
     metrics = _train_metrics(interrupted)
-    assert sorted(metrics) == [1, 2, 3, 4]
     for step, expected in reference.items():
         assert metrics[step] == pytest.approx(expected, abs=1e-6, rel=0), step
     final = json.load(open(interrupted / "eval" / "4.json"))
-    assert final == json.load(open(tmp_path / "reference" / "eval" / "4.json"))
+    assert final == json.load(open(reference_dir / "eval" / "4.json"))
 
 
 def test_sigterm_on_four_devices_saves_and_resumes_on_one(tmp_path, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     workdir = tmp_path / "run"
     returncode, stderr = _interrupt_after_first_checkpoint(base, workdir, signal.SIGTERM, devices=4)
-    assert returncode == 0, stderr[-4000:]
+    assert returncode == 128 + signal.SIGTERM, stderr[-4000:]  # `stage1 && stage2` stops.
     assert "CpuDevice(id=3)" in stderr  # main logs the devices: really 4 of them.
     logged = max(_train_metrics(workdir))
     saved = _steps(workdir)[-1]
     assert saved == logged < 4  # The step being trained when the signal came.
-    assert f"Stopped at step {saved}" in stderr
+    assert f"Interrupted by SIGTERM at step {saved}; its checkpoint is saved." in stderr
+    assert f"Resume with: python -m wsda_jax.main {ARGS[0]}" in stderr
 
     resumed = _run(base, workdir, devices=1)
     assert "CpuDevice(id=1)" not in resumed.stderr
     assert f"Resuming from step {saved}" in resumed.stderr
     assert max(_train_metrics(workdir)) == 4
     assert json.load(open(workdir / "eval" / "4.json"))["step"] == 4
+
+
+def test_sigint_saves_and_exits_like_sigterm(tmp_path, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path / "run"
+    returncode, stderr = _interrupt_after_first_checkpoint(base, workdir, signal.SIGINT)
+    assert returncode == 128 + signal.SIGINT, stderr[-4000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+    assert len([line for line in stderr.splitlines() if "Received SIGINT" in line]) == 1
+    saved = _steps(workdir)[-1]
+    assert saved == max(_train_metrics(workdir)) < 4
+    assert f"Interrupted by SIGINT at step {saved}" in stderr
+    assert not (workdir / "lock").exists()
+
+
+def _wait_for(process, condition, what, timeout=300):
+    """Polls `condition()` every 5 ms while the run goes on."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (status {process.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _writing_checkpoint(workdir):
+    directory = workdir / "checkpoints"
+    return directory.is_dir() and any(".orbax-checkpoint-tmp" in n for n in os.listdir(directory))
+
+
+def _logged_steps(workdir):
+    try:
+        return len(_train_lines(workdir))
+    except (FileNotFoundError, json.JSONDecodeError):  # Not yet, or a line half written.
+        return 0
+
+
+def _kill_at(point, process, workdir, rng):
+    """SIGKILLs the run at `point`: 'start' (a random moment of start-up), 'write' (while
+    a checkpoint is being written), 'step' (a random moment after its next logged step)."""
+    if point == "start":
+        time.sleep(rng.uniform(0.5, 4.0))
+    elif point == "write":
+        # A killed write's leftover folder is removed when the run opens its checkpoints.
+        _wait_for(process, lambda: not _writing_checkpoint(workdir), "the leftovers' removal")
+        _wait_for(process, lambda: _writing_checkpoint(workdir), "a checkpoint write")
+    else:
+        logged = _logged_steps(workdir)
+        _wait_for(process, lambda: _logged_steps(workdir) > logged, "a new step")
+        time.sleep(rng.uniform(0.0, 0.3))
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+
+
+def _assert_every_checkpoint_restores(workdir):
+    """Every entry of checkpoints/ is a step whose state restores (nothing else left)."""
+    import jax
+
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)  # The configs import `configs.common`, as under `python -m`.
+    from configs import synthetic_coarse
+    from wsda_jax import checkpointing, optim, parallel, train
+    from wsda_jax.models import deeplab
+
+    names = os.listdir(workdir / "checkpoints")
+    assert names and all(name.isdigit() for name in names), names
+    config = synthetic_coarse.get_config("tiny")
+    mesh = parallel.make_mesh()
+    model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
+    abstract = train.abstract_state(config, model, optim.make_optimizer(config), mesh)
+    with checkpointing.make_manager(str(workdir / "checkpoints"), config) as manager:
+        for step in sorted(int(name) for name in names):
+            args = checkpointing.ocp.args.Composite(
+                state=checkpointing.ocp.args.StandardRestore(abstract)
+            )
+            state = manager.restore(step, args=args).state
+            assert int(jax.device_get(state.step)) == step
+
+
+@pytest.mark.slow
+def test_five_random_kills_then_matches_uninterrupted_run(reference, tmp_path, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path / "run"
+    seed = 0
+    rng = random.Random(seed)
+    for point in ("start", "write", "step", "write", "step"):
+        process = _start(base, workdir)
+        _kill_at(point, process, workdir, rng)
+        assert process.returncode == -signal.SIGKILL, point
+    resumed = _run(base, workdir)
+    assert "Traceback" not in resumed.stderr, resumed.stderr[-4000:]
+
+    assert [line["step"] for line in _train_lines(workdir)] == [1, 2, 3, 4]
+    metrics, expected = _train_metrics(workdir), _train_metrics(reference)
+    for step in expected:
+        assert metrics[step] == pytest.approx(expected[step], abs=1e-6, rel=0), (seed, step)
+    final = json.load(open(workdir / "eval" / "4.json"))
+    assert final == json.load(open(reference / "eval" / "4.json"))
+    _assert_every_checkpoint_restores(workdir)

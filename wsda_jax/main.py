@@ -9,15 +9,19 @@ SLURM job with more than one task (SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_SIZE
 multi-host Cloud TPU (TPU_WORKER_HOSTNAMES with a comma), or WSDA_DISTRIBUTED=1 (the
 launch scripts set it); elsewhere give `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` to every process. Bad input (config file, override
-key, workdir, dataset not prepared, init_from mismatch, process flags) exits with one
-line on stderr and status 1.
+key, workdir, dataset not prepared, init_from mismatch, process flags, a workdir in use
+by another run) exits with one line on stderr and status 1. SIGTERM or Ctrl-C during
+training saves a checkpoint and exits with 128 + the signal's number, printing the
+command that resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging as std_logging
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -33,6 +37,7 @@ from ml_collections import config_flags
 # the trainer when it exits.
 if multiprocessing.parent_process() is not None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group too.
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -101,12 +106,39 @@ def _check_workdir(workdir: str) -> None:
         raise ValueError(f"--workdir={workdir} cannot be written: {error.strerror}") from error
 
 
+# Orbax's error logs (with tracebacks) of a save that failed in its background thread;
+# the run stops with one line naming the cause instead (checkpointing.CheckpointWriteError).
+_ORBAX_SAVE_FAILURES = (
+    "in background save thread",
+    "Save Finalize thread",
+    "_SignalingThread.run() raised",
+)
+
+
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
     """Drops Orbax's many INFO lines per checkpoint (and its warning that a periodic
-    checkpoint carries no mIoU); other warnings still show."""
+    checkpoint carries no mIoU, and its tracebacks of a failed background save); other
+    warnings still show."""
     if "/orbax/" not in record.pathname:
         return True
-    return record.levelno >= std_logging.WARNING and "tracked_metric" not in record.getMessage()
+    message = record.getMessage()
+    if any(failure in message for failure in _ORBAX_SAVE_FAILURES):
+        return False
+    return record.levelno >= std_logging.WARNING and "tracked_metric" not in message
+
+
+def _resume_command() -> str:
+    """The command line of this run, to print after an interruption."""
+    return shlex.join(["python", "-m", "wsda_jax.main", *sys.argv[1:]])
+
+
+def _workdir_lock(workdir: str, jax_module) -> contextlib.AbstractContextManager:
+    """The workdir lock for a run that writes the workdir (process 0 of several)."""
+    from wsda_jax import workdir_lock
+
+    if jax_module.process_index() != 0:
+        return contextlib.nullcontext()
+    return workdir_lock.hold(workdir)
 
 
 def _run(argv: list[str]) -> None:
@@ -114,6 +146,9 @@ def _run(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_quiet_orbax)
     config = _load_config()
+    from wsda_jax import config_lib  # No JAX: a bad value fails before any work.
+
+    config_lib.validate_ranges(config)
     distributed_arguments = _distributed_arguments()  # Bad flags fail before any work.
     from wsda_jax import cpu_flags  # Must run before JAX initialises its backends.
 
@@ -130,12 +165,14 @@ def _run(argv: list[str]) -> None:
     workdir = os.path.expanduser(FLAGS.workdir)
     if FLAGS.mode == "train":
         _check_workdir(workdir)
-        train.train_and_evaluate(config, workdir)
+        with _workdir_lock(workdir, jax):
+            train.train_and_evaluate(config, workdir)
         if jax.process_index() == 0:
             print(train.progress_summary(workdir))
     elif FLAGS.mode == "eval":
         _check_workdir(workdir)
-        train.evaluate_checkpoint(config, workdir)
+        with _workdir_lock(workdir, jax):
+            train.evaluate_checkpoint(config, workdir)
     else:
         if not (FLAGS.input_dir and FLAGS.output_dir):
             raise ValueError("--mode=predict needs --input_dir and --output_dir")
@@ -149,7 +186,25 @@ def main(argv: list[str]) -> None:
     except (ValueError, FileNotFoundError, PermissionError, KeyError) as error:
         logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
         print(f"error: {_one_line(error)}", file=sys.stderr)
+        if type(error).__name__ == "CheckpointWriteError":  # checkpointing's, not imported.
+            # Orbax's save threads may still wait (minutes) on the failed save: leave now.
+            sys.stderr.flush()
+            os._exit(1)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before the train loop, or outside training.
+        print("Interrupted (SIGINT) outside the train loop: nothing new to save.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as error:
+        from wsda_jax import train
+
+        if not isinstance(error, train.Interrupted):
+            raise
+        print(
+            f"Interrupted by {signal.Signals(error.signum).name} at step {error.step}; its "
+            f"checkpoint is saved. Resume with: {_resume_command()}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + error.signum)
 
 
 def _one_line(error: BaseException) -> str:

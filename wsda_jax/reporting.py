@@ -5,6 +5,12 @@ the reporter keeps them and only fetches them with `jax.device_get` when the *ne
 step has been dispatched, and only if the kept step is a log step. Logging therefore
 never makes the host wait for the step it has just launched (JAX training cookbook).
 Only process 0 writes files; every process may call the methods.
+
+On resume from step N (`initial_step`), the lines past N that the interrupted run wrote
+after its last checkpoint are dropped from metrics.jsonl (the file is replaced
+atomically), and TensorBoard is told to hide those steps (`purge_step`: a new event
+file that marks them as purged; the old events stay on disk, tensorboardX cannot
+delete them), so a resumed run shows every step once.
 """
 
 from __future__ import annotations
@@ -52,8 +58,12 @@ class Reporter:
         self._tb = None
         if self._is_writer:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            path = os.path.join(workdir, "metrics.jsonl")
+            truncate_metrics(path, initial_step)
+            self._jsonl = open(path, "a")  # noqa: SIM115
+            tensorboard_dir = os.path.join(workdir, "tensorboard")
+            purge = initial_step + 1 if os.path.isdir(tensorboard_dir) else None
+            self._tb = tensorboardX.SummaryWriter(tensorboard_dir, purge_step=purge)
         self._bar = tqdm.tqdm(
             total=num_steps,
             initial=initial_step,
@@ -113,6 +123,34 @@ class Reporter:
         if self._is_writer:
             self._jsonl.close()
             self._tb.close()
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Drops the lines of `path` past `last_step` (and any line cut short by a crash);
+    returns how many were dropped. Writes a new file and renames it over the old one,
+    so a crash here leaves either file whole."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                keep = json.loads(line)["step"] <= last_step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += bool(line.strip())
+    if dropped:
+        temporary = f"{path}.tmp"
+        with open(temporary, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        logging.info("Dropped %d lines past step %d from %s.", dropped, last_step, path)
+    return dropped
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@
 data, build the model and step, restore or initialise the state, then loop: dispatch a
 step, report the previous one, evaluate every `config.eval.every_steps`, checkpoint every
 `config.checkpoint_every_steps` (and at every evaluation, ranked by mIoU), save and stop
-cleanly on SIGTERM. The step functions themselves live in `steps.py`.
+cleanly on SIGTERM or SIGINT (then raise `Interrupted`). The step functions themselves
+live in `steps.py`.
 
 Stage: 'adapt' runs `steps.adapt_step`; 'source_only' runs `steps.source_only_step` on
 the source; 'oracle' runs `steps.source_only_step` with the target's train split (and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +39,15 @@ from wsda_jax import (
 )
 from wsda_jax.data import builders, pipeline, sources
 from wsda_jax.models import deeplab, imagenet_init
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving the checkpoint of `step`."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.signum = signum
+        self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +135,12 @@ def _from_imagenet(
     state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
 ) -> train_state.TrainState:
     """Student and teacher backbones from a converted torchvision ResNet."""
-    variables = imagenet_init.init_from_imagenet(jax.device_get(state.student_variables()), path)
+    try:
+        variables = imagenet_init.init_from_imagenet(
+            jax.device_get(state.student_variables()), path
+        )
+    except ValueError as error:
+        raise ValueError(f"config.init.imagenet={path!r}: {error}") from error
     variables = parallel.replicate(
         {"params": variables["params"], "batch_stats": variables["batch_stats"]}, mesh
     )
@@ -145,9 +161,7 @@ def initial_state(
     """The state to start from, and its step."""
     # Resume order:
     # (1) the latest readable checkpoint in the workdir (state and data position);
-    restored = checkpointing.restore_latest(
-        manager, abstract_state(config, model, optimizer, mesh), train_iter
-    )
+    restored = _restore_latest(manager, abstract_state(config, model, optimizer, mesh), train_iter)
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
@@ -164,6 +178,19 @@ def initial_state(
     # (4) scratch.
     logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
     return state, 0
+
+
+def _restore_latest(
+    manager: Any, abstract: Any, train_iter: Any = None, *, set_aside: bool = True
+) -> tuple[train_state.TrainState, int] | None:
+    """`checkpointing.restore_latest`, naming the folder when its checkpoints are of
+    another model."""
+    try:
+        return checkpointing.restore_latest(manager, abstract, train_iter, set_aside=set_aside)
+    except checkpointing.DifferentModelError as error:
+        raise ValueError(
+            f"{manager.directory}: {error} (use another --workdir for this config)"
+        ) from error
 
 
 def make_train_step(
@@ -238,7 +265,8 @@ def _best_metric(report: dict[str, Any]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config.num_steps` steps in `workdir` (resuming if possible); returns the
-    final evaluation report (or the last one, if stopped by SIGTERM)."""
+    final evaluation report. Raises `Interrupted` after saving when SIGTERM or SIGINT
+    stopped the run early."""
     config_lib.validate(config, jax.device_count())
     logging.info(config_lib.batch_summary(config, jax.device_count()))
     workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -263,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images_per_step=config_lib.global_batch_size(config, jax.device_count())
         * (2 if config.stage == "adapt" else 1),
     )
-    report = None
+    report, stopped_by = None, None
     if step == 0 and config.init.init_from:
         # The starting point's score, so that eval/0.json shows what adaptation gained.
         evaluate(0, state)
@@ -285,16 +313,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 metrics = _best_metric(report)
             stop = watcher.should_stop(manager, step)
             if metrics or stop or step % config.checkpoint_every_steps == 0:
+                # metrics.jsonl first: a crash after the save must not lose this step's line.
+                reporter.flush()
                 checkpointing.save(manager, step, state, train_iter, config, metrics=metrics)
             if stop:
-                logging.warning("Stopped at step %d on request; checkpoint saved.", step)
+                stopped_by = watcher.signum or signal.SIGTERM  # Several processes: SIGTERM.
                 break
     if report is None and step >= config.num_steps:  # Resumed an already finished run.
         report = evaluate(step, state)
     reporter.close()
-    manager.wait_until_finished()
+    checkpointing.wait_until_finished(manager)
     manager.close()
     train_iter.close()  # Stops the data workers and frees their shared memory.
+    if stopped_by is not None and step < config.num_steps:
+        raise Interrupted(stopped_by, step)
     return report
 
 
@@ -328,18 +360,18 @@ def progress_summary(workdir: str) -> str:
 
 
 def _restore_for_inference(
-    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, *, set_aside: bool
 ) -> tuple[train_state.TrainState, int]:
-    """The latest checkpoint of `workdir`, for the eval and predict modes."""
+    """The latest readable checkpoint of `workdir`, for the eval and predict modes
+    (unreadable ones are moved aside when `set_aside`, as training does)."""
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     optimizer = optim.make_optimizer(config)
     directory = checkpointing.checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
-    with checkpointing.make_manager(directory, config) as manager:
-        restored = checkpointing.restore_latest(
-            manager, abstract_state(config, model, optimizer, mesh)
-        )
+    with checkpointing.make_manager(directory, config, owner=set_aside) as manager:
+        abstract = abstract_state(config, model, optimizer, mesh)
+        restored = _restore_latest(manager, abstract, set_aside=set_aside)
     if restored is None:
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
     return restored
@@ -350,7 +382,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     config_lib.validate(config, jax.device_count())
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
-    state, step = _restore_for_inference(config, workdir, mesh)
+    state, step = _restore_for_inference(config, workdir, mesh, set_aside=True)
     model = deeplab.build_model(config)
     _procedural_first_on_process_zero(config, [config.data.target])
     val = sources.open_split(config.data.target, "val", config.data)
@@ -365,11 +397,11 @@ def predict_images(
 ) -> list[str]:
     """Colourised predictions of the images in `input_dir` by the latest checkpoint
     (the EMA teacher when adapting, else the student); returns the written paths."""
-    if not os.path.isdir(input_dir):
-        raise ValueError(f"--input_dir={input_dir!r} is not a directory")
+    evaluation.check_predict_dirs(input_dir, output_dir)  # Before any work.
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
-    state, _ = _restore_for_inference(config, workdir, mesh)
+    # Read only: predict writes nothing in the workdir (and takes no lock on it).
+    state, _ = _restore_for_inference(config, workdir, mesh, set_aside=False)
     variables = state.teacher_variables() if config.stage == "adapt" else state.student_variables()
     model = deeplab.build_model(config)
     return evaluation.predict_directory(config, variables, input_dir, output_dir, model=model)

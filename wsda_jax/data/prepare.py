@@ -6,14 +6,19 @@ r"""Prepares a dataset to ArrayRecord under --data_dir and prints the summary.
 Datasets: gta5 (gta5/skip), synthia, cityscapes_weak (cityscapes_weak/synthetic_coarse),
 folder_pairs/NAME (with --image_glob, --label_glob, --id_map, optionally --val_image_glob
 and --val_label_glob, --weak_labels), synthetic_source,
-synthetic_target. An interrupted run leaves only an `incomplete.*` folder.
+synthetic_target. An interrupted run leaves only an `incomplete.*` folder, which the
+next preparation of the same dataset removes (saying so). Bad input (wrong layout, an
+unreadable image, an image/label size mismatch, a bad flag value) prints one line on
+stderr (the layout error: what was expected and what was found) and exits with status 1.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from wsda_jax import config_lib
 from wsda_jax.data import builders
@@ -59,7 +64,12 @@ flags.mark_flag_as_required("dataset")
 def _folder_pairs_options() -> dict:
     id_map = _ID_MAP.value
     if id_map.lstrip().startswith("{"):
-        id_map = {str(k): int(v) for k, v in json.loads(id_map).items()}
+        try:
+            id_map = {str(k): int(v) for k, v in json.loads(id_map).items()}
+        except (ValueError, AttributeError) as error:
+            raise ValueError(
+                f"--id_map={id_map!r} is not a JSON dict {{id: train id}}: {error}"
+            ) from error
     return {
         "image_glob": _IMAGE_GLOB.value,
         "label_glob": _LABEL_GLOB.value,
@@ -72,7 +82,26 @@ def _folder_pairs_options() -> dict:
     }
 
 
+def _message(error: BaseException) -> str:
+    """The error in one line; a layout error keeps its lines (expected vs found)."""
+    if isinstance(error, builders.base.LayoutError):
+        return str(error)
+    text = str(error)
+    if isinstance(error, KeyError) and text[:1] in "'\"":
+        text = text[1:-1]
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(error)
+
+
 def main(argv: list[str]) -> None:
+    try:
+        _prepare(argv)
+    except (ValueError, OSError, KeyError) as error:  # LayoutError is an OSError.
+        logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
+        print(f"error: {_message(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _prepare(argv: list[str]) -> None:
     del argv
     config_data = config_lib.base_config().data
     config_data.data_dir = _DATA_DIR.value

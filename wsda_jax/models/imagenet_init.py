@@ -39,23 +39,44 @@ _NPZ_HINT = (
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a torchvision state dict from `.npz` or `.pth` into NumPy arrays."""
+    """Reads a torchvision state dict from `.npz` or `.pth` into NumPy arrays.
+
+    Raises a one-line ValueError naming the file when it is missing or is not a weight
+    file (not an archive of arrays / a torch pickle of tensors).
+    """
     path = os.path.expanduser(path)
+    if not path.endswith((".npz", ".pth", ".pt")):
+        raise ValueError(f"path={path!r}: expected a .npz or .pth file")
+    if not os.path.isfile(path):
+        raise ValueError(f"path={path!r}: no such file")
+    try:
+        return _read_weights(path)
+    except ImportError as e:
+        raise ValueError(
+            f"path={path!r}: reading .pth needs torch, which is not installed; {_NPZ_HINT}"
+        ) from e
+    except Exception as e:  # noqa: BLE001 - NumPy/torch raise many kinds for garbage.
+        # Not NumPy's own message: it advises allow_pickle, which is not the problem.
+        kind = "an .npz archive of arrays" if path.endswith(".npz") else "a torch state dict"
+        raise ValueError(
+            f"path={path!r} is not a weight file: it cannot be read as {kind} (expected a "
+            "torchvision ResNet state dict)"
+        ) from e
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    """The arrays of a .npz (no pickles) or a .pth file."""
     if path.endswith(".npz"):
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             return {key: np.asarray(data[key]) for key in data.files}
-    if path.endswith((".pth", ".pt")):
-        try:
-            import torch  # Optional: only needed for .pth files.
-        except ImportError as e:
-            raise ValueError(
-                f"path={path!r}: reading .pth needs torch, which is not installed; {_NPZ_HINT}"
-            ) from e
-        loaded = torch.load(path, map_location="cpu")
-        if "state_dict" in loaded:
-            loaded = loaded["state_dict"]
-        return {key: value.detach().cpu().numpy() for key, value in loaded.items()}
-    raise ValueError(f"path={path!r}: expected a .npz or .pth file")
+    import torch  # Optional: only needed for .pth files.
+
+    loaded = torch.load(path, map_location="cpu")
+    if not isinstance(loaded, dict):
+        raise TypeError(f"it holds a {type(loaded).__name__}, not a state dict")
+    if "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    return {key: value.detach().cpu().numpy() for key, value in loaded.items()}
 
 
 def _torch_key(collection: str, path: tuple[str, ...]) -> str:

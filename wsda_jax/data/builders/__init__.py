@@ -13,6 +13,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from wsda_jax.data import incomplete
 from wsda_jax.data.builders import base, cityscapes, folder_pairs, gta5, procedural, synthia
 
 BUILDERS: dict[str, type[base.WsdaBuilder]] = {
@@ -110,13 +111,15 @@ def prepare(builder: base.WsdaBuilder) -> dict[str, Any]:
         download_config = tfds.download.DownloadConfig(
             manual_dir=builder.manual_dir or None, try_download_gcs=False
         )
-        try:
-            builder.download_and_prepare(download_config=download_config)
-        except OSError:
-            # Another process may have finished the same preparation first (the
-            # rename of its `incomplete.*` folder wins); then its result is used.
-            if not builder.is_prepared():
-                raise
+        # One preparation of a dataset at a time; stale `incomplete.*` folders removed.
+        with incomplete.preparing(builder):
+            try:
+                builder.download_and_prepare(download_config=download_config)
+            except OSError:
+                # Another process may have finished the same preparation first (the
+                # rename of its `incomplete.*` folder wins); then its result is used.
+                if not builder.is_prepared():
+                    raise
     summary = base.read_summary(os.fspath(builder.data_path))
     if summary and _normalised(summary["options"]) != _normalised(builder.options):
         raise ValueError(

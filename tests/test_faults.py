@@ -1,0 +1,253 @@
+"""Faults met through the CLI, on the tiny synthetic config: each ends with the run going
+on with nothing lost, or with one clear line on stderr and nothing damaged.
+
+One training run (module fixture: checkpoints 2 and 4) is copied by the tests that
+damage a workdir. Subprocesses share the JAX compilation cache and the tiny dataset
+with tests/test_main.py under pytest's base temp directory.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import subprocesses
+from test_main import ROOT, TINY, _assert_one_line_error, run_main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("faults") / "run"
+    result = run_main(base, TINY, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
+
+
+@pytest.fixture
+def base(tmp_path_factory):
+    return tmp_path_factory.getbasetemp()
+
+
+def _copy(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    return workdir
+
+
+def _truncate_arrays(workdir, step):
+    """Cuts every array data file of checkpoint `step` short, as a failing disk would;
+    its metadata stays readable, so the restore itself fails."""
+    data = workdir / "checkpoints" / str(step) / "state" / "ocdbt.process_0" / "d"
+    names = os.listdir(data)
+    assert names
+    for name in names:
+        with open(data / name, "r+b") as f:
+            f.truncate(64)
+
+
+def _steps(workdir):
+    return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+
+
+def _train_steps(workdir):
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [line["step"] for line in lines if "total" in line]
+
+
+def _warnings(stderr, text):
+    return [line for line in stderr.splitlines() if text in line]
+
+
+def _dead_pid():
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_corrupt_latest_checkpoint_is_moved_aside_and_rewritten(trained, tmp_path, base):
+    workdir = _copy(trained, tmp_path)
+    _truncate_arrays(workdir, 4)
+    # A lock left by a run that was killed: stale, so this run takes over.
+    lock = {"host": socket.gethostname(), "pid": _dead_pid(), "started": 0}
+    (workdir / "lock").write_text(json.dumps(lock))
+
+    result = run_main(base, TINY, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    unreadable = _warnings(result.stderr, "is unreadable")
+    assert len(unreadable) == 1, result.stderr[-4000:]
+    assert f"moved to {workdir / 'checkpoints' / 'corrupt' / '4'}" in unreadable[0]
+    assert "Traceback" not in result.stderr and "Event loop" not in result.stderr
+    assert "Resuming from step 2" in result.stderr
+    assert "Removed the stale lock" in result.stderr
+    # Step 4 was trained again and rewritten: the same evaluation as the first time.
+    assert _steps(workdir) == [2, 4]
+    assert os.listdir(workdir / "checkpoints" / "corrupt") == ["4"]
+    assert json.load(open(workdir / "eval" / "4.json")) == json.load(
+        open(trained / "eval" / "4.json")
+    )
+    # The lines the first run wrote past step 2 were dropped before steps 3-4 reran.
+    assert _train_steps(workdir) == [1, 2, 3, 4]
+    assert not (workdir / "lock").exists()  # Released at exit.
+
+
+def test_eval_mode_falls_back_to_the_previous_checkpoint(trained, tmp_path, base):
+    workdir = _copy(trained, tmp_path)
+    _truncate_arrays(workdir, 4)
+    shutil.rmtree(workdir / "eval")
+    result = run_main(base, TINY, f"--workdir={workdir}", "--mode=eval")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(_warnings(result.stderr, "is unreadable")) == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(workdir / "eval")) == [
+        "2.json",
+        "2_student_confusion.png",
+        "2_student_panels.png",
+        "2_teacher_confusion.png",
+        "2_teacher_panels.png",
+    ]
+    assert _steps(workdir) == [2]
+    assert os.listdir(workdir / "checkpoints" / "corrupt") == ["4"]
+
+
+def test_checkpoint_of_another_model_is_named_and_kept(trained, base):
+    result = run_main(base, TINY, f"--workdir={trained}", "--config.model.width=16")
+    _assert_one_line_error(result, "checkpoint 4 was written by a different model: ")
+    assert "has shape (8,), this config (16,)" in result.stderr
+    assert "strict=False" not in result.stderr and "Event loop" not in result.stderr
+    assert _steps(trained) == [2, 4]
+    assert not (trained / "checkpoints" / "corrupt").exists()
+    assert not (trained / "lock").exists()
+
+
+def test_second_run_in_a_workdir_is_refused(trained, tmp_path, base):
+    workdir = _copy(trained, tmp_path)
+    lock = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0})
+    (workdir / "lock").write_text(lock)  # This live process "runs" there.
+    lines_before = (workdir / "metrics.jsonl").read_text()
+    result = run_main(base, TINY, f"--workdir={workdir}")
+    _assert_one_line_error(result, f"is in use by another run (pid {os.getpid()} on ")
+    assert (workdir / "lock").read_text() == lock
+    assert (workdir / "metrics.jsonl").read_text() == lines_before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint_every_steps=0", "config.checkpoint_every_steps=0 must be >= 1"),
+        ("eval.every_steps=0", "config.eval.every_steps=0 must be >= 1"),
+        ("log_every_steps=0", "config.log_every_steps=0 must be >= 1"),
+        ("num_steps=0", "config.num_steps=0 must be >= 1"),
+        ("optim.lr=-0.01", "config.optim.lr=-0.01 must be >= 0"),
+        ("keep_checkpoints=0", "config.keep_checkpoints=0 must be >= 1"),
+        ("ema.decay=1.5", "config.ema.decay=1.5 must be in [0.0, 1.0]"),
+    ],
+)
+def test_out_of_range_config_value_is_one_line(override, message, tmp_path):
+    started = time.monotonic()
+    result = run_main(tmp_path, TINY, f"--config.{override}", f"--workdir={tmp_path / 'w'}")
+    _assert_one_line_error(result, message)
+    assert time.monotonic() - started < 20  # Before JAX, data or compilation.
+    assert not (tmp_path / "w").exists()
+
+
+def test_garbage_imagenet_file_is_named(tmp_path, base):
+    weights = tmp_path / "resnet.npz"
+    weights.write_bytes(b"this is not a weight file")
+    result = run_main(
+        base, TINY, f"--config.init.imagenet={weights}", f"--workdir={tmp_path / 'w'}"
+    )
+    _assert_one_line_error(result, f"config.init.imagenet='{weights}'")
+    assert "is not a weight file" in result.stderr
+    assert "allow_pickle" not in result.stderr
+
+
+def test_predict_skips_unreadable_files_and_keeps_names_distinct(trained, tmp_path, base):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("x.png", "x.jpg", "y.png"):
+        PIL.Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(inputs / name)
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    before = {name: (inputs / name).read_bytes() for name in os.listdir(inputs)}
+
+    def predict(output_dir):
+        return run_main(
+            base,
+            TINY,
+            f"--workdir={trained}",
+            "--mode=predict",
+            f"--input_dir={inputs}",
+            f"--output_dir={output_dir}",
+        )
+
+    result = predict(tmp_path / "out")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["x_jpg.png", "x_png.png", "y.png"]
+    assert len(_warnings(result.stderr, "broken.png: not a readable image")) == 1
+    assert "Skipped 1 of 4 images" in result.stderr
+    assert "Wrote 3 predictions" in result.stderr
+
+    _assert_one_line_error(predict(inputs), "is the input folder")
+    assert {name: (inputs / name).read_bytes() for name in os.listdir(inputs)} == before
+
+
+def _chattr(path, flag):
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def test_unwritable_checkpoint_directory_fails_fast(tmp_path, base):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    if not _chattr(probe, "+i"):  # Root ignores permission bits; immutability it obeys.
+        pytest.skip("chattr +i is not available here")
+    _chattr(probe, "-i")
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "wsda_jax.main",
+        TINY,
+        "--config.checkpoint_every_steps=1",
+        "--config.keep_checkpoints=10",
+        f"--config.data.data_dir={base / 'data'}",
+        f"--workdir={workdir}",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=subprocesses.jax_env(base),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    checkpoints = workdir / "checkpoints"
+    try:
+        deadline = time.monotonic() + 600
+        while not (checkpoints / "1").is_dir():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _chattr(checkpoints, "+i")
+        made_unwritable = time.monotonic()
+        try:
+            _, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.communicate()
+            pytest.fail("the run hung after its checkpoint directory became unwritable")
+        assert time.monotonic() - made_unwritable < 30
+    finally:
+        _chattr(checkpoints, "-i")
+    _assert_one_line_error(
+        subprocess.CompletedProcess(command, process.returncode, "", stderr),
+        f"cannot write checkpoints to {checkpoints}",
+    )
+    assert "the last good checkpoint is step" in stderr
+    assert 1 in _steps(workdir)

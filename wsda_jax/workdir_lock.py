@@ -1,0 +1,115 @@
+"""One run per workdir: `WORKDIR/lock` holds the host and pid of the run that owns it.
+
+Two runs writing one workdir would interleave metrics.jsonl and race on checkpoints, so
+`hold(workdir)` creates the lock file exclusively (O_EXCL) and removes it when the run
+ends, however it ends short of SIGKILL. A lock left by a run that died (same host, pid
+no longer alive) is stale: it is replaced, with a warning. A lock from another host
+cannot be checked from here; the error says how to remove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+from absl import logging
+
+LOCK_FILE = "lock"
+
+
+class WorkdirLocked(ValueError):
+    """Another live run holds the workdir."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, owned by another user.
+        return True
+    return True
+
+
+def _read(path: str) -> dict | None:
+    """The lock's content, or None when it is unreadable (being written, or garbage)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _create(path: str, owner: dict) -> bool:
+    """Creates the lock file with `owner`; False if it exists already."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(owner, f)
+    return True
+
+
+def _is_stale(holder: dict | None, path: str) -> bool:
+    """The holder's process is gone (same host), or the file is garbage for a while."""
+    if holder is None:
+        # Unreadable: another run may be writing it this very moment; garbage after 10 s.
+        return time.time() - os.path.getmtime(path) > 10
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    return not (isinstance(pid, int) and pid > 0 and _pid_alive(pid))
+
+
+def acquire(workdir: str) -> str:
+    """Takes the lock of `workdir`; returns its path. Raises WorkdirLocked (one line)."""
+    path = os.path.join(workdir, LOCK_FILE)
+    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    for _ in range(3):
+        if _create(path, owner):
+            return path
+        holder = _read(path)
+        if not _is_stale(holder, path):
+            if holder is None:
+                raise WorkdirLocked(f"--workdir={workdir} is locked by another run ({path})")
+            started = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0)))
+            )
+            raise WorkdirLocked(
+                f"--workdir={workdir} is in use by another run (pid {holder.get('pid')} on "
+                f"{holder.get('host')}, started {started}); wait for it to end, or delete "
+                f"{path} if that run is gone"
+            )
+        # Remove only the stale file that was read, not a fresh one another run wrote.
+        if _read(path) == holder:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            logging.warning(
+                "Removed the stale lock %s of a run that is gone (%s).",
+                path,
+                f"pid {holder.get('pid')}" if holder else "unreadable",
+            )
+    raise WorkdirLocked(f"--workdir={workdir}: could not take {path}")
+
+
+def release(path: str) -> None:
+    """Removes the lock file if this process still owns it."""
+    holder = _read(path)
+    if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[str]:
+    """`acquire` on entry, `release` on exit (also on an exception or a handled signal)."""
+    path = acquire(workdir)
+    try:
+        yield path
+    finally:
+        release(path)
