@@ -15,7 +15,8 @@ target weak label, with the presence vector's class names as a caption) and
    "weak_label_classes": [class ids present in the weak label crop]}
 
 The presence vector is computed by the step's own function (`steps.target_weak_labels`),
-so what is shown is what the losses see.
+so what is shown is what the losses see. Stage-1 and oracle configs read no target
+stream: their panels show the source pair only, with "target_shape": null.
 """
 
 from __future__ import annotations
@@ -48,20 +49,16 @@ def class_ids(label: np.ndarray, num_classes: int) -> list[int]:
 def panel(
     source_image: np.ndarray,
     source_label: np.ndarray,
-    target_image: np.ndarray,
-    weak_label: np.ndarray,
+    target_image: np.ndarray | None,
+    weak_label: np.ndarray | None,
     caption: str,
 ) -> np.ndarray:
-    """uint8 (CAPTION_HEIGHT + H, 4 W, 3): the four crops side by side under a caption."""
-    row = np.concatenate(
-        [
-            source_image,
-            classes.colorize(source_label),
-            target_image,
-            classes.colorize(weak_label),
-        ],
-        axis=1,
-    )
+    """uint8 (CAPTION_HEIGHT + H, 4 W (2 W without a target), 3): the crops side by side
+    under a caption."""
+    crops = [source_image, classes.colorize(source_label)]
+    if target_image is not None:
+        crops += [target_image, classes.colorize(weak_label)]
+    row = np.concatenate(crops, axis=1)
     canvas = Image.new("RGB", (row.shape[1], row.shape[0] + CAPTION_HEIGHT), (255, 255, 255))
     canvas.paste(Image.fromarray(row), (0, CAPTION_HEIGHT))
     ImageDraw.Draw(canvas).text((2, 1), caption, fill=(0, 0, 0))
@@ -72,21 +69,26 @@ def describe_batch(batch: dict, config, batch_index: int) -> list[dict]:
     """The batches.json entries of one host batch (see the module docstring)."""
     from wsda_jax import steps  # JAX only when a batch is described.
 
-    target = batch["target"]
-    _, presence = steps.target_weak_labels(target, config)
-    presence = np.asarray(presence)
+    target = batch.get("target")
+    if target is not None:
+        presence = np.asarray(steps.target_weak_labels(target, config)[1])
     entries = []
     for j in range(batch["source"]["image"].shape[0]):
-        entries.append(
-            {
-                "batch": batch_index,
-                "pair": j,
-                "source_shape": list(batch["source"]["image"].shape[1:3]),
-                "target_shape": list(target["image"].shape[1:3]),
-                "presence": [int(c) for c in np.flatnonzero(presence[j] > 0)],
-                "weak_label_classes": class_ids(target["weak_label"][j], config.num_classes),
-            }
-        )
+        entry = {
+            "batch": batch_index,
+            "pair": j,
+            "source_shape": list(batch["source"]["image"].shape[1:3]),
+            "target_shape": None,
+            "presence": [],
+            "weak_label_classes": [],
+        }
+        if target is not None:
+            entry.update(
+                target_shape=list(target["image"].shape[1:3]),
+                presence=[int(c) for c in np.flatnonzero(presence[j] > 0)],
+                weak_label_classes=class_ids(target["weak_label"][j], config.num_classes),
+            )
+        entries.append(entry)
     return entries
 
 
@@ -106,14 +108,15 @@ def write_batches(config, out_dir: str, num_batches: int) -> list[dict]:
         for i in range(num_batches):
             batch = next(iterator)
             batch_entries = describe_batch(batch, config, i)
+            target = batch.get("target")
             for entry in batch_entries:
                 j = entry["pair"]
                 names = [classes.CLASS_NAMES[c] for c in entry["presence"]]
                 image = panel(
                     batch["source"]["image"][j],
                     batch["source"]["label"][j],
-                    batch["target"]["image"][j],
-                    batch["target"]["weak_label"][j],
+                    None if target is None else target["image"][j],
+                    None if target is None else target["weak_label"][j],
                     "presence: " + (", ".join(names) or "none"),
                 )
                 Image.fromarray(image).save(os.path.join(out_dir, f"batch{i}_{j}.png"))
