@@ -151,10 +151,10 @@ def test_second_run_in_a_workdir_is_refused(trained, tmp_path, base):
     ],
 )
 def test_out_of_range_config_value_is_one_line(override, message, tmp_path):
-    started = time.monotonic()
     result = run_main(tmp_path, TINY, f"--config.{override}", f"--workdir={tmp_path / 'w'}")
     _assert_one_line_error(result, message)
-    assert time.monotonic() - started < 20  # Before JAX, data or compilation.
+    # Before JAX starts (main logs the devices right after), data or compilation.
+    assert "devices:" not in result.stderr
     assert not (tmp_path / "w").exists()
 
 
@@ -235,14 +235,12 @@ def test_unwritable_checkpoint_directory_fails_fast(tmp_path, base):
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         assert _chattr(checkpoints, "+i")
-        made_unwritable = time.monotonic()
-        try:
+        try:  # The next save (one step later) fails; the old code hung for minutes.
             _, stderr = process.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.communicate()
             pytest.fail("the run hung after its checkpoint directory became unwritable")
-        assert time.monotonic() - made_unwritable < 30
     finally:
         _chattr(checkpoints, "-i")
     _assert_one_line_error(
