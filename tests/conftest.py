@@ -1,5 +1,7 @@
 """Shared tiny configurations, models and batches for the step tests (CPU-sized)."""
 
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -79,3 +81,18 @@ def synthetic_batch(seed: int, batch_size: int, weak_label: str, size: int = IMA
 @pytest.fixture(scope="session")
 def single_device_mesh():
     return jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+
+
+class CountingRecords:
+    """A record sequence that counts reads (grain reads from several threads)."""
+
+    def __init__(self, items):
+        self.items, self.reads, self.lock = items, 0, threading.Lock()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        with self.lock:
+            self.reads += 1
+        return self.items[index]

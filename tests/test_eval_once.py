@@ -1,30 +1,13 @@
 """Evaluation decodes the validation set once for the student and the teacher."""
 
-import threading
-
 import jax
 import numpy as np
-from conftest import IMAGE_SIZE, NUM_CLASSES, tiny_config, tiny_model
+from conftest import IMAGE_SIZE, NUM_CLASSES, CountingRecords, tiny_config, tiny_model
 
 from wsda_jax import evaluation, parallel, train, train_state
 from wsda_jax.data import pipeline, records
 
 jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
-
-
-class CountingRecords:
-    """A record sequence that counts reads (grain reads from several threads)."""
-
-    def __init__(self, items):
-        self.items, self.reads, self.lock = items, 0, threading.Lock()
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        with self.lock:
-            self.reads += 1
-        return self.items[index]
 
 
 def test_one_decode_pass_evaluates_student_and_teacher(tmp_path):

@@ -1,27 +1,11 @@
 """Stage 1 and the oracle build no target stream; labels travel as uint8."""
 
-import threading
-
 import numpy as np
 import pytest
+from conftest import CountingRecords
 from test_pipeline import SOURCE, TARGET, _config
 
 from wsda_jax.data import pipeline
-
-
-class CountingRecords:
-    """A record sequence that counts reads (grain reads from several threads)."""
-
-    def __init__(self, items):
-        self.items, self.reads, self.lock = items, 0, threading.Lock()
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        with self.lock:
-            self.reads += 1
-        return self.items[index]
 
 
 @pytest.mark.parametrize("stage", ["source_only", "oracle"])
