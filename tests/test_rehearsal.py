@@ -216,32 +216,15 @@ def test_real_configs_stage1_stage2_eval_predict(prepared, devices, tmp_path):
     shutil.rmtree(runs)  # Checkpoints of both device counts would fill the disk otherwise.
 
 
-def _browse_config(prepared, name, **changes):
-    import importlib
-
-    config = importlib.import_module(f"configs.{name}").get_config()
-    trees = prepared["trees"]
-    config.data.data_dir = str(prepared["data_dir"])
-    config.data.manual_dir = trees["cityscapes_weak"].root
-    config.data.source_manual_dir = trees["gta5"].root
-    config.data.crop_size = (CROP, CROP)
-    config.data.num_workers = 0
-    config.update_from_flattened_dict(changes)
-    return config
-
-
-def test_browse_shows_crop_presence(prepared, tmp_path):
-    """The batch browser on the full-size Cityscapes records: target crops have the crop
-    size and the presence vector is the weak-label crop's classes (gtCoarse for coarse and
-    image labels); with presence='image' it is the whole image's fine-label classes."""
-    out = tmp_path / "coarse"
+def _browse(prepared, config, out, *overrides):
+    """`python -m wsda_jax.data.browse` on the rehearsal's records; returns batches.json."""
     trees = prepared["trees"]
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "wsda_jax.data.browse",
-            "--config=configs/gta2cs_coarse.py",
+            f"--config=configs/{config}.py",
             f"--out={out}",
             "--num_batches=2",
             f"--config.data.data_dir={prepared['data_dir']}",
@@ -249,30 +232,32 @@ def test_browse_shows_crop_presence(prepared, tmp_path):
             f"--config.data.source_manual_dir={trees['gta5'].root}",
             f"--config.data.crop_size=({CROP},{CROP})",
             "--config.data.num_workers=0",
+            *overrides,
         ],
         cwd=ROOT,
         env=subprocesses.jax_env(prepared["base"]),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    entries = json.load(open(out / "batches.json"))
-    assert len(entries) == 2 * 4 and len(list(out.glob("batch*_*.png"))) == 8
-    from wsda_jax.data import browse
+    return json.load(open(os.path.join(out, "batches.json")))
 
-    image_entries = browse.write_batches(
-        _browse_config(prepared, "gta2cs_image"), str(tmp_path / "image"), 2
-    )
+
+def test_browse_shows_crop_presence(prepared, tmp_path):
+    """The batch browser on the full-size Cityscapes records: target crops have the crop
+    size and the presence vector is the weak-label crop's classes (gtCoarse for coarse and
+    image labels); with presence='image' it is the whole image's fine-label classes."""
+    entries = _browse(prepared, "gta2cs_coarse", tmp_path / "coarse")
+    assert len(entries) == 2 * 4 and len(list((tmp_path / "coarse").glob("batch*_*.png"))) == 8
+    image_entries = _browse(prepared, "gta2cs_image", tmp_path / "image")
     for entry in entries + image_entries:
         assert entry["target_shape"] == [CROP, CROP] and entry["source_shape"] == [CROP, CROP]
         assert entry["presence"] == entry["weak_label_classes"], entry
     assert any(entry["presence"] for entry in entries)
 
-    tags = browse.write_batches(
-        _browse_config(prepared, "gta2cs_image", presence="image"), str(tmp_path / "tags"), 2
-    )
-    tree = trees["cityscapes_weak"]
+    tags = _browse(prepared, "gta2cs_image", tmp_path / "tags", "--config.presence=image")
+    tree = prepared["trees"]["cityscapes_weak"]
     fine = [
         [c for c in np.unique(tree.labels[name]).tolist() if c != 255]
         for name, split in tree.info["splits"].items()
