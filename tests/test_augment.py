@@ -171,3 +171,73 @@ def test_strong_augment_decides_once_per_batch_by_default():
     assert any(row.all() for row in batch_rows) and any(not row.any() for row in batch_rows)
     # Per image: some batch mixes jittered and plain images.
     assert any(row.any() and not row.all() for row in image_rows)
+
+
+def _sequential_jitter(image, draw):
+    """Float64 reference of one colour jitter: the ops one after another on the pixels,
+    in the draw's order, without clipping (torchvision's definition of each op)."""
+    luma = np.array([0.299, 0.587, 0.114])
+    x = image.astype(np.float64)
+    f_brightness, f_contrast, f_saturation = np.asarray(draw.factors, np.float64)
+    for op in np.asarray(draw.order):
+        if op == 0:
+            x = x * f_brightness
+        elif op == 1:
+            grey = (x @ luma).mean()
+            x = (x - grey) * f_contrast + grey
+        elif op == 2:
+            grey = (x @ luma)[..., None]
+            x = (x - grey) * f_saturation + grey
+        else:
+            x = x @ np.asarray(augment.hue_matrix(draw.hue_shift), np.float64).T
+    return x
+
+
+def test_color_jitter_equals_the_sequential_ops_in_the_drawn_order():
+    images = jax.random.randint(jax.random.key(0), (6, 16, 16, 3), 90, 160).astype(jnp.uint8)
+    key = jax.random.key(3)
+    out = np.asarray(augment.color_jitter(key, images, 0.25))
+    draws = jax.vmap(lambda k: augment.jitter_draw(k, 0.25))(jax.random.split(key, 6))
+    for i in range(6):
+        draw = jax.tree.map(lambda x, i=i: x[i], draws)
+        expected = _sequential_jitter(np.asarray(images[i]), draw)
+        assert expected.min() > 0 and expected.max() < 255  # no clipping involved
+        np.testing.assert_allclose(out[i], expected, atol=1e-3)
+    assert len({tuple(np.asarray(o)) for o in draws.order}) > 1  # orders differ per image
+    np.testing.assert_array_equal(augment.color_jitter(key, images, 0.0), images)
+
+
+def test_color_jitter_draws_have_torchvision_distributions():
+    """Factors ~ U(0.75, 1.25), hue shift ~ U(-0.25, 0.25), all 24 op orders equally likely."""
+    n = 4800
+    draws = jax.vmap(lambda k: augment.jitter_draw(k, 0.25))(jax.random.split(jax.random.key(0), n))
+    factors, shifts = np.asarray(draws.factors), np.asarray(draws.hue_shift)
+    assert factors.min() >= 0.75 and factors.max() <= 1.25
+    for column in factors.T:  # uniform: mean 1, quartiles at 0.875 / 1.125
+        assert abs(column.mean() - 1.0) < 0.01
+        np.testing.assert_allclose(np.quantile(column, [0.25, 0.75]), [0.875, 1.125], atol=0.015)
+    assert abs(shifts.mean()) < 0.01 and shifts.min() >= -0.25 and shifts.max() <= 0.25
+    np.testing.assert_allclose(np.quantile(shifts, [0.25, 0.75]), [-0.125, 0.125], atol=0.015)
+    orders, counts = np.unique(np.asarray(draws.order), axis=0, return_counts=True)
+    assert len(orders) == 24 and counts.min() > 0.6 * n / 24 and counts.max() < 1.4 * n / 24
+
+
+def test_color_jitter_clips_and_keeps_grey_under_hue_and_saturation():
+    grey = jnp.full((1, 4, 4, 3), 120, jnp.uint8)
+    out = augment.color_jitter(jax.random.key(1), grey, 0.25)
+    np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-3)  # still grey
+    bright = jnp.full((8, 4, 4, 3), 250, jnp.uint8)
+    out = augment.color_jitter(jax.random.key(2), bright, 0.25)
+    assert float(out.max()) <= 255.0 and float(out.min()) >= 0.0
+
+
+def test_hue_rotation_keeps_grey_and_full_turn_is_identity():
+    rotate = np.asarray(augment.hue_matrix(0.25))
+    grey = np.array([120.0, 120.0, 120.0], np.float32)
+    np.testing.assert_allclose(rotate @ grey, grey, atol=1e-3)
+    red = np.array([200.0, 30.0, 30.0], np.float32)
+    assert np.abs(rotate @ red - red).max() > 50
+    np.testing.assert_allclose(augment.hue_matrix(1.0), np.eye(3), atol=1e-5)
+    np.testing.assert_allclose(
+        augment.hue_matrix(0.1) @ augment.hue_matrix(-0.1), np.eye(3), atol=1e-5
+    )

@@ -12,7 +12,7 @@ import pytest
 
 from wsda_jax import classes, config_lib
 from wsda_jax.data import builders, records, sources
-from wsda_jax.data.builders import base
+from wsda_jax.data.builders import base, layout
 
 
 def _config_data(data_dir, manual_dir="", pre_resize=False):
@@ -256,7 +256,7 @@ def test_unprepared_dataset_error_shows_command(tmp_path):
 
 
 def test_missing_manual_dir_lists_expected_paths(tmp_path):
-    with pytest.raises(base.LayoutError) as error:
+    with pytest.raises(layout.LayoutError) as error:
         _prepare("gta5", tmp_path / "data", tmp_path / "nowhere")
     assert "images/*.png" in str(error.value) and "labels/*.png" in str(error.value)
     assert "does not exist" in str(error.value)
@@ -264,11 +264,11 @@ def test_missing_manual_dir_lists_expected_paths(tmp_path):
 
 def test_wrong_layout_lists_expected_and_found(trees, tmp_path):
     # A SYNTHIA tree given as GTA5.
-    with pytest.raises(base.LayoutError) as error:
+    with pytest.raises(layout.LayoutError) as error:
         _prepare("gta5", tmp_path / "data", trees["synthia"].root)
     message = str(error.value)
     assert "images/*.png" in message and "RGB/" in message and "GT/" in message
-    assert not os.path.exists(tmp_path / "data" / "gta5" / "resize" / "1.0.0")
+    assert not os.path.exists(tmp_path / "data" / "gta5" / "resize_npy" / "1.0.0")
 
 
 def test_corrupt_png_is_named(trees, tmp_path):
@@ -281,7 +281,7 @@ def test_corrupt_png_is_named(trees, tmp_path):
     builder = builders.make_builder("gta5", _config_data(tmp_path / "data", raw))
     assert not builder.is_prepared()
     # The temp folder is removed (the preparation lock file stays).
-    assert os.listdir(tmp_path / "data" / "gta5" / "resize") == [".prepare.lock"]
+    assert os.listdir(tmp_path / "data" / "gta5" / "resize_npy") == [".prepare.lock"]
 
 
 def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
@@ -305,7 +305,7 @@ def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert result.returncode == 3, result.stderr.decode()[-2000:]
-    variant = data_dir / "cityscapes_weak" / "points2"
+    variant = data_dir / "cityscapes_weak" / "points2_npy"
     left = [p for p in os.listdir(variant) if p != ".prepare.lock"]
     assert [p.startswith("incomplete.") for p in left] == [True]
     with pytest.raises(sources.DatasetNotPreparedError):
@@ -333,7 +333,7 @@ def test_pre_resize_to_the_reference_working_sizes(trees, tmp_path):
     data_dir = tmp_path / "data"
     gta5_summary = _prepare("gta5", data_dir, trees["gta5"].root, pre_resize=True)
     assert gta5_summary["splits"]["train"]["pre_resized"] == 3
-    assert os.path.isdir(data_dir / "gta5" / "resize_1280x720")
+    assert os.path.isdir(data_dir / "gta5" / "resize_1280x720_npy")
     for example in _read("gta5", "train", data_dir, pre_resize=True).values():
         assert example["image"].shape == (720, 1280, 3) and example["label"].shape == (720, 1280)
 
@@ -341,7 +341,7 @@ def test_pre_resize_to_the_reference_working_sizes(trees, tmp_path):
     summary = _prepare("cityscapes_weak", data_dir, tree.root, pre_resize=True)
     assert summary["splits"]["train"]["pre_resized"] == 4
     assert "pre_resized" not in summary["splits"]["val"]
-    assert os.path.isdir(data_dir / "cityscapes_weak" / "points2_train1024x512")
+    assert os.path.isdir(data_dir / "cityscapes_weak" / "points2_train1024x512_npy")
     up = lambda label: np.repeat(np.repeat(label, 16, axis=0), 16, axis=1)  # 32x64 -> 512x1024.
     for name, example in _read("cityscapes_weak", "train", data_dir, pre_resize=True).items():
         assert example["image"].shape == (512, 1024, 3)
@@ -363,3 +363,28 @@ def test_dataset_prepared_without_pre_resize_is_not_reused(trees, data_dir, tmp_
             sources.open_split(dataset, "train", _config_data(data_dir, pre_resize=True))
     message = sources.prepare_command("gta5", _config_data(data_dir, pre_resize=False))
     assert "--nopre_resize" in message
+
+
+def test_image_format_npy_and_png_hold_the_same_pixels(trees, tmp_path):
+    """'npy' (the default, '_npy' in the name) and 'png' datasets decode to equal examples;
+    a config asking for one format never reads the other's folder."""
+    data_dir = tmp_path / "data"
+    examples = {}
+    for image_format in ("npy", "png"):
+        config_data = _config_data(data_dir, trees["gta5"].root)
+        config_data.image_format = image_format
+        builders.prepare(builders.make_builder("gta5", config_data))
+        split = sources.open_split("gta5", "train", config_data)
+        examples[image_format] = [records.decode_example(split[i]) for i in range(len(split))]
+        first_image = split[0]["image"]
+        signature = records.NPY_SIGNATURE if image_format == "npy" else records.PNG_SIGNATURE
+        assert bytes(first_image[: len(signature)]) == signature
+    assert sorted(os.listdir(data_dir / "gta5")) == ["resize", "resize_npy"]
+    for npy, png in zip(examples["npy"], examples["png"], strict=True):
+        assert npy["name"] == png["name"]
+        np.testing.assert_array_equal(npy["image"], png["image"])
+        np.testing.assert_array_equal(npy["label"], png["label"])
+    config_data = _config_data(tmp_path / "other", trees["gta5"].root)
+    config_data.image_format = "png"
+    with pytest.raises(sources.DatasetNotPreparedError, match="--image_format=png"):
+        sources.open_split("gta5", "train", config_data)

@@ -1,5 +1,6 @@
 """Tests of the grain training and evaluation pipelines on tiny in-memory records."""
 
+import io
 import time
 
 import numpy as np
@@ -11,12 +12,14 @@ from wsda_jax.data import pipeline, records
 H, W, C = 32, 64, 19
 
 
-def _records(num, *, target, first=0):
-    """Records whose image is the constant `first + i + 1`, so a pixel traces the record."""
+def _records(num, *, target, first=0, image_format="png", noise=False):
+    """Records whose image is the constant `first + i + 1` (plus, with `noise`, a fixed
+    random pattern), so a pixel traces the record."""
     out = []
     for i in range(first, first + num):
         example = {
-            "image": np.full((H, W, 3), i + 1, np.uint8),
+            "image": np.full((H, W, 3), i + 1, np.uint8)
+            + (np.random.default_rng(i).integers(0, 100, (H, W, 3), np.uint8) if noise else 0),
             "label": np.full((H, W), 3, np.uint8),
             "name": f"record_{i}",
         }
@@ -27,7 +30,7 @@ def _records(num, *, target, first=0):
             example["point_label"] = np.full((H, W), 255, np.uint8)
             example["point_label"][5, 7] = 2
             example["presence"] = (np.arange(C) % 3 == i % 3).astype(np.uint8)
-        out.append(records.encode_example(example))
+        out.append(records.encode_example(example, image_format))
     return out
 
 
@@ -46,7 +49,6 @@ def _config(*, augment=False, weak_label="coarse", batch_size=2, seed=0, num_wor
         config.data.crop_size = (H, W)
         config.data.scale_range = (1.0, 1.0)
         config.data.flip = False
-        config.data.jitter = 0.0
     return config
 
 
@@ -239,3 +241,55 @@ def test_eval_resize_and_max_images():
     assert batches[0]["image"].shape == (2, 16, 24, 3) and batches[0]["label"].shape == (2, 16, 24)
     assert batches[1]["mask"].tolist() == [True, False]
     assert [int(i) for b in batches for i in b["index"]] == [0, 1, 2, -1]
+
+
+def test_npy_records_give_the_same_batches_as_png():
+    """The image format is lossless and changes no random draw: bit-equal batches."""
+    config = _config(augment=True)
+    batches = {}
+    for image_format in ("png", "npy"):
+        source = _records(5, target=False, image_format=image_format, noise=True)
+        target = _records(7, target=True, first=100, image_format=image_format, noise=True)
+        batches[image_format] = _take(pipeline.make_train_iterator(config, source, target), 3)
+    for png, npy in zip(batches["png"], batches["npy"], strict=True):
+        for domain in ("source", "target"):
+            for key, value in png[domain].items():
+                np.testing.assert_array_equal(npy[domain][key], value)
+                assert npy[domain][key].dtype == value.dtype
+
+
+def test_npy_image_round_trip_and_a_bad_array_is_refused():
+    image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+    data = records.encode_npy(image)
+    assert data.startswith(records.NPY_SIGNATURE)
+    np.testing.assert_array_equal(records.decode_image(data), image)
+    np.testing.assert_array_equal(records.decode_image(records.encode_png(image)), image)
+    buffer = io.BytesIO()
+    np.save(buffer, image.astype(np.float32))
+    with pytest.raises(ValueError, match="expected uint8"):
+        records.decode_image(buffer.getvalue())
+    with pytest.raises(ValueError, match="image_format"):
+        records.encode_example({"image": image}, "jpeg")
+
+
+def test_batches_are_not_colour_jittered_on_the_host():
+    """The colour jitter runs in the train step: with identity geometry a batch holds the
+    records' exact pixels although config.data.jitter > 0."""
+    config = _config()
+    assert config.data.jitter > 0
+    source = _records(5, target=False, noise=True)
+    batch = next(pipeline.make_train_iterator(config, source, TARGET))
+    images = {records.decode_example(r)["image"].tobytes() for r in source}
+    assert all(image.tobytes() in images for image in batch["source"]["image"])
+
+
+@pytest.mark.parametrize(
+    "cores, devices, expected", [(2, 1, 0), (3, 8, 0), (4, 1, 2), (16, 1, 3), (96, 8, 24)]
+)
+def test_automatic_worker_count(monkeypatch, cores, devices, expected):
+    config = _config()
+    config.data.num_workers = -1
+    monkeypatch.setattr(pipeline.base, "available_cores", lambda: cores)
+    assert pipeline.num_workers(config.data, devices) == expected
+    config.data.num_workers = 1  # An explicit count is kept.
+    assert pipeline.num_workers(config.data, devices) == 1

@@ -80,11 +80,11 @@ def test_bad_id_map_is_one_line(tmp_path, id_map):
 
 def test_stale_incomplete_folder_is_removed(tmp_path):
     raw, data_dir = _folder(tmp_path), tmp_path / "data"
-    stale = data_dir / "folder_pairs" / "mine" / "incomplete.ABC123_1.0.0"
+    stale = data_dir / "folder_pairs" / "mine_npy" / "incomplete.ABC123_1.0.0"
     stale.mkdir(parents=True)
     (stale / "folder_pairs-train.array_record-00000-of-00001").write_bytes(b"\0" * 1000)
     result = _prepare_cli(data_dir, raw)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Removed {stale}, left by an interrupted preparation." in result.stderr
     assert not stale.exists()
-    assert "1.0.0" in os.listdir(data_dir / "folder_pairs" / "mine")
+    assert "1.0.0" in os.listdir(data_dir / "folder_pairs" / "mine_npy")

@@ -143,8 +143,8 @@ def test_prepared_at_the_reference_working_sizes(prepared):
     assert gta5["pre_resized"] == 3 and gta5["resized"] == 1  # The mismatched pair too.
     assert summaries["cityscapes_weak"]["splits"]["train"]["pre_resized"] == 2
     assert "pre_resized" not in summaries["synthia"]["splits"]["train"]
-    assert os.path.isdir(data_dir / "gta5" / "resize_1280x720")
-    assert os.path.isdir(data_dir / "cityscapes_weak" / "points1_train1024x512")
+    assert os.path.isdir(data_dir / "gta5" / "resize_1280x720_npy")
+    assert os.path.isdir(data_dir / "cityscapes_weak" / "points1_train1024x512_npy")
 
 
 def _check_eval(prepared, workdir, step, models, subsets=("miou",)):

@@ -126,6 +126,14 @@ def test_teacher_ema_in_step(runner):
         after_one.teacher_params,
         runner.initial.params,
     )
+    # The teacher sees the target crop after the step's colour jitter (its key: the
+    # step's key on device 0, split as in adapt_step).
+    device_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+    names = steps.ADAPT_KEY_NAMES
+    jitter_key = dict(zip(names, jax.random.split(device_key, len(names)), strict=True))["jitter_t"]
+    target_image = steps.input_images(
+        jitter_key, jnp.asarray(runner.batches[0]["target"]["image"]), runner.config
+    )
     state, _ = runner.step(state, batch)
     blend = lambda t, s: 0.999 * t + 0.001 * s
     expected_params = jax.tree.map(blend, after_one.teacher_params, after_one.params)
@@ -135,7 +143,6 @@ def test_teacher_ema_in_step(runner):
         expected_params,
     )
     blended_stats = jax.tree.map(blend, after_one.teacher_batch_stats, after_one.batch_stats)
-    target_image = augment.normalize(jnp.asarray(runner.batches[0]["target"]["image"]))
     _, updates = tiny_model(runner.config, bn_axis_name=None).apply(
         {"params": expected_params, "batch_stats": blended_stats},
         target_image,

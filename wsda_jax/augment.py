@@ -1,17 +1,22 @@
-"""On-device image operations of the train step: normalisation, ClassMix, strong augmentation.
+"""On-device image operations of the train step: colour jitter, normalisation, ClassMix,
+strong augmentation.
 
-Everything here is jittable with fixed shapes (METHOD.md sections 1 and 10), so the
-whole ClassMix + augmentation pipeline runs inside the compiled step.
+Everything here is jittable with fixed shapes (METHOD.md sections 1, 10 and 12), so the
+photometric part of the data augmentation and the whole ClassMix + augmentation
+pipeline run inside the compiled step; the host does only the geometric part
+(scale, crop, flip: `data/transforms.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,8 +26,106 @@ IGNORE_LABEL = 255
 NUM_LABEL_IDS = 256
 
 
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q).
+_RGB_TO_YIQ = np.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
+)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+
+
+def hue_matrix(shift: jax.Array) -> jax.Array:
+    """float32 [3, 3] RGB matrix rotating the hue by `shift` turns (1 = 360 degrees)."""
+    c, s = jnp.cos(2 * jnp.pi * shift), jnp.sin(2 * jnp.pi * shift)
+    rotation = jnp.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]], jnp.float32)
+    return jnp.asarray(_YIQ_TO_RGB) @ rotation @ jnp.asarray(_RGB_TO_YIQ)
+
+
+class JitterDraw(NamedTuple):
+    """The random part of one colour jitter: `order` int32 [4], a permutation of the ops
+    (0 brightness, 1 contrast, 2 saturation, 3 hue); `factors` float32 [3] for ops 0-2,
+    each ~ U(max(0, 1 - s), 1 + s); `hue_shift` float32 [] ~ U(-s, s) turns."""
+
+    order: jax.Array
+    factors: jax.Array
+    hue_shift: jax.Array
+
+
+def jitter_draw(key: jax.Array, strength: float) -> JitterDraw:
+    """One torchvision ColorJitter(s, s, s, s) draw, ops in a random order."""
+    k_order, k_factors, k_hue = jax.random.split(key, 3)
+    low, high = max(0.0, 1.0 - strength), 1.0 + strength
+    return JitterDraw(
+        order=jax.random.permutation(k_order, 4),
+        factors=jax.random.uniform(k_factors, (3,), minval=low, maxval=high),
+        hue_shift=jax.random.uniform(k_hue, (), minval=-strength, maxval=strength),
+    )
+
+
+def jitter_affine(draw: JitterDraw, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The draw's four ops composed in its order into one RGB map x -> A x + o.
+
+    Every op is affine in RGB: brightness scales; contrast blends with the image's mean
+    grey level (computed from `mean`, the float32 [3] mean colour of the input, pushed
+    through the ops before it); saturation blends with each pixel's grey level; hue
+    rotates the YIQ chroma plane. Returns (A float32 [3, 3], o float32 [3]).
+    """
+    luma = jnp.asarray(_LUMA)
+    f_brightness, f_contrast, f_saturation = draw.factors
+
+    def brightness(a, o):
+        return f_brightness * a, f_brightness * o
+
+    def contrast(a, o):
+        grey = luma @ (a @ mean + o)
+        return f_contrast * a, f_contrast * o + (1 - f_contrast) * grey
+
+    def saturation(a, o):
+        m = f_saturation * jnp.eye(3) + (1 - f_saturation) * jnp.outer(jnp.ones(3), luma)
+        return m @ a, m @ o
+
+    def hue(a, o):
+        m = hue_matrix(draw.hue_shift)
+        return m @ a, m @ o
+
+    affine = (jnp.eye(3), jnp.zeros(3))
+    for position in range(4):
+        affine = jax.lax.switch(
+            draw.order[position], (brightness, contrast, saturation, hue), *affine
+        )
+    return affine
+
+
+def color_jitter(key: jax.Array, images: jax.Array, strength: float) -> jax.Array:
+    """The training batches' colour jitter (METHOD.md section 12), one draw per image.
+
+    torchvision's ColorJitter(s, s, s, s) semantics (factors and op order drawn per
+    image), with the four ops composed into one affine map and clipped once at the end
+    (torchvision clips after every op; they differ only where an intermediate op
+    saturates). Runs in the step, so its draws come from the step's key and resumption
+    replays them exactly.
+
+    Args:
+      key: PRNG key.
+      images: uint8 or float32 [B, H, W, 3] on a 0..255 scale.
+      strength: s >= 0; 0 returns the images unchanged (as float32).
+    Returns:
+      float32 [B, H, W, 3] in 0..255 (not rounded to integers).
+    """
+    images = images.astype(jnp.float32)
+    if strength == 0:
+        return images
+    draws = jax.vmap(functools.partial(jitter_draw, strength=strength))(
+        jax.random.split(key, images.shape[0])
+    )
+    a, o = jax.vmap(jitter_affine)(draws, images.mean(axis=(1, 2)))
+    out = jnp.einsum("bhwc,bdc->bhwd", images, a, precision=jax.lax.Precision.HIGHEST)
+    return jnp.clip(out + o[:, None, None, :], 0.0, 255.0)
+
+
 def normalize(images: jax.Array) -> jax.Array:
-    """uint8 [..., 3] in 0..255 -> float32 [..., 3], ImageNet mean/std on a 0..1 scale."""
+    """uint8 or float [..., 3] in 0..255 -> float32 [..., 3], ImageNet mean/std on a 0..1
+    scale."""
     x = images.astype(jnp.float32) / 255.0
     return (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
 

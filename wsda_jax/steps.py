@@ -31,10 +31,20 @@ CONTRAST_TERMS = ("inter", "intra_src", "intra_tgt")
 Batch = dict[str, Any]
 
 
+# The adapt step's random streams, split in this order from `step_key`.
+ADAPT_KEY_NAMES = ("jitter_s", "jitter_t", "edge", "inter", "intra_src", "intra_tgt", "mix")
+
+
 def step_key(state: TrainState, axis_name: str) -> jax.Array:
     """The step's PRNG key: base key folded with the step, then with the device index."""
     key = jax.random.fold_in(state.rng, state.step)
     return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def input_images(key: jax.Array, images: jax.Array, config: ml_collections.ConfigDict):
+    """uint8 [B, H, W, 3] crops from the pipeline -> colour-jittered (config.data.jitter,
+    METHOD.md section 12), ImageNet-normalised float32 [B, H, W, 3]."""
+    return augment.normalize(augment.color_jitter(key, images, config.data.jitter))
 
 
 def ema_decay(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
@@ -415,11 +425,11 @@ def adapt_step(
       term (pmean over devices), total, learning_rate (backbone), the confident fraction
       q, anchors_<loss> (sampled anchors per device, averaged), grad_norm, skipped_steps.
     """
-    names = ("edge", "inter", "intra_src", "intra_tgt", "mix")
+    names = ADAPT_KEY_NAMES
     keys = dict(zip(names, jax.random.split(step_key(state, axis_name), len(names)), strict=True))
     source, target = batch["source"], batch["target"]
-    source_image = augment.normalize(source["image"])
-    target_image = augment.normalize(target["image"])
+    source_image = input_images(keys["jitter_s"], source["image"], config)
+    target_image = input_images(keys["jitter_t"], target["image"], config)
     source_label = source["label"].astype(jnp.int32)
     weak_label, presence = target_weak_labels(target, config)
     weak_kind = config.weak_label
@@ -544,8 +554,8 @@ def source_only_step(
     The teacher is still EMA-updated, so a stage-2 run initialised from this state has
     both a student and a teacher.
     """
-    key = step_key(state, axis_name)
-    image = augment.normalize(batch["source"]["image"])
+    key, jitter_key = jax.random.split(step_key(state, axis_name))
+    image = input_images(jitter_key, batch["source"]["image"], config)
     label = batch["source"]["label"].astype(jnp.int32)
     teacher_params, teacher_batch_stats = ema_update(state, config)
 

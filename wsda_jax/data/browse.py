@@ -4,8 +4,8 @@ r"""Writes training batches as the train step receives them: PNG panels and a JS
       --num_batches=4 [--config.data.data_dir=...]
 
 For each of `--num_batches` batches of ONE device's share (config.per_device_batch_size
-source + target images, after the pre-resize, random scale, crop and flip and the host
-colour jitter; before the on-device ClassMix and strong augmentation) it writes
+source + target images, after the pre-resize, random scale, crop and flip; before the
+step's colour jitter, ClassMix and strong augmentation, which run on the device) it writes
 `OUT/batch{i}_{j}.png` per image pair (source image | source label | target image |
 target weak label, with the presence vector's class names as a caption) and
 `OUT/batches.json`, one entry per pair:

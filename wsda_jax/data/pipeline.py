@@ -4,14 +4,15 @@ Training, per domain (source, target):
 
     MapDataset.source(records)[process_index::process_count]   # disjoint host shards
       .seed(s).shuffle().repeat()                              # reshuffled every epoch
-      .map(decode + pick labels).random_map(scale/crop, flip, jitter)
+      .map(decode + pick labels).random_map(scale/crop, flip)
 
 then the two infinite streams are zipped into {'source': ..., 'target': ...},
 converted to an IterDataset, batched with drop_remainder and prefetched in
 `config.data.num_workers` processes. Everything before the batch is a
 MapDataset indexed by step, so `iterator.get_state()` / `set_state()` (and
 `grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax checkpoint)
-replay exactly.
+replay exactly. The colour jitter of METHOD.md section 12 runs in the train step
+(`augment.color_jitter`), where it costs the host nothing.
 
 Evaluation: every record exactly once across hosts (host p takes records p, p+P,
 ...), in order, padded to the same number of batches on every host (so jitted
@@ -29,14 +30,21 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from wsda_jax.classes import IGNORE_LABEL
 from wsda_jax.data import records as records_lib
 from wsda_jax.data import transforms
+from wsda_jax.data.builders import base
 
-IGNORE = 255
 # Threads that decode and augment inside each process (Pillow releases the GIL
 # while decoding and resizing), and the elements each process reads ahead.
 READ_THREADS = 4
 READ_BUFFER = 16
+# Automatic worker count (config.data.num_workers = -1): one core keeps ~130 images/s
+# flowing from 'npy' records (README "Input pipeline"), and a GPU at the reference size
+# takes ~170/s, so 3 workers per device leave headroom; 2 cores stay with the training
+# process (JAX dispatch, host-to-device copies, checkpoints).
+WORKERS_PER_DEVICE = 3
+RESERVED_CORES = 2
 # The record key of the weak label map that travels with the target crop. 'image' uses
 # gtCoarse too: the step computes the presence vector from its crop (METHOD.md s. 4).
 WEAK_LABEL_KEYS = {
@@ -91,7 +99,7 @@ class _DecodeTarget(grain.transforms.Map):
         if self.weak_key and self.weak_key not in record:
             raise KeyError(f"target record lacks {self.weak_key!r}; it has {sorted(record)}")
         example = records_lib.decode_example({k: record[k] for k in keys})
-        ignore = np.full(example["image"].shape[:2], IGNORE, np.uint8)
+        ignore = np.full(example["image"].shape[:2], IGNORE_LABEL, np.uint8)
         if "presence" in record:
             presence = np.asarray(record["presence"], np.float32)
         elif self.needs_presence:
@@ -143,8 +151,6 @@ def _domain_dataset(
     )
     if config.data.flip:
         ds = ds.random_map(transforms.RandomFlip())
-    if config.data.jitter > 0:
-        ds = ds.random_map(transforms.ColorJitter(config.data.jitter))
     return ds.map(_labels_to_uint8)
 
 
@@ -157,15 +163,30 @@ def host_batch_size(per_device_batch_size: int, num_local_devices: int) -> int:
     return per_device_batch_size * num_local_devices
 
 
-def _prefetch(ds: grain.IterDataset, config: ml_collections.ConfigDict) -> grain.IterDataset:
-    if config.data.num_workers <= 0:
+def num_workers(config_data: ml_collections.ConfigDict, num_local_devices: int) -> int:
+    """grain worker processes: `config.data.num_workers`, or for -1 the host's choice:
+    WORKERS_PER_DEVICE per local device, leaving RESERVED_CORES to the training
+    process, and none on a host of fewer than 4 cores (there the training process
+    computes on the same cores, and a worker only adds copies: README "Input pipeline")."""
+    if config_data.num_workers >= 0:
+        return config_data.num_workers
+    cores = base.available_cores()
+    if cores < 4:
+        return 0
+    return max(1, min(cores - RESERVED_CORES, WORKERS_PER_DEVICE * num_local_devices))
+
+
+def _prefetch(
+    ds: grain.IterDataset, config: ml_collections.ConfigDict, workers: int
+) -> grain.IterDataset:
+    if workers <= 0:
         return ds
     # grain's worker processes read absl flags; outside absl.app (tests, notebooks)
     # nobody parsed them, so accept the defaults.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     options = grain.MultiprocessingOptions(
-        num_workers=config.data.num_workers,
+        num_workers=workers,
         per_worker_buffer_size=config.data.prefetch_buffer_size,
     )
     return ds.mp_prefetch(options)
@@ -208,7 +229,7 @@ def make_train_iterator(
         grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(READ_BUFFER, 2 * b))
     )
     ds = ds.batch(b, drop_remainder=True)
-    return iter(_prefetch(ds, config))
+    return iter(_prefetch(ds, config, num_workers(config.data, num_local_devices)))
 
 
 class _EvalExample(grain.transforms.Map):
@@ -237,7 +258,7 @@ class _EvalExample(grain.transforms.Map):
         label = example["label"].astype(np.int32)
         return {
             "image": example["image"],
-            "label": label if valid else np.full_like(label, IGNORE),
+            "label": label if valid else np.full_like(label, IGNORE_LABEL),
             "mask": np.asarray(valid),
             "index": np.asarray(index if valid else -1, np.int32),
         }

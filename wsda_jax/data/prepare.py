@@ -38,6 +38,13 @@ _PRE_RESIZE = flags.DEFINE_bool(
     "gta5 and cityscapes_weak: store the training split at the reference's working size "
     "(GTA5 1280x720, Cityscapes train 1024x512); matches config.data.pre_resize.",
 )
+_IMAGE_FORMAT = flags.DEFINE_enum(
+    "image_format",
+    "npy",
+    ["npy", "png"],
+    "How records store images: npy (raw, fastest to read) or png (compact); matches "
+    "config.data.image_format.",
+)
 _IMAGE_GLOB = flags.DEFINE_string("image_glob", "images/*.png", "folder_pairs: image pattern.")
 _LABEL_GLOB = flags.DEFINE_string("label_glob", "labels/*.png", "folder_pairs: label pattern.")
 _VAL_IMAGE_GLOB = flags.DEFINE_string(
@@ -84,7 +91,7 @@ def _folder_pairs_options() -> dict:
 
 def _message(error: BaseException) -> str:
     """The error in one line; a layout error keeps its lines (expected vs found)."""
-    if isinstance(error, builders.base.LayoutError):
+    if isinstance(error, builders.layout.LayoutError):
         return str(error)
     text = str(error)
     if isinstance(error, KeyError) and text[:1] in "'\"":
@@ -108,6 +115,7 @@ def _prepare(argv: list[str]) -> None:
     config_data.manual_dir = _MANUAL_DIR.value
     config_data.points_per_class = _POINTS.value
     config_data.pre_resize = _PRE_RESIZE.value
+    config_data.image_format = _IMAGE_FORMAT.value
     dataset = _DATASET.value
     options = _folder_pairs_options() if dataset.startswith("folder_pairs") else None
     builder = builders.make_builder(

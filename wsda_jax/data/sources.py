@@ -36,6 +36,8 @@ def prepare_command(dataset: str, config_data: Any) -> str:
         command.append(f"--points_per_class={builder_options['points_per_class']}")
     if "train_size" in builder_options and not config_data.pre_resize:
         command.append("--nopre_resize")
+    if config_data.image_format != "npy":
+        command.append(f"--image_format={config_data.image_format}")
     if dataset.startswith("folder_pairs"):
         command += [
             "--image_glob='images/*.png'",

@@ -1,4 +1,5 @@
-"""Host-side numpy transforms on example dicts, for the grain pipelines.
+"""Host-side numpy transforms on example dicts, for the grain pipelines: the geometric
+part of the training augmentation (scale, crop, flip) and the eval resize.
 
 An example holds 'image' uint8 (H, W, 3), any number of label maps under keys
 ending in 'label' (uint8 or int32 (H, W), 255 = ignore) and other entries
@@ -6,7 +7,8 @@ ending in 'label' (uint8 or int32 (H, W), 255 = ignore) and other entries
 label map moves with the image; images are resampled bilinearly, labels with
 nearest neighbour so no new label values appear. Randomness comes from the
 `np.random.Generator` that grain hands to a `RandomMap`, so a pipeline replays
-exactly from its seed.
+exactly from its seed. The photometric part (colour jitter) runs in the train step
+(`augment.color_jitter`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import grain
 import numpy as np
 from PIL import Image
 
+from wsda_jax.classes import IGNORE_LABEL
+
 Example = dict[str, Any]
-IGNORE = 255
 
 
 def label_keys(example: Example) -> list[str]:
@@ -70,7 +73,7 @@ def scale_crop(
     )
     out["image"] = image
     for key in label_keys(example):
-        label = np.full((crop_h, crop_w), IGNORE, example[key].dtype)
+        label = np.full((crop_h, crop_w), IGNORE_LABEL, example[key].dtype)
         label[:valid_h, :valid_w] = _resize_box(
             example[key], (valid_h, valid_w), box, Image.NEAREST
         )
@@ -107,63 +110,3 @@ class RandomFlip(grain.transforms.RandomMap):
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
         return flip(element) if rng.uniform() < 0.5 else element
-
-
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-# RGB <-> YIQ: a hue shift is a rotation of the chroma plane (I, Q).
-_RGB_TO_YIQ = np.array(
-    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32
-)
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
-
-
-def _hue_matrix(shift: float) -> np.ndarray:
-    """3x3 RGB matrix rotating the hue by `shift` turns (1 = 360 degrees)."""
-    c, s = np.cos(2 * np.pi * shift), np.sin(2 * np.pi * shift)
-    rotation = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
-    return _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
-
-
-def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Brightness, contrast, saturation (factors in 1 +- strength) and hue (+- strength turns).
-
-    Applied in a random order like torchvision's ColorJitter. Every step is affine
-    in RGB, so the four are composed into one map `x @ A.T + o` applied in a single
-    pass and clipped once at the end (torchvision clips after every step; the
-    results differ only where an intermediate step saturates).
-    uint8 (H, W, 3) -> uint8 (H, W, 3).
-    """
-    a = np.eye(3, dtype=np.float32)
-    o = np.zeros(3, np.float32)
-    mean = image.reshape(-1, 3).mean(axis=0, dtype=np.float32)
-    for op in rng.permutation(4):
-        if op == 0:  # brightness: scale
-            f = rng.uniform(1 - strength, 1 + strength)
-            a, o = f * a, f * o
-        elif op == 1:  # contrast: blend with the image's mean grey level
-            f = rng.uniform(1 - strength, 1 + strength)
-            grey = _LUMA @ (a @ mean + o)
-            a, o = f * a, f * o + (1 - f) * grey
-        elif op == 2:  # saturation: blend with each pixel's grey level
-            f = rng.uniform(1 - strength, 1 + strength)
-            m = f * np.eye(3, dtype=np.float32) + (1 - f) * np.outer(np.ones(3), _LUMA)
-            a, o = m @ a, m @ o
-        else:
-            m = _hue_matrix(rng.uniform(-strength, strength))
-            a, o = m @ a, m @ o
-    x = image.astype(np.float32) @ a.T.astype(np.float32)
-    x += o.astype(np.float32) + 0.5
-    np.clip(x, 0, 255, out=x)
-    return x.astype(np.uint8)
-
-
-class ColorJitter(grain.transforms.RandomMap):
-    """`color_jitter` on the example's image; labels and presence unchanged."""
-
-    def __init__(self, strength: float):
-        self.strength = strength
-
-    def random_map(self, element: Example, rng: np.random.Generator) -> Example:
-        out = dict(element)
-        out["image"] = color_jitter(element["image"], rng, self.strength)
-        return out

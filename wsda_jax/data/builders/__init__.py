@@ -37,6 +37,10 @@ def split_name(dataset: str) -> tuple[str, str]:
 
 def options_for(dataset: str, config_data: Any) -> dict[str, Any]:
     """Builder options from a dataset name and config.data (see module docstring)."""
+    return {"image_format": config_data.image_format, **_dataset_options(dataset, config_data)}
+
+
+def _dataset_options(dataset: str, config_data: Any) -> dict[str, Any]:
     name, variant = split_name(dataset)
     if variant and name not in ("gta5", "cityscapes_weak", "folder_pairs"):
         raise ValueError(f"dataset {name!r} has no variants, got {dataset!r}")
@@ -76,6 +80,13 @@ def manual_dir_for(dataset: str, config_data: Any) -> str:
     return config_data.manual_dir
 
 
+def _preparation_workers(config_data: Any) -> int:
+    """config.data.num_workers processes, or every available core for -1 (automatic)."""
+    if config_data.num_workers >= 0:
+        return config_data.num_workers
+    return base.available_cores()
+
+
 def make_builder(
     dataset: str,
     config_data: Any,
@@ -90,7 +101,7 @@ def make_builder(
         data_dir=config_data.data_dir,
         options=dict(options_for(dataset, config_data), **(options or {})),
         manual_dir=manual_dir if manual_dir is not None else manual_dir_for(dataset, config_data),
-        num_workers=config_data.num_workers if num_workers is None else num_workers,
+        num_workers=_preparation_workers(config_data) if num_workers is None else num_workers,
         file_format="array_record",
     )
 

@@ -3,17 +3,17 @@
 Builders are TFDS `GeneratorBasedBuilder`s prepared to ArrayRecord without
 TensorFlow: every feature is a raw numpy `Tensor` or `Text`, so TFDS only
 serialises bytes. The per-example work (read PNGs, map ids, resize, weak labels,
-encode PNGs) is a module-level function of a small picklable task, run in a
-process pool. TFDS writes into `incomplete.*` and renames the folder only when
-every split is written, so an interrupted preparation leaves nothing that looks
-prepared.
+encode: `records.encode_example` with the `image_format` option) is a module-level
+function of a small picklable task, run in a process pool. TFDS writes into
+`incomplete.*` and renames the folder only when every split is written, so an
+interrupted preparation leaves nothing that looks prepared.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
+import functools
 import io
 import json
 import multiprocessing
@@ -29,12 +29,9 @@ from PIL import Image
 
 from wsda_jax import classes
 from wsda_jax.data import records, weak_labels
+from wsda_jax.data.builders import layout
 
 SUMMARY_FILE = "preparation_summary.json"
-
-
-class LayoutError(FileNotFoundError):
-    """The raw dataset folder is missing or does not have the expected layout."""
 
 
 class PreparationError(ValueError):
@@ -194,7 +191,7 @@ def finish_example(
     coarse: np.ndarray | None,
     weak: WeakSpec | None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """Adds weak labels for targets and encodes the record. Returns (record, counts)."""
+    """Adds weak labels for targets. Returns (example of numpy arrays, counts)."""
     example = {"image": image, "label": label, "name": name}
     counts = {"images": 1}
     if weak is not None:
@@ -211,11 +208,21 @@ def finish_example(
             margin=weak.point_margin,
         )
         example["presence"] = weak_labels.presence_vector(label, classes.NUM_CLASSES)
-    return records.encode_example(example), counts
+    return example, counts
+
+
+def encoded(
+    fn: Callable[[Any], tuple[str, dict[str, Any] | None, dict[str, int]]],
+    image_format: str,
+    task: Any,
+) -> tuple[str, dict[str, Any] | None, dict[str, int]]:
+    """fn(task) = (key, example or None, counts) with the example encoded as a record."""
+    key, example, counts = fn(task)
+    return key, None if example is None else records.encode_example(example, image_format), counts
 
 
 def process_pair(task: PairTask) -> tuple[str, dict[str, Any] | None, dict[str, int]]:
-    """Reads, maps, checks and encodes one file pair. Returns (key, record or None, counts)."""
+    """Reads, maps and checks one file pair. Returns (key, example or None, counts)."""
     image = read_image(task.image_path)
     label, out_of_map = classes.map_labels(
         read_label_ids(task.label_path), task.label_map.lookup, task.label_map.known
@@ -248,9 +255,15 @@ def process_pair(task: PairTask) -> tuple[str, dict[str, Any] | None, dict[str, 
         label, coarse = maps["label"], maps.get("coarse")
         counts["pre_resized"] += 1
     # Weak labels come after the pre-resize: points are drawn at the working size.
-    record, finish_counts = finish_example(task.name, image, label, coarse, task.weak)
+    example, finish_counts = finish_example(task.name, image, label, coarse, task.weak)
     counts.update(finish_counts)
-    return task.name, record, dict(counts)
+    return task.name, example, dict(counts)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or Slurm's
+    share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def parallel_map(
@@ -281,64 +294,13 @@ def parallel_map(
         progress.close()
 
 
-def describe_found(root: str, limit: int = 12) -> str:
-    """A short listing of what is under `root` (two levels), for layout errors."""
-    if not os.path.isdir(root):
-        return f"{root} does not exist"
-    found = []
-    for entry in sorted(os.listdir(root)):
-        path = os.path.join(root, entry)
-        if os.path.isdir(path):
-            children = sorted(os.listdir(path))
-            shown = ", ".join(children[:4]) + (", ..." if len(children) > 4 else "")
-            found.append(f"{entry}/ ({len(children)} entries: {shown})")
-        else:
-            found.append(entry)
-    if not found:
-        return f"{root} is empty"
-    more = f" and {len(found) - limit} more" if len(found) > limit else ""
-    return f"{root} contains: " + "; ".join(found[:limit]) + more
-
-
-def layout_error(manual_dir: str, expected: Sequence[str], problem: str) -> LayoutError:
-    patterns = "\n".join(f"  {os.path.join(manual_dir, p)}" for p in expected)
-    return LayoutError(
-        f"{problem}\nExpected files matching:\n{patterns}\nFound: {describe_found(manual_dir)}"
-    )
-
-
-def glob_files(manual_dir: str, pattern: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(manual_dir, pattern), recursive=True))
-
-
-def pair_by_key(
-    manual_dir: str,
-    expected: Sequence[str],
-    images: dict[str, str],
-    labels: dict[str, str],
-    what: str,
-) -> list[tuple[str, str, str]]:
-    """Sorted (key, image path, label path); every image needs a label and vice versa."""
-    if not images or not labels:
-        raise layout_error(
-            manual_dir, expected, f"{what}: found {len(images)} images and {len(labels)} labels"
-        )
-    unmatched = sorted(set(images) ^ set(labels))
-    if unmatched:
-        shown = ", ".join(unmatched[:5])
-        raise layout_error(
-            manual_dir,
-            expected,
-            f"{what}: {len(unmatched)} images or labels without a partner, e.g. {shown}",
-        )
-    return [(key, images[key], labels[key]) for key in sorted(images)]
-
-
 class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base: options -> config name, manual_dir, worker count, preparation summary.
 
     Subclasses set `name`, `SPLITS`, `TARGET` and implement `config_name(options)`,
-    `expected_layout(options)` and `_tasks(split) -> (fn, tasks)`.
+    `expected_layout(options)` and `_tasks(split) -> (fn, tasks)`. Every builder also
+    takes the option `image_format` ('npy' or 'png', `records.IMAGE_FORMATS`); 'npy'
+    datasets carry the suffix '_npy' in their name.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -346,9 +308,7 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     SPLITS: tuple[str, ...] = ("train",)
     TARGET = False
     NEEDS_MANUAL_DIR = True
-    # Nothing is downloaded, so there are no URL checksums; TFDS's lookup of them
-    # inspects the builder's source path and needs `importlib_resources`, which is
-    # not installed. A plain class attribute replaces that class property.
+    # Nothing is downloaded, so there are no URL checksums: skip TFDS's lookup of them.
     url_infos = None
 
     def __init__(
@@ -360,12 +320,18 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         num_workers: int = 1,
         **kwargs: Any,
     ):
-        self.options = dict(self.default_options(), **(options or {}))
+        self.options = {"image_format": "npy", **self.default_options(), **(options or {})}
+        if self.options["image_format"] not in records.IMAGE_FORMATS:
+            raise ValueError(
+                f"image_format={self.options['image_format']!r}: "
+                f"expected one of {records.IMAGE_FORMATS}"
+            )
+        npy_suffix = "_npy" if self.options["image_format"] == "npy" else ""
         self.manual_dir = os.path.expanduser(manual_dir) if manual_dir else ""
         self.num_workers = num_workers
         self.summary: dict[str, dict[str, int]] = {}
         config = tfds.core.BuilderConfig(
-            name=self.config_name(self.options),
+            name=self.config_name(self.options) + npy_suffix,
             description=json.dumps(self.options, sort_keys=True),
         )
         super().__init__(data_dir=os.path.expanduser(data_dir), config=config, **kwargs)
@@ -405,9 +371,11 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             return
         expected = self.expected_layout(self.options)
         if not self.manual_dir:
-            raise layout_error("<manual_dir>", expected, f"{self.name}: --manual_dir is required")
+            raise layout.layout_error(
+                "<manual_dir>", expected, f"{self.name}: --manual_dir is required"
+            )
         if not os.path.isdir(self.manual_dir) or not os.listdir(self.manual_dir):
-            raise layout_error(
+            raise layout.layout_error(
                 self.manual_dir, expected, f"{self.name}: manual_dir is missing or empty"
             )
 
@@ -423,6 +391,7 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         counts: collections.Counter[str] = collections.Counter()
         desc = f"{self.name} {split}"
+        fn = functools.partial(encoded, fn, self.options["image_format"])
         for key, record, task_counts in parallel_map(
             fn, tasks, num_workers=self.num_workers, desc=desc
         ):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from wsda_jax.data.builders import base
+from wsda_jax.data.builders import base, layout
 
 COARSE_SOURCES = ("gt", "synthetic")
 # The reference's fixed pre-resize of the train split before augmentation, (height,
@@ -74,7 +74,7 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
         expected = self.expected_layout(self.options)
         images = _by_name(self.manual_dir, f"leftImg8bit/{split}/*/*{IMAGE_SUFFIX}", IMAGE_SUFFIX)
         fine = _by_name(self.manual_dir, f"gtFine/{split}/*/*{FINE_SUFFIX}", FINE_SUFFIX)
-        pairs = base.pair_by_key(self.manual_dir, expected, images, fine, f"cityscapes {split}")
+        pairs = layout.pair_by_key(self.manual_dir, expected, images, fine, f"cityscapes {split}")
         coarse = {}
         coarse_dir = os.path.join(self.manual_dir, "gtCoarse", split)
         if self.options["coarse"] == "gt" and os.path.isdir(coarse_dir):
@@ -83,13 +83,13 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
             )
             missing = sorted(set(images) - set(coarse))
             if missing:
-                raise base.layout_error(
+                raise layout.layout_error(
                     self.manual_dir,
                     expected,
                     f"cityscapes {split}: {len(missing)} images lack gtCoarse, e.g. {missing[:3]}",
                 )
         elif self.options["coarse"] == "gt" and split == "train":
-            raise base.layout_error(
+            raise layout.layout_error(
                 self.manual_dir, expected, f"cityscapes train: {coarse_dir} not found"
             )
         weak = base.WeakSpec(
@@ -115,4 +115,4 @@ class CityscapesWeak(base.WsdaBuilder, skip_registration=True):
 
 
 def _by_name(manual_dir: str, pattern: str, suffix: str) -> dict[str, str]:
-    return {os.path.basename(p)[: -len(suffix)]: p for p in base.glob_files(manual_dir, pattern)}
+    return {os.path.basename(p)[: -len(suffix)]: p for p in layout.glob_files(manual_dir, pattern)}

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Any
 
-from wsda_jax.data.builders import base
+from wsda_jax.data.builders import base, layout
 
 
 class FolderPairs(base.WsdaBuilder, skip_registration=True):
@@ -62,7 +62,7 @@ class FolderPairs(base.WsdaBuilder, skip_registration=True):
         expected = [image_glob, label_glob]
         images = _by_key(self.manual_dir, image_glob)
         labels = _by_key(self.manual_dir, label_glob)
-        pairs = base.pair_by_key(self.manual_dir, expected, images, labels, "folder_pairs")
+        pairs = layout.pair_by_key(self.manual_dir, expected, images, labels, "folder_pairs")
         id_map = self.options["id_map"]
         if isinstance(id_map, dict):
             id_map = {int(k): int(v) for k, v in id_map.items()}
@@ -102,7 +102,7 @@ def _by_key(manual_dir: str, pattern: str) -> dict[str, str]:
     prefix = basename.split("*")[0]
     suffix = basename.split("*")[-1] if "*" in basename else ""
     found: dict[str, str] = {}
-    for path in base.glob_files(manual_dir, pattern):
+    for path in layout.glob_files(manual_dir, pattern):
         name = os.path.basename(path)
         key = name[len(prefix) : len(name) - len(suffix)]
         if key in found:

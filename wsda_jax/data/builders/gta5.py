@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from wsda_jax.data.builders import base
+from wsda_jax.data.builders import base, layout
 
 SIZE_MISMATCH = ("resize", "skip")
 # The reference's fixed pre-resize of GTA5 (1914x1052) before augmentation, (height, width).
@@ -47,9 +47,9 @@ class Gta5(base.WsdaBuilder, skip_registration=True):
     def _tasks(self, split: str) -> tuple[Any, list[base.PairTask]]:
         del split
         expected = self.expected_layout(self.options)
-        images = {_stem(p): p for p in base.glob_files(self.manual_dir, expected[0])}
-        labels = {_stem(p): p for p in base.glob_files(self.manual_dir, expected[1])}
-        pairs = base.pair_by_key(self.manual_dir, expected, images, labels, "gta5")
+        images = {_stem(p): p for p in layout.glob_files(self.manual_dir, expected[0])}
+        labels = {_stem(p): p for p in layout.glob_files(self.manual_dir, expected[1])}
+        pairs = layout.pair_by_key(self.manual_dir, expected, images, labels, "gta5")
         label_map = base.LABEL_MAPS["cityscapes"]
         tasks = [
             base.PairTask(

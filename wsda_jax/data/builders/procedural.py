@@ -30,7 +30,7 @@ class RenderTask:
 
 
 def process_render(task: RenderTask) -> tuple[str, dict[str, Any], dict[str, int]]:
-    """Renders one scene and encodes it (with weak labels for targets)."""
+    """Renders one scene (with weak labels for targets). Returns (key, example, counts)."""
     from wsda_jax.data import synthetic  # Imported here: only these builders need it.
 
     example = synthetic.render_example(
@@ -38,8 +38,8 @@ def process_render(task: RenderTask) -> tuple[str, dict[str, Any], dict[str, int
     )
     image = np.asarray(example["image"], np.uint8)
     label = np.asarray(example["label"], np.uint8)
-    record, counts = base.finish_example(task.name, image, label, None, task.weak)
-    return task.name, record, counts
+    example, counts = base.finish_example(task.name, image, label, None, task.weak)
+    return task.name, example, counts
 
 
 class _Procedural(base.WsdaBuilder, skip_registration=True):

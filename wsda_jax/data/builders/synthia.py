@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from wsda_jax.data.builders import base
+from wsda_jax.data.builders import base, layout
 
 
 class Synthia(base.WsdaBuilder, skip_registration=True):
@@ -24,9 +24,9 @@ class Synthia(base.WsdaBuilder, skip_registration=True):
     def _tasks(self, split: str) -> tuple[Any, list[base.PairTask]]:
         del split
         expected = self.expected_layout(self.options)
-        images = {_stem(p): p for p in base.glob_files(self.manual_dir, expected[0])}
-        labels = {_stem(p): p for p in base.glob_files(self.manual_dir, expected[1])}
-        pairs = base.pair_by_key(self.manual_dir, expected, images, labels, "synthia")
+        images = {_stem(p): p for p in layout.glob_files(self.manual_dir, expected[0])}
+        labels = {_stem(p): p for p in layout.glob_files(self.manual_dir, expected[1])}
+        pairs = layout.pair_by_key(self.manual_dir, expected, images, labels, "synthia")
         label_map = base.LABEL_MAPS["synthia"]
         return base.process_pair, [
             base.PairTask(key, image, label, label_map) for key, image, label in pairs
