@@ -76,6 +76,22 @@ def test_coarse_from_fine_agrees_and_drops_boundaries_and_small_regions():
     assert 0.3 < kept.mean() < 0.9
 
 
+def test_coarse_every_class_keeps_the_largest_region_of_an_erased_class():
+    label = _label()
+    eroded = weak_labels.coarse_from_fine(label, erosion=2, min_region=20)
+    every = weak_labels.coarse_from_fine(label, erosion=2, min_region=20, every_class=True)
+    np.testing.assert_array_equal(every == 5, label == 5)  # The pole, whole.
+    others = label != 5
+    np.testing.assert_array_equal(every[others], eroded[others])  # Nothing else changes.
+    assert set(np.unique(every)) - {255} == set(np.unique(label)) - {255}
+    # Of two erased regions of a class, only the larger is kept.
+    label = np.zeros((20, 20), np.uint8)
+    label[2:4, 2:4] = 1  # 4 px
+    label[10:13, 10:13] = 1  # 9 px
+    coarse = weak_labels.coarse_from_fine(label, erosion=2, min_region=10, every_class=True)
+    assert np.count_nonzero(coarse == 1) == 9 and coarse[2, 2] == 255
+
+
 def test_coarse_min_region_drops_small_components():
     label = np.zeros((20, 20), np.uint8)
     label[2:5, 2:5] = 1  # 9 px

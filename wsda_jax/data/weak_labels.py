@@ -86,7 +86,9 @@ def point_labels(
     return points
 
 
-def coarse_from_fine(label: np.ndarray, *, erosion: int, min_region: int) -> np.ndarray:
+def coarse_from_fine(
+    label: np.ndarray, *, erosion: int, min_region: int, every_class: bool = False
+) -> np.ndarray:
     """Synthesised coarse label, in the spirit of Cityscapes' gtCoarse polygons.
 
     Each class region is eroded by `erosion` pixels (so boundaries become
@@ -99,6 +101,10 @@ def coarse_from_fine(label: np.ndarray, *, erosion: int, min_region: int) -> np.
       label: uint8 (H, W) train ids, 255 = ignore.
       erosion: pixels removed along every class boundary.
       min_region: smallest kept region, in pixels after erosion.
+      every_class: a class that would lose all its regions (thin or small objects:
+        poles, signs, distant people) keeps its largest region uneroded, as an
+        annotator traces every object class visible in the image; the coarse label
+        then marks every class of the fine label, like the point labels do.
 
     Returns:
       uint8 (H, W) coarse label.
@@ -109,13 +115,16 @@ def coarse_from_fine(label: np.ndarray, *, erosion: int, min_region: int) -> np.
     for c in np.unique(label):
         if c == IGNORE_LABEL:
             continue
-        regions, num_regions = scipy.ndimage.label((label == c) & interior, structure=_SQUARE)
-        if num_regions == 0:
-            continue
-        sizes = np.bincount(regions.ravel())
-        keep = sizes >= min_region
+        regions, _ = scipy.ndimage.label((label == c) & interior, structure=_SQUARE)
+        keep = np.bincount(regions.ravel()) >= min_region
         keep[0] = False  # Background of the component labelling.
-        coarse[keep[regions]] = c
+        if keep.any():
+            coarse[keep[regions]] = c
+        elif every_class:
+            regions, _ = scipy.ndimage.label(label == c, structure=_SQUARE)
+            sizes = np.bincount(regions.ravel())
+            sizes[0] = 0
+            coarse[regions == np.argmax(sizes)] = c
     return coarse
 
 

@@ -19,7 +19,9 @@ resumes from its latest checkpoint, so the command can simply be started again.
 Variant groups (`--variants`): the table (oracle ... coarse_no_contrast), the
 cumulative component ablation of coarse labels (ablation_uda -> ablation_weak_ce ->
 coarse_no_contrast -> ablation_intra -> coarse), and the long schedule (coarse_long,
-coarse_long_no_contrast: 2,400 stage-2 steps, contrastive terms from step 160 = 1/15).
+coarse_long_no_contrast: 2,400 stage-2 steps, contrastive terms from step 160 = 1/15),
+and coarse_every_class (synthesised coarse labels that keep thin classes, to compare
+with point labels).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ablation_uda": ("configs.synthetic_uda", NO_CONTRAST),
     "ablation_weak_ce": ("configs.synthetic_coarse", {**NO_CONTRAST, **NO_IMAGE_LEVEL}),
     "ablation_intra": ("configs.synthetic_coarse", {"loss.inter": 0.0}),
+    # Coarse labels that keep every class of the image (thin classes too), vs. point.
+    "coarse_every_class": ("configs.synthetic_coarse", {"data.synthetic.coarse": "every_class"}),
     "coarse_long": ("configs.synthetic_coarse", LONG),
     "coarse_long_no_contrast": ("configs.synthetic_coarse", {**LONG, **NO_CONTRAST}),
 }

@@ -70,6 +70,7 @@ def _dataset_options(dataset: str, config_data: Any) -> dict[str, Any]:
         num_train=synthetic.num_target_train,
         num_val=synthetic.num_target_val,
         points_per_class=int(config_data.points_per_class),
+        coarse=synthetic.coarse,
     )
 
 

@@ -99,6 +99,7 @@ class WeakSpec:
     points_per_class: int
     point_margin: int = 0
     seed: int = 0
+    coarse_every_class: bool = False  # `weak_labels.coarse_from_fine(every_class=...)`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +198,9 @@ def finish_example(
     if weak is not None:
         if coarse is None:
             erosion, min_region = weak_labels.coarse_parameters(*label.shape)
-            coarse = weak_labels.coarse_from_fine(label, erosion=erosion, min_region=min_region)
+            coarse = weak_labels.coarse_from_fine(
+                label, erosion=erosion, min_region=min_region, every_class=weak.coarse_every_class
+            )
             counts["coarse_synthesised"] = 1
         example["coarse_label"] = coarse
         example["point_label"] = weak_labels.point_labels(

@@ -16,6 +16,9 @@ from wsda_jax.data.builders import base
 # Validation scenes use indices from here on, so they never repeat a training scene
 # whatever num_target_train is.
 VAL_INDEX_OFFSET = 10_000_000
+# config.data.synthetic.coarse: 'eroded' (boundaries and small regions erased, so thin
+# classes vanish) or 'every_class' (also keeps each class's largest region whole).
+COARSE_STYLES = ("eroded", "every_class")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +99,24 @@ class SyntheticTarget(_Procedural, skip_registration=True):
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
-        return dict(super().default_options(), num_train=1000, num_val=200, points_per_class=1)
+        return dict(
+            super().default_options(),
+            num_train=1000,
+            num_val=200,
+            points_per_class=1,
+            coarse="eroded",
+        )
 
     @classmethod
     def config_name(cls, options: dict[str, Any]) -> str:
-        return super().config_name(options) + f"_points{options['points_per_class']}"
+        if options["coarse"] not in COARSE_STYLES:
+            raise ValueError(f"coarse={options['coarse']!r}: expected one of {COARSE_STYLES}")
+        every_class = "_coarse_every_class" if options["coarse"] == "every_class" else ""
+        return super().config_name(options) + f"_points{options['points_per_class']}{every_class}"
 
     def _weak(self) -> base.WeakSpec:
         return base.WeakSpec(
-            points_per_class=self.options["points_per_class"], seed=self.options["seed"]
+            points_per_class=self.options["points_per_class"],
+            seed=self.options["seed"],
+            coarse_every_class=self.options["coarse"] == "every_class",
         )
