@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_size = (512, 512)  # (height, width)
     c.data.scale_range = (0.5, 2.0)
     c.data.flip = True
-    # How prepared records store images: 'npy' (raw arrays, no decoding: ~6x the images
+    # How prepared records store images: 'npy' (raw arrays, no decoding: ~3x the images
     # per host core of 'png', at ~1.8x the disk of PNG photos) or 'png' (compact). Part
     # of the prepared dataset's name (README "Input pipeline").
     c.data.image_format = "npy"
