@@ -14,7 +14,9 @@ deviation over seeds, per-class IoU in an appendix), `OUTDIR/chart.png` and
 `--results_dir` (committed under docs/results/, so a finished run survives a new
 machine); a run whose result is in either place is skipped, and an interrupted run
 resumes from its latest checkpoint, so the command can simply be started again.
-`--smoke` runs the few-step `tiny` configs (CI).
+`--smoke` runs the few-step `tiny` configs (CI). `--report_only` trains nothing: it
+writes the table and chart of the runs already finished (a partial table while runs
+are still going, e.g. `--report_only --results_dir=docs/results/synthetic`).
 
 Variant groups (`--variants`): the table (oracle ... coarse_no_contrast), the
 cumulative component ablation of coarse labels (ablation_uda -> ablation_weak_ce ->
@@ -78,6 +80,9 @@ _RESULTS_DIR = flags.DEFINE_string(
 )
 _SMOKE = flags.DEFINE_bool("smoke", False, "Few-step tiny configs (a CI check, not a result).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Prepared-dataset directory (config default).")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Train nothing: table and chart of the finished runs only."
+)
 
 
 def make_config(
@@ -169,14 +174,18 @@ def _models(result: dict[str, Any]) -> list[str]:
 def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: mIoU (mean ± std over seeds, in %) per variant, then per-class IoU."""
     lines = [
-        "| variant | student mIoU | teacher mIoU | seeds | minutes per run |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | student mIoU | teacher mIoU | per seed (student) | seeds | minutes per run |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    results = {variant: runs for variant, runs in results.items() if runs}
     for variant, runs in results.items():
         student = _mean_std([r["student"]["miou"] for r in runs])
         teacher = _mean_std([r["teacher"]["miou"] for r in runs if "teacher" in r])
+        per_seed = ", ".join(f"{100 * r['student']['miou']:.1f}" for r in runs)
         minutes = np.mean([r["seconds"] for r in runs]) / 60
-        lines.append(f"| {variant} | {student} | {teacher} | {len(runs)} | {minutes:.1f} |")
+        lines.append(
+            f"| {variant} | {student} | {teacher} | {per_seed} | {len(runs)} | {minutes:.1f} |"
+        )
     lines += ["", "Per-class IoU (%, student, mean over seeds):", ""]
     names = list(classes.CLASS_NAMES)
     present = [
@@ -199,7 +208,7 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def plot_chart(results: dict[str, list[dict[str, Any]]], path: str) -> None:
     """Bar chart of student and teacher target mIoU, error bars = std over seeds."""
-    variants = list(results)
+    variants = [variant for variant, runs in results.items() if runs]
     figure, axis = plt.subplots(figsize=(1.3 * len(variants) + 2, 3.5))
     positions = np.arange(len(variants))
     for offset, model in ((-0.2, "student"), (0.2, "teacher")):
@@ -225,17 +234,30 @@ def run_table(
     smoke: bool = False,
     data_dir: str | None = None,
     results_dir: str = "",
+    report_only: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Runs every (variant, seed) not yet finished; writes table.md, chart.png, results.json."""
+    """Runs every (variant, seed) not yet finished; writes table.md, chart.png, results.json.
+
+    With `report_only`, runs nothing and reports the finished runs (missing ones logged).
+    """
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     needs_source_only = any(v not in STAGE_ONE for v in variants)
     order = [v for v in VARIANTS if v in variants or (v == "source_only" and needs_source_only)]
+    if report_only:
+        order = [v for v in VARIANTS if v in variants]
     os.makedirs(outdir, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in order}
     for seed in range(seeds):
         for variant in order:
+            if report_only:
+                result = finished_result(variant, seed, outdir, results_dir)
+                if result is None:
+                    logging.info("Not finished: %s, seed %d.", variant, seed)
+                else:
+                    results[variant].append(result)
+                continue
             logging.info("Run %s, seed %d.", variant, seed)
             results[variant].append(
                 run_variant(variant, seed, outdir, smoke, data_dir, results_dir)
@@ -257,6 +279,7 @@ def main(argv: Sequence[str]) -> None:
         smoke=_SMOKE.value,
         data_dir=_DATA_DIR.value,
         results_dir=_RESULTS_DIR.value,
+        report_only=_REPORT_ONLY.value,
     )
     with open(os.path.join(_OUTDIR.value, "table.md")) as f:
         print(f.read())
