@@ -266,8 +266,10 @@ def test_npy_image_round_trip_and_a_bad_array_is_refused():
     np.testing.assert_array_equal(records.decode_image(records.encode_png(image)), image)
     buffer = io.BytesIO()
     np.save(buffer, image.astype(np.float32))
-    with pytest.raises(ValueError, match="expected uint8"):
+    with pytest.raises(ValueError, match="expected a uint8"):
         records.decode_image(buffer.getvalue())
+    with pytest.raises(ValueError, match="bytes for a 5x7x3 image"):
+        records.decode_image(data[:-1])  # A cut-short record.
     with pytest.raises(ValueError, match="image_format"):
         records.encode_example({"image": image}, "jpeg")
 
