@@ -24,7 +24,7 @@ import jax
 import numpy as np
 jax.config.update("jax_disable_most_optimizations", True)
 from conftest import IMAGE_SIZE, synthetic_batch, tiny_config, tiny_model
-from wsda_jax import optim, parallel, steps, train_state
+from wsda_jax import evaluation, optim, parallel, steps, train_state
 
 assert jax.device_count() == 4, jax.devices()
 config = tiny_config("point", batch_size=4)
@@ -51,7 +51,7 @@ for n in (1, 4):
     for batch in batches:
         state, metrics = step(state, parallel.put_batch(batch, mesh))
         totals.append({k: float(v) for k, v in metrics.items()})
-    eval_fn = parallel.shard_eval_step(steps.eval_step, mesh, model=model, num_classes=5)
+    eval_fn = parallel.shard_eval_step(evaluation.eval_step, mesh, model=model, num_classes=5)
     confusion = eval_fn(state.student_variables(), parallel.put_batch(eval_batch, mesh))
     result[n] = {
         "metrics": totals,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from wsda_jax import config_lib, label_ops, losses, prototypes, steps
+from wsda_jax import config_lib, contrastive, label_ops, losses, prototypes, pseudo_labels
 from wsda_jax.models import deeplab
 
 BATCH, SIZE, FEATURE_SIZE, DIM, C = 4, 512, 64, 256, 19
@@ -101,11 +101,11 @@ def _teacher(x: dict) -> dict:
     """The teacher's pseudo labels, exactly as the adaptation step derives them."""
     target = {"weak_label": x["weak_label"], "presence": x["presence"]}
     teacher = jax.lax.stop_gradient(_outputs(x, "teacher"))
-    return steps.pseudo_labels(teacher, target, _config(), axis_name=None)
+    return pseudo_labels.pseudo_labels(teacher, target, _config(), axis_name=None)
 
 
 def target_prototypes(x: dict) -> jax.Array:
-    return steps.update_target_prototypes(
+    return pseudo_labels.update_target_prototypes(
         x["target_protos"], _teacher(x), x["weak_label"], _config(), axis_name=None
     )
 
@@ -119,7 +119,7 @@ def contrastive_losses(x: dict, source_protos=None, target_protos=None) -> dict[
     """The step's three contrastive losses (unweighted), given or stored prototypes."""
     names = ("inter", "intra_src", "intra_tgt")
     keys = dict(zip(names, jax.random.split(x["key"], len(names)), strict=True))
-    loss_values, _ = steps.contrastive_losses(
+    loss_values, _ = contrastive.contrastive_losses(
         keys,
         _outputs(x, "s"),
         _outputs(x, "u"),
