@@ -349,15 +349,20 @@ def predict_directory(
     """Colourised predictions of every PNG/JPEG in `input_dir`, as PNGs in `output_dir`.
 
     Unreadable files are skipped with a warning each and counted; output names are
-    distinct (`output_names`); `output_dir` must not be `input_dir`.
+    distinct (`output_names`); `output_dir` must not be `input_dir`. With several
+    processes each predicts and writes every `process_count`-th image (its share of the
+    sorted names) and returns the paths it wrote.
     """
     check_predict_dirs(input_dir, output_dir)
     names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise ValueError(f"--input_dir={input_dir}: no .png/.jpg/.jpeg images")
     os.makedirs(output_dir, exist_ok=True)
+    share = list(output_names(names).items())[jax.process_index() :: jax.process_count()]
+    if not share:  # Fewer images than processes.
+        return []
     written, skipped = [], 0
-    for name, out_name in output_names(names).items():
+    for name, out_name in share:
         pixels = _read_rgb(os.path.join(input_dir, name))
         if pixels is None:
             skipped += 1
@@ -368,8 +373,8 @@ def predict_directory(
         written.append(path)
     if skipped:
         logging.warning(
-            "Skipped %d of %d images in %s (unreadable).", skipped, len(names), input_dir
+            "Skipped %d of %d images in %s (unreadable).", skipped, len(share), input_dir
         )
     if not written:
-        raise ValueError(f"--input_dir={input_dir}: none of its {len(names)} images is readable")
+        raise ValueError(f"--input_dir={input_dir}: none of its {len(share)} images is readable")
     return written
