@@ -18,6 +18,9 @@ import subprocesses
 
 from wsda_jax import classes
 
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/synthetic_coarse.py:tiny"
 
