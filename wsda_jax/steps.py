@@ -249,38 +249,6 @@ def adapt_loss(
     return total, (weighted, counts, batch_stats, source_protos)
 
 
-def _apply_update(
-    state: TrainState,
-    grads: Any,
-    loss: jax.Array,
-    optimizer: optax.GradientTransformation,
-    new_values: dict[str, Any],
-) -> tuple[TrainState, jax.Array]:
-    """SGD update guarded against non-finite loss/gradients (section 4.12).
-
-    If the loss or any gradient is not finite, params, the momentum and the fields in
-    `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1,
-    while the learning-rate schedule still follows `step`; jnp.where over the trees
-    keeps it one compiled program. Returns (state, grad_norm).
-    """
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    fields = {name: keep(value, getattr(state, name)) for name, value in new_values.items()}
-    # A skipped step keeps the momentum but still advances the schedule, as the reference.
-    opt_state = optim.set_schedule_step(keep(opt_state, state.opt_state), state.step + 1)
-    state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=opt_state,
-        skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
-        **fields,
-    )
-    return state, grad_norm
-
-
 def update_and_metrics(
     state: TrainState,
     grads: Any,
@@ -305,7 +273,7 @@ def update_and_metrics(
       (new state, float32 scalar metrics identical on every device).
     """
     state = state.replace(teacher_params=teacher[0], teacher_batch_stats=teacher[1])
-    new_state, grad_norm = _apply_update(state, grads, total, optimizer, carried)
+    new_state, grad_norm = optim.guarded_update(state, grads, total, optimizer, carried)
     step_metrics = {name: jax.lax.pmean(value, axis_name) for name, value in terms.items()}
     step_metrics.update(extra_metrics)
     step_metrics.update(
