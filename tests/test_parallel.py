@@ -74,6 +74,7 @@ for n in (1, 4):
     }
 
 # ClassMix, strong augmentation, boundary and sampled contrastive losses on.
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from wsda_jax import augment, contrastive, pseudo_labels
 from wsda_jax.models import deeplab
@@ -93,6 +94,15 @@ for n in (1, 4):
     }
 
 mesh = parallel.make_mesh(jax.devices()[:4])
+# The step's own key on device i is fold_in(fold_in(rng, step), i).
+raw = lambda k: jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
+device_keys = jax.jit(jax.shard_map(
+    lambda s: raw(steps.step_key(s, "data"))[None], mesh=mesh, in_specs=P(), out_specs=P("data")
+))(parallel.replicate(host_state.replace(step=np.int32(3)), mesh))
+step_3 = jax.random.fold_in(host_state.rng, 3)
+expected_keys = [raw(jax.random.fold_in(step_3, i)) for i in range(4)]
+result["device_keys_match"] = bool(np.array_equal(np.asarray(device_keys), np.stack(expected_keys)))
+result["device_keys_differ"] = len({np.asarray(k).tobytes() for k in expected_keys}) == 4
 key = jax.random.key(7)
 rng = np.random.default_rng(0)
 source, target = batches[0]["source"], batches[0]["target"]
@@ -135,14 +145,13 @@ teacher = {"features": out(3).features,
 protos = rng.normal(size=(2, 5, 16)).astype(np.float32)
 labels = (source["label"], target["weak_label"])
 
-def contrast(key, out_s, out_u, source_label, weak_label, teacher):
+def contrast(key, out_s, out_u, source_label, weak_label, teacher):  # As adapt_step's keys.
     keys = dict(zip(("inter", "intra_src", "intra_tgt"), jax.random.split(key, 3)))
     losses_, counts = contrastive.contrastive_losses(
         keys, out_s, out_u, source_label, weak_label, teacher, protos[0], protos[1], stochastic)
     return (jnp.stack([losses_[k] for k in sorted(losses_)])[None],
             jnp.stack([counts[k] for k in sorted(counts)])[None])
 
-import jax.numpy as jnp
 sharded_contrast = jax.jit(jax.shard_map(
     lambda key, *xs: contrast(device_key(key), *xs), mesh=mesh,
     in_specs=(P(),) + (P("data"),) * 5, out_specs=P("data")))
@@ -204,7 +213,9 @@ def test_one_vs_four_devices_match():
     for name in ("seg_mix", "edge_s", "inter", "intra_src", "intra_tgt", "total"):
         assert np.isfinite(one["metrics"][name]) and np.isfinite(four["metrics"][name]), name
     assert _relative_error(four["prototypes"], one["prototypes"]) < 1e-4
-    # The draws: 4 devices = each shard alone with its device's key.
+    # The draws: device i draws with fold_in(step key, i), and 4 devices = each shard
+    # alone with its device's key.
+    assert result["device_keys_match"] and result["device_keys_differ"]
     assert result["mix_max_diff"] < 1e-5 and result["mix_alone_differ"]
     contrast = result["contrast"]
     np.testing.assert_allclose(contrast["loss4"], contrast["loss_alone"], rtol=1e-5, atol=1e-6)

@@ -52,17 +52,18 @@ def tiny_run(tmp_path_factory):
     return config, workdir, report
 
 
-def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
-    config, workdir, report = tiny_run
+def assert_tiny_run_outputs(workdir):
+    """What 4 steps of configs/synthetic_coarse.py:tiny leave in `workdir` (also the CLI's,
+    tests/test_main.py); returns the final report."""
     lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     train_lines = _train_lines(workdir)
     assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
     for line in train_lines:
         assert math.isfinite(line["total"]) and line["images_per_sec"] > 0
-        assert line["skipped_steps"] == 0
+        assert line["skipped_steps"] == 0 and "learning_rate" in line
     assert any("eval/teacher_miou" in line for line in lines)
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # keep_checkpoints=2
-    assert json.load(open(workdir / "eval" / "4.json")) == report
+    report = json.load(open(workdir / "eval" / "4.json"))
     for name in ("student", "teacher"):
         assert 0.0 <= report[name]["miou"] <= 1.0
         assert set(report[name]["iou"]) == set(classes.CLASS_NAMES)
@@ -70,6 +71,12 @@ def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
         for kind in ("panels", "confusion"):
             assert os.path.getsize(workdir / "eval" / f"4_{name}_{kind}.png") > 0
     assert os.listdir(workdir / "tensorboard")
+    return report
+
+
+def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
+    _, workdir, report = tiny_run
+    assert assert_tiny_run_outputs(workdir) == report
     assert "step 4" in train.progress_summary(str(workdir))
 
 
