@@ -1,4 +1,4 @@
-"""The three pixel-to-prototype contrastive losses of the step and their inputs (M. s. 8).
+"""The three pixel-to-prototype contrastive losses of the step and their inputs (METHOD.md s. 8).
 
 `inter`: source student and target teacher anchors against the target prototypes,
 positives only across domains; `intra_src`: source features against the source
