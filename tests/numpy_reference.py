@@ -134,8 +134,27 @@ def contrastive_loss_full(
     return 0.0 if math.isnan(loss) else loss
 
 
+def bilinear_resize(x, height, width):
+    """[B, h, w, K] -> [B, height, width, K], bilinear with half-pixel centres and
+    clamped borders (torch's interpolate(mode='bilinear', align_corners=False))."""
+
+    def axis_weights(size_in, size_out):
+        src = np.clip((np.arange(size_out) + 0.5) * size_in / size_out - 0.5, 0, size_in - 1)
+        low = np.floor(src).astype(int)
+        high = np.minimum(low + 1, size_in - 1)
+        matrix = np.zeros((size_out, size_in))
+        matrix[np.arange(size_out), low] += 1 - (src - low)
+        matrix[np.arange(size_out), high] += src - low
+        return matrix
+
+    rows = axis_weights(x.shape[1], height)
+    cols = axis_weights(x.shape[2], width)
+    return np.einsum("Hh,bhwk,Ww->bHWk", rows, x.astype(np.float64), cols)
+
+
 def update_prototypes(prototypes, features, center, member, center_features=None):
-    """Per-class loop of METHOD.md section 7."""
+    """Per-class loop of METHOD.md section 7; `center_features` (at `center`'s
+    resolution) gives the class means when `center` is at a higher resolution."""
     if center_features is None:
         center_features = features
     out = prototypes.astype(np.float64).copy()

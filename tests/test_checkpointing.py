@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wsda_jax import checkpointing
+from wsda_jax import checkpoint_recovery, checkpointing
 
 
 @flax.struct.dataclass
@@ -235,7 +235,7 @@ def test_init_from_skips_a_corrupt_latest_without_moving_it(tmp_path, caplog):
 
 def test_restore_noise_filter_drops_only_the_abandoned_reads_errors():
     seen = []
-    noise = checkpointing._RestoreNoiseFilter()
+    noise = checkpoint_recovery._RestoreNoiseFilter()
     previous = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: seen.append(unraisable.exc_value)
     try:

@@ -26,6 +26,7 @@ def test_peak_table_matches_device_kind(kind, dtype, expected):
     assert device_check.peak_tflops(kind, dtype) == expected
 
 
+@pytest.mark.slow  # The launch script in a fresh process.
 def test_dry_run_prints_one_table(tmp_path_factory):
     done = subprocess.run(
         ["bash", os.path.join(ROOT, "launch", "device_check.sh"), "--dry_run"],

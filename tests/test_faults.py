@@ -21,6 +21,9 @@ import pytest
 import subprocesses
 from test_main import ROOT, TINY, _assert_one_line_error, run_main
 
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -303,6 +303,7 @@ print(global_max, whole, float(per_device(None)(logits_d, labels_d)), per_image)
 """
 
 
+@pytest.mark.slow  # Several devices: a fresh process.
 def test_boundary_loss_global_maximum_over_devices(tmp_path):
     """loss.boundary_max='global': the magnitudes of every device share one maximum, so
     4 devices x 1 image equal 1 device x 4 images; the default is per device (DDP)."""

@@ -6,7 +6,6 @@ compilation cache and the generated tiny dataset under pytest's base temp direct
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -15,8 +14,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import subprocesses
+import test_train
 
 from wsda_jax import classes
+
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/synthetic_coarse.py:tiny"
@@ -43,23 +46,8 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_metrics_checkpoints_and_eval(trained):
-    lines = [json.loads(line) for line in open(trained / "metrics.jsonl")]
-    train_lines = [line for line in lines if "total" in line]
-    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
-    for line in train_lines:
-        assert math.isfinite(line["total"]) and line["images_per_sec"] > 0
-        assert "learning_rate" in line and "seg_s" in line
-    assert any("eval/teacher_miou" in line for line in lines)
-
-    assert sorted(os.listdir(trained / "checkpoints")) == ["2", "4"]  # keep_checkpoints=2
-    report = json.load(open(trained / "eval" / "4.json"))
-    for name in ("student", "teacher"):
-        assert 0.0 <= report[name]["miou"] <= 1.0
-        assert set(report[name]["iou"]) == set(classes.CLASS_NAMES)
-        assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel, no padding.
-        for kind in ("panels", "confusion"):
-            assert os.path.getsize(trained / "eval" / f"4_{name}_{kind}.png") > 0
-    assert os.listdir(trained / "tensorboard")
+    """The CLI run leaves what the in-process run does (tests/test_train.py)."""
+    test_train.assert_tiny_run_outputs(trained)
 
 
 def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path_factory):

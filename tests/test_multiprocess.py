@@ -13,7 +13,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import subprocesses
+
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "--config=configs/synthetic_coarse.py:tiny"

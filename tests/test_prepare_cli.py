@@ -13,6 +13,9 @@ import pytest
 
 from wsda_jax import classes
 
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The fixture tree's ids: train id + 1, 0 = ignore.
 ID_MAP = json.dumps({0: 255, **{k + 1: k for k in range(classes.NUM_CLASSES)}})

@@ -27,6 +27,9 @@ from PIL import Image
 
 from wsda_jax import classes
 
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 2
 CROP = 128
@@ -159,7 +162,6 @@ def _check_eval(prepared, workdir, step, models, subsets=("miou",)):
         assert report[model]["pixels"] == labelled
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("devices", [4, 1])
 def test_real_configs_stage1_stage2_eval_predict(prepared, devices, tmp_path):
     runs = tmp_path / f"devices{devices}"

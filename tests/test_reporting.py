@@ -27,7 +27,6 @@ def _reporter(workdir, **kwargs):
         initial_step=0,
         log_every_steps=2,
         images_per_step=8,
-        learning_rate_fn=lambda step: 0.1 * (step + 1),
     )
     return reporting.Reporter(str(workdir), **{**defaults, **kwargs})
 
@@ -42,7 +41,6 @@ def test_writes_log_steps_one_step_late(tmp_path):
     assert [line["step"] for line in lines] == [2]
     assert lines[0]["loss"] == 2.5 and lines[0]["skipped"] == 0
     assert isinstance(lines[0]["skipped"], int)
-    assert lines[0]["lr"] == pytest.approx(0.2)  # Schedule at step index 1 (the 2nd step).
     assert lines[0]["images_per_sec"] > 0
     reporter.update(4, {"loss": jnp.asarray(1.0)})
     reporter.update(5, {"loss": jnp.asarray(0.5)})  # The last step is always logged.
@@ -62,9 +60,9 @@ def test_resumed_run_appends_and_tensorboard_written(tmp_path):
     reporter.close()
     lines = reporting.read_metrics(str(tmp_path))
     assert [(line["step"], sorted(line)) for line in lines] == [
-        (2, ["images_per_sec", "loss", "lr", "step"]),
+        (2, ["images_per_sec", "loss", "step"]),
         (4, ["eval/miou", "step"]),
-        (4, ["images_per_sec", "loss", "lr", "step"]),
+        (4, ["images_per_sec", "loss", "step"]),
     ]
     events = os.listdir(tmp_path / "tensorboard")
     assert events and all(os.path.getsize(tmp_path / "tensorboard" / e) > 0 for e in events)

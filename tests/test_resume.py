@@ -21,6 +21,9 @@ import time
 import pytest
 import subprocesses
 
+# A fresh process is the point here (see pyproject's `slow` marker).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Checkpoint every step so the interruption lands mid-run; evaluate only at the end.
 ARGS = [
@@ -224,7 +227,6 @@ def _assert_every_checkpoint_restores(workdir):
             assert int(jax.device_get(state.step)) == step
 
 
-@pytest.mark.slow
 def test_five_random_kills_then_matches_uninterrupted_run(reference, tmp_path, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     workdir = tmp_path / "run"

@@ -14,10 +14,10 @@ that Orbax writes the metrics next to the step and `manager.best_step()` works.
 Restoring uses an abstract state whose leaves carry the shardings of the *current* mesh,
 so a checkpoint written on 4 devices restores on 1 and vice versa.
 
-Faults: a checkpoint that cannot be read (truncated, garbage) is moved aside to
-`checkpoints/corrupt/STEP` with one warning line and the previous one is used, so the
-run writes that step again; a checkpoint of another model (other width or depth) is an
-error naming the first leaf that differs, and is left alone. A checkpoint directory
+Faults (`checkpoint_recovery`): a checkpoint that cannot be read (truncated, garbage)
+is moved aside to `checkpoints/corrupt/STEP` with one warning line and the previous one
+is used, so the run writes that step again; a checkpoint of another model (other width
+or depth) is an error naming the first leaf that differs, and is left alone. A checkpoint directory
 that stops being writable fails the next save at once with one line (the last good
 checkpoint stays). Unfinished saves (`STEP.orbax-checkpoint-tmp*`, left by a kill) are
 removed when the manager opens.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging as std_logging
 import os
 import signal
 import sys
@@ -44,13 +43,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from wsda_jax import checkpoint_recovery
+
 ITEM_NAMES = ("state", "train_iter", "config")
 BEST_METRIC = "miou"
-CORRUPT_DIR = "corrupt"
 
 
-class DifferentModelError(ValueError):
-    """A checkpoint whose state does not fit this config's model (not a corrupt file)."""
+DifferentModelError = checkpoint_recovery.DifferentModelError
 
 
 class CheckpointWriteError(ValueError):
@@ -200,190 +199,15 @@ def restore_latest(
     """
 
     def restore(step: int) -> Any:
-        _check_same_model(step, abstract_state, manager.item_metadata(step)["state"])
+        checkpoint_recovery.check_same_model(
+            step, abstract_state, manager.item_metadata(step)["state"]
+        )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if train_iter is not None:
             items["train_iter"] = grain.checkpoint.CheckpointRestore(train_iter)
         return manager.restore(step, args=ocp.args.Composite(**items)).state
 
-    return newest_readable(manager, restore, set_aside=set_aside)
-
-
-def newest_readable(
-    manager: ocp.CheckpointManager, restore: Callable[[int], Any], *, set_aside: bool
-) -> tuple[Any, int] | None:
-    """`(restore(step), step)` for the newest step of `manager` that `restore` can read.
-
-    Unreadable steps are skipped with one warning each (and moved aside when
-    `set_aside`); DifferentModelError goes through. Raises a one-line ValueError when
-    no step is readable, returns None when there are no steps.
-    """
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
-        try:
-            with _quiet_failed_restore():
-                return restore(step), step
-        except DifferentModelError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back.
-            _report_unreadable(manager, step, error, set_aside=set_aside)
-    if steps:
-        raise ValueError(f"no readable checkpoint in {manager.directory} (tried steps {steps})")
-    return None
-
-
-def _report_unreadable(
-    manager: ocp.CheckpointManager, step: int, error: Exception, *, set_aside: bool
-) -> None:
-    """One warning line; the step's folder moves to corrupt/ when `set_aside`."""
-    path = os.path.join(str(manager.directory), str(step))
-    reason = f"{type(error).__name__}: {_first_line(error)}"
-    if set_aside:
-        moved = _set_aside(str(manager.directory), step) if jax.process_index() == 0 else ""
-        manager.reload()
-        where = f"moved to {moved}" if moved else "set aside"
-        logging.warning(
-            "Checkpoint %s is unreadable (%s); %s, falling back to the previous one.",
-            path,
-            reason,
-            where,
-        )
-    else:
-        logging.warning(
-            "Checkpoint %s is unreadable (%s); falling back to the previous one.", path, reason
-        )
-
-
-def _first_line(error: BaseException) -> str:
-    """The start of the error's message (without TensorStore's spec dump)."""
-    text = str(error).strip().split(" See full TensorStore details")[0]
-    return text.splitlines()[0][:300] if text else ""
-
-
-def _set_aside(directory: str, step: int) -> str:
-    """Moves `directory/STEP` to `directory/corrupt/STEP` (a fresh name if that exists)."""
-    target_dir = os.path.join(directory, CORRUPT_DIR)
-    os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, str(step))
-    suffix = 1
-    while os.path.exists(target):
-        target = os.path.join(target_dir, f"{step}.{suffix}")
-        suffix += 1
-    os.rename(os.path.join(directory, str(step)), target)
-    return target
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    """'params/backbone/conv1/kernel' for a pytree path of dict keys, attributes or indices."""
-    return "/".join(
-        str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path
-    )
-
-
-def _stored_shape(leaf: Any) -> tuple[int, ...]:
-    """The shape Orbax stores: a typed PRNG key is saved as its key data."""
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
-    return tuple(leaf.shape)
-
-
-def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_leaf_name(path): _stored_shape(leaf) for path, leaf in leaves}
-
-
-def _check_same_model(step: int, abstract_state: Any, metadata: Any) -> None:
-    """Raises DifferentModelError naming the first leaf whose shape differs (or that
-    only one side has) between this config's state and checkpoint `step`'s metadata."""
-    found = _leaf_shapes(getattr(metadata, "tree", metadata))
-    expected = _leaf_shapes(abstract_state)
-    extra = sorted(set(found) - set(expected))
-    problem = _shape_problem(expected, found) or (
-        f"{extra[0]} is in the checkpoint but not in this config" if extra else None
-    )
-    if problem:
-        raise DifferentModelError(f"checkpoint {step} was written by a different model: {problem}")
-
-
-def _shape_problem(
-    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
-) -> str | None:
-    """The first difference between two {leaf: shape} tables, in words."""
-    for name, shape in expected.items():
-        if name not in found:
-            return f"{name} is missing from the checkpoint"
-        if found[name] != shape:
-            return f"{name} has shape {found[name]}, this config {shape}"
-    return None
-
-
-def _is_restore_noise(exc_value: BaseException | None, exc_traceback: Any) -> bool:
-    """An error that the abandoned reads of a failed restore raise in background threads:
-    'Event loop is closed' (their loop ended with the restore) or Orbax's own read error."""
-    if isinstance(exc_value, RuntimeError) and str(exc_value) == "Event loop is closed":
-        return True
-    frame = exc_traceback
-    while frame is not None:
-        if "/orbax/" in frame.tb_frame.f_code.co_filename:
-            return True
-        frame = frame.tb_next
-    return False
-
-
-class _AsyncioRestoreNoise(std_logging.Filter):
-    """asyncio's 'exception was never retrieved' for the futures of a failed restore."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "exception was never retrieved" not in record.getMessage() or not record.exc_info:
-            return True
-        return not _is_restore_noise(record.exc_info[1], record.exc_info[2])
-
-
-class _RestoreNoiseFilter:
-    """Drops the restore noise from sys.unraisablehook and the asyncio logger while on."""
-
-    def __init__(self) -> None:
-        self._previous_hook: Callable[[Any], None] | None = None
-        self._log_filter = _AsyncioRestoreNoise()
-        self.keep = False  # Set once a restore failed: its abandoned reads outlive it.
-
-    def _hook(self, unraisable: Any) -> None:
-        if not _is_restore_noise(unraisable.exc_value, unraisable.exc_traceback):
-            (self._previous_hook or sys.__unraisablehook__)(unraisable)
-
-    def install(self) -> None:
-        if self._previous_hook is None:
-            self._previous_hook = sys.unraisablehook
-            sys.unraisablehook = self._hook
-            std_logging.getLogger("asyncio").addFilter(self._log_filter)
-
-    def remove(self) -> None:
-        if self._previous_hook is not None and not self.keep:
-            sys.unraisablehook = self._previous_hook
-            self._previous_hook = None
-            std_logging.getLogger("asyncio").removeFilter(self._log_filter)
-
-
-_RESTORE_NOISE = _RestoreNoiseFilter()
-
-
-@contextlib.contextmanager
-def _quiet_failed_restore():
-    """Around one restore. When it fails, Orbax leaves reads running in background
-    threads whose event loop has closed; each then prints an 'Event loop is closed'
-    traceback (sys.unraisablehook) or an asyncio 'exception was never retrieved' log,
-    hundreds of lines in all, then or later. Filters for exactly those are on during
-    the restore and stay on after a failed one, so that one warning line per unreadable
-    checkpoint is what the user sees."""
-    _RESTORE_NOISE.install()
-    try:
-        yield
-    except Exception:
-        _RESTORE_NOISE.keep = True
-        raise
-    finally:
-        _RESTORE_NOISE.remove()
+    return checkpoint_recovery.newest_readable(manager, restore, set_aside=set_aside)
 
 
 def _resolve_init_dir(path: str) -> str:
@@ -391,14 +215,6 @@ def _resolve_init_dir(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
     nested = os.path.join(path, "checkpoints")
     return nested if os.path.isdir(nested) else path
-
-
-def _first_mismatch(expected: Any, found: Mapping[str, Any], prefix: str) -> str | None:
-    """Names the first leaf of `expected` that is missing or has another shape in `found`."""
-    return _shape_problem(
-        {f"{prefix}/{name}": shape for name, shape in _leaf_shapes(expected).items()},
-        {f"{prefix}/{name}": shape for name, shape in _leaf_shapes(found).items()},
-    )
 
 
 def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: str = "ema") -> Any:
@@ -430,7 +246,9 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
             if teacher == "ema" and "teacher_params" in metadata:
                 names += ["teacher_params", "teacher_batch_stats"]
             for name in names:
-                problem = _first_mismatch(getattr(state, name), metadata.get(name, {}), name)
+                problem = checkpoint_recovery.first_mismatch(
+                    getattr(state, name), metadata.get(name, {}), name
+                )
                 if problem:
                     raise DifferentModelError(
                         f"checkpoint {step} was written by a different model: {problem}"
@@ -449,7 +267,7 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
             ).state
 
         try:  # Another run's workdir: unreadable steps are skipped, not moved.
-            found = newest_readable(manager, read, set_aside=False)
+            found = checkpoint_recovery.newest_readable(manager, read, set_aside=False)
         except ValueError as error:
             raise ValueError(f"config.init.init_from={path!r}: {error}") from error
         if found is None:

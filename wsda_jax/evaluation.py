@@ -1,13 +1,14 @@
-"""Evaluation on the target val split: confusion, IoU/mIoU, JSON, panels, confusion plot.
+"""Inference and evaluation on the target val split: logits, confusion, IoU/mIoU, reports.
 
-`evaluate` streams the padded eval batches (decoded once for the student and the teacher)
-through the jitted, psum-ed `steps.eval_step`
-(single- or multi-scale, optional flip: `config.eval.scales` / `config.eval.flip`) and
-sums the per-batch confusion matrices on the host in int64 once the pass is dispatched,
-so the loop never waits on the device. `write_report` stores per-class IoU and mIoU
-(19 classes, plus 16 and 13 for a SYNTHIA source, METHOD.md section 1) of the student
-and the EMA teacher in `DIR/eval/STEP.json`, and draws PNGs: image | ground truth |
-prediction panels and a row-normalised confusion matrix.
+`predict` is the eval-mode forward (single- or multi-scale, optional flip; METHOD.md
+section 13) and `eval_step` its per-device confusion matrix, psum-ed over devices.
+`evaluate` streams the padded eval batches (decoded once for the student and the
+teacher) through the jitted `eval_step` and sums the per-batch confusion matrices on
+the host in int64 once the pass is dispatched, so the loop never waits on the device.
+`write_report` stores per-class IoU and mIoU (19 classes, plus 16 and 13 for a SYNTHIA
+source, METHOD.md section 1) of the student and the EMA teacher in `DIR/eval/STEP.json`,
+and draws PNGs: image | ground truth | prediction panels and a row-normalised confusion
+matrix. `predict_directory` is the predict mode.
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
 import PIL.Image
 from absl import logging
 
-from wsda_jax import classes, metrics, parallel, steps
+from wsda_jax import augment, classes, metrics, parallel
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first.
@@ -35,12 +38,105 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TITLES = ("image", "ground truth", "prediction")
 
 
+def _resize(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Bilinear resize of [B, H, W, K] without antialiasing (as torch's interpolate)."""
+    if x.shape[1:3] == (height, width):
+        return x
+    return jax.image.resize(
+        x, (x.shape[0], height, width, x.shape[3]), method="bilinear", antialias=False
+    )
+
+
+def predict(
+    variables: dict[str, Any],
+    images: jax.Array,
+    *,
+    model: nn.Module,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+) -> jax.Array:
+    """Eval-mode logits, averaged over scales (and horizontal flips) at full size.
+
+    Args:
+      variables: {'params', 'batch_stats'} of the student or the teacher.
+      images: uint8 [B, H, W, 3].
+      model: the DeepLabV2.
+      scales: input scales; each prediction is resized back to (H, W) before averaging.
+      flip: also average the prediction of the horizontally flipped image.
+    Returns:
+      float32 [B, H, W, C] averaged logits.
+    """
+    x = augment.normalize(images)
+    _, height, width, _ = x.shape
+    total, count = 0.0, 0
+    for scale in scales:
+        scaled = _resize(x, round(height * scale), round(width * scale))
+        flips = (False, True) if flip else (False,)
+        for flipped in flips:
+            inputs = scaled[:, :, ::-1] if flipped else scaled
+            logits = model.apply(variables, inputs, train=False).logits
+            logits = logits[:, :, ::-1] if flipped else logits
+            total = total + _resize(logits.astype(jnp.float32), height, width)
+            count += 1
+    return total / count
+
+
+def eval_step(
+    variables: dict[str, Any],
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    num_classes: int,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    images_per_forward: int = 0,
+    axis_name: str = "data",
+) -> jax.Array:
+    """Confusion matrix int32 [C, C] (rows = ground truth) of the batch, psum-ed over devices.
+
+    batch: {'image': uint8 [B, H, W, 3], 'label': int32 [B, H, W], 'mask': bool [B]};
+    masked-out (padding) images count nothing. With 0 < images_per_forward < B the
+    forward runs on chunks of that many images in sequence (`lax.map`): the same
+    result, with the full-resolution logits of only one chunk alive at a time, and a
+    chunk of padding only is skipped (`lax.cond`), so the padded last batch of a split
+    costs only its real images.
+    """
+
+    def confusion_of(images, labels, mask):
+        logits = predict(variables, images, model=model, scales=scales, flip=flip)
+        pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return metrics.batch_confusion_matrix(
+            pred, labels.astype(jnp.int32), num_classes, mask=mask
+        )
+
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    chunk = images_per_forward
+    if 0 < chunk < images.shape[0]:
+        if images.shape[0] % chunk:
+            raise ValueError(
+                f"images_per_forward={chunk} does not divide the batch {images.shape[0]}"
+            )
+        split = lambda x: x.reshape(images.shape[0] // chunk, chunk, *x.shape[1:])
+        # Varying over the devices like the computed branch (shard_map's check_vma).
+        empty = jax.lax.pcast(
+            jnp.zeros((num_classes, num_classes), jnp.int32), (axis_name,), to="varying"
+        )
+        per_chunk = jax.lax.map(
+            lambda xs: jax.lax.cond(jnp.any(xs[2]), confusion_of, lambda *_: empty, *xs),
+            (split(images), split(labels), split(mask)),
+        )
+        confusion = jnp.sum(per_chunk, axis=0)
+    else:
+        confusion = confusion_of(images, labels, mask)
+    return jax.lax.psum(confusion, axis_name)
+
+
 def make_eval_fn(
     config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh
 ) -> Callable[[Any, Any], jax.Array]:
     """The jitted, sharded eval step: (variables, batch) -> confusion int32 [C, C]."""
     return parallel.shard_eval_step(
-        steps.eval_step,
+        eval_step,
         mesh,
         model=model,
         num_classes=config.num_classes,
@@ -120,7 +216,7 @@ def local_variables(variables: Any) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("model", "scales", "flip"))
 def _predict_labels(variables, images, *, model, scales, flip):
-    logits = steps.predict(variables, images, model=model, scales=scales, flip=flip)
+    logits = predict(variables, images, model=model, scales=scales, flip=flip)
     return logits.argmax(axis=-1).astype(np.uint8)
 
 
@@ -253,15 +349,20 @@ def predict_directory(
     """Colourised predictions of every PNG/JPEG in `input_dir`, as PNGs in `output_dir`.
 
     Unreadable files are skipped with a warning each and counted; output names are
-    distinct (`output_names`); `output_dir` must not be `input_dir`.
+    distinct (`output_names`); `output_dir` must not be `input_dir`. With several
+    processes each predicts and writes every `process_count`-th image (its share of the
+    sorted names) and returns the paths it wrote.
     """
     check_predict_dirs(input_dir, output_dir)
     names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise ValueError(f"--input_dir={input_dir}: no .png/.jpg/.jpeg images")
     os.makedirs(output_dir, exist_ok=True)
+    share = list(output_names(names).items())[jax.process_index() :: jax.process_count()]
+    if not share:  # Fewer images than processes.
+        return []
     written, skipped = [], 0
-    for name, out_name in output_names(names).items():
+    for name, out_name in share:
         pixels = _read_rgb(os.path.join(input_dir, name))
         if pixels is None:
             skipped += 1
@@ -272,8 +373,8 @@ def predict_directory(
         written.append(path)
     if skipped:
         logging.warning(
-            "Skipped %d of %d images in %s (unreadable).", skipped, len(names), input_dir
+            "Skipped %d of %d images in %s (unreadable).", skipped, len(share), input_dir
         )
     if not written:
-        raise ValueError(f"--input_dir={input_dir}: none of its {len(names)} images is readable")
+        raise ValueError(f"--input_dir={input_dir}: none of its {len(share)} images is readable")
     return written

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IGNORE_LABEL = 255
+from wsda_jax import classes
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
@@ -30,7 +30,9 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     return np.minimum(out * in_size // out_size, in_size - 1).astype(np.int32)
 
 
-def check_label_values(labels: jax.Array, num_classes: int, name: str, ignore_label: int = 255):
+def check_label_values(
+    labels: jax.Array, num_classes: int, name: str, ignore_label: int = classes.IGNORE_LABEL
+):
     """Raises ValueError if a concrete label array has values outside [0, C) other than ignore.
 
     Inside `jax.jit` the array is a tracer and its values are unknown, so the check is
@@ -95,7 +97,7 @@ def fuse(pred_lowres: jax.Array, label_fullres: jax.Array) -> jax.Array:
     cols_low = nearest_indices(w, big_w)[cols_full]
     label = label_fullres[:, rows_full][:, :, cols_full]
     pred = pred_lowres[:, rows_low][:, :, cols_low].astype(label.dtype)
-    return jnp.where(label != IGNORE_LABEL, label, pred)
+    return jnp.where(label != classes.IGNORE_LABEL, label, pred)
 
 
 def presence(labels: jax.Array, num_classes: int) -> jax.Array:

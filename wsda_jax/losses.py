@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from wsda_jax import label_ops, sampling
+from wsda_jax import classes, label_ops, sampling
 
 
 def _check_logits_labels(logits: jax.Array, labels: jax.Array) -> None:
@@ -26,7 +26,7 @@ def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
     weights: jax.Array | None = None,
-    ignore_label: int = 255,
+    ignore_label: int = classes.IGNORE_LABEL,
 ) -> jax.Array:
     """Mean over non-ignored pixels of the (weighted) per-pixel cross-entropy.
 
@@ -104,7 +104,7 @@ def boundary_loss(
     key: jax.Array,
     *,
     tau: float = 0.5,
-    ignore_label: int = 255,
+    ignore_label: int = classes.IGNORE_LABEL,
     max_axis_name: str | None = None,
 ) -> jax.Array:
     """Boundary loss on the source (M section 9): L1 between gradient magnitudes.

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsda_jax import classes
+
 
 def _check_pred_label(pred, label) -> None:
     if np.shape(pred) != np.shape(label):
@@ -21,7 +23,7 @@ def _check_pred_label(pred, label) -> None:
 
 
 def confusion_matrix(
-    pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_label: int = 255
+    pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_label: int = classes.IGNORE_LABEL
 ) -> np.ndarray:
     """Host confusion matrix `[C, C]` int64 of integer maps of any (equal) shape."""
     _check_pred_label(pred, label)
@@ -39,7 +41,7 @@ def batch_confusion_matrix(
     label: jax.Array,
     num_classes: int,
     mask: jax.Array | None = None,
-    ignore_label: int = 255,
+    ignore_label: int = classes.IGNORE_LABEL,
 ) -> jax.Array:
     """Jittable confusion matrix `[C, C]` int32 of `[B, H, W]` maps.
 

@@ -7,6 +7,7 @@ p <- p - lr * buf, with lr multiplied by `head_lr_mult` for `params['head']`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,36 @@ def set_schedule_step(opt_state: optax.OptState, step: jax.Array) -> optax.OptSt
     updates instead. The optimizer of `make_optimizer` has no other `count` fields.
     """
     return optax.tree_utils.tree_set(opt_state, count=jnp.asarray(step, jnp.int32))
+
+
+def guarded_update(
+    state: Any,
+    grads: Any,
+    loss: jax.Array,
+    optimizer: optax.GradientTransformation,
+    new_values: dict[str, Any],
+) -> tuple[Any, jax.Array]:
+    """The optimizer step on a TrainState, guarded against a non-finite loss or gradient
+    (METHOD.md section 4.12).
+
+    If the loss or any gradient is not finite, params, the momentum and the fields in
+    `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1,
+    while the learning-rate schedule still follows `step`; jnp.where over the trees
+    keeps it one compiled program. Returns (state, grad_norm).
+    """
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    fields = {name: keep(value, getattr(state, name)) for name, value in new_values.items()}
+    # A skipped step keeps the momentum but still advances the schedule, as the reference.
+    opt_state = set_schedule_step(keep(opt_state, state.opt_state), state.step + 1)
+    state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=opt_state,
+        skipped_steps=state.skipped_steps + jnp.where(ok, 0, 1).astype(jnp.int32),
+        **fields,
+    )
+    return state, grad_norm

@@ -1,26 +1,75 @@
-"""Data parallelism: one 1-D ('data',) mesh, steps as jit(shard_map), batch placement.
+"""Processes and data parallelism: `jax.distributed`, one 1-D ('data',) mesh, steps as
+jit(shard_map), batch placement.
 
 The state is replicated (P()) and the batch is split along its leading axis
 (P('data')); the steps reduce over 'data' themselves (see steps.py).
+
+Several processes (multi-host GPU or TPU): `initialize_processes` calls
+`jax.distributed.initialize()` when the environment says this is one of several
+processes: JAX_COORDINATOR_ADDRESS set, a SLURM job with more than one task
+(SLURM_NTASKS), Open MPI (OMPI_COMM_WORLD_SIZE), a multi-host Cloud TPU
+(TPU_WORKER_HOSTNAMES with a comma), or WSDA_DISTRIBUTED=1 (the launch scripts set it);
+elsewhere give coordinator_address, num_processes and process_id to every process.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 P = jax.sharding.PartitionSpec
 AXIS = "data"
 
 
+def distributed_arguments(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> dict[str, Any]:
+    """The explicit jax.distributed.initialize arguments ({} if none); all or none must be
+    given. Raises a one-line ValueError otherwise."""
+    given = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    if all(value is None for value in given.values()):
+        return {}
+    missing = [f"--{name}" for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"several processes by hand need {', '.join(missing)} as well")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+    return given
+
+
+def is_multiprocess(arguments: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> bool:
+    """True when explicit arguments are given or the environment names several processes."""
+    return bool(
+        arguments
+        or env.get("WSDA_DISTRIBUTED") == "1"
+        or env.get("JAX_COORDINATOR_ADDRESS")
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+    )
+
+
+def initialize_processes(arguments: Mapping[str, Any]) -> None:
+    """jax.distributed.initialize(**arguments) when this is one of several processes."""
+    if is_multiprocess(arguments):
+        jax.distributed.initialize(**arguments)
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """A 1-D mesh ('data',) over `devices` (default: all devices of all processes)."""
     devices = jax.devices() if devices is None else list(devices)
-    return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    # Auto axes, as jax.sharding.Mesh: the steps place data by shard_map, not by types.
+    return jax.make_mesh(
+        (len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
 
 
 def shard_train_step(step_fn: Callable, mesh: jax.sharding.Mesh, **static_kwargs: Any) -> Callable:

@@ -53,7 +53,6 @@ def update_prototypes(
     center: jax.Array,
     member: jax.Array,
     *,
-    center_features: jax.Array | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
     """Returns the updated prototypes `[C, D]` float32, under stop_gradient.
@@ -61,14 +60,11 @@ def update_prototypes(
     Args:
       prototypes: float `[C, D]`, the previous prototypes.
       features: float `[B, h, w, D]` pixel features (members are weighted from these).
-      center: int `[B, H', W']` label map that selects the pixels of the class means,
-        at the resolution of `center_features`. Without `center_features`, either at
-        the resolution of `features`, or at a higher one: then the means are those of
-        the features bilinearly upsampled (`jax.image.resize`) to `(H', W')`, the
-        `point` variant, computed without materialising the upsampled features.
+      center: int `[B, H', W']` label map that selects the pixels of the class means:
+        at the resolution of `features`, or at a higher one, where the means are those
+        of the features bilinearly upsampled (`jax.image.resize`) to `(H', W')` (the
+        `point` variant: points survive), computed without materialising them.
       member: int `[B, h, w]` label map that selects the pixels averaged into `P_c`.
-      center_features: optional float `[B, H', W', D]` for the class means, e.g. the
-        features upsampled to label resolution so that point labels survive.
       axis_name: mapped axis over which the sums and counts are `psum`-ed.
 
     A class present in `center` whose member weights sum to exactly 0 (in particular
@@ -82,26 +78,13 @@ def update_prototypes(
         raise ValueError(f"features must be [B, h, w, D={dim}], got shape {features.shape}")
     if member.shape != features.shape[:3]:
         raise ValueError(f"member {member.shape} must match features {features.shape[:3]}")
-    upsampled_center = center_features is None and center.shape != member.shape
-    if upsampled_center:
-        if center.ndim != 3 or center.shape[0] != features.shape[0]:
-            raise ValueError(f"center must be [B={features.shape[0]}, H', W'], got {center.shape}")
-        if center.shape[1] < features.shape[1] or center.shape[2] < features.shape[2]:
-            raise ValueError(
-                f"center {center.shape} must match features {features.shape[:3]} or be larger"
-            )
-    else:
-        if center_features is None:
-            center_features = features
-        if center_features.ndim != 4 or center_features.shape[-1] != dim:
-            raise ValueError(
-                f"center_features must be [B, H', W', D={dim}], got shape {center_features.shape}"
-            )
-        if center.shape != center_features.shape[:3]:
-            raise ValueError(
-                f"center {center.shape} must match center_features {center_features.shape[:3]}"
-            )
-        center_features = jax.lax.stop_gradient(center_features)
+    if center.ndim != 3 or center.shape[0] != features.shape[0]:
+        raise ValueError(f"center must be [B={features.shape[0]}, H', W'], got {center.shape}")
+    if center.shape[1] < features.shape[1] or center.shape[2] < features.shape[2]:
+        raise ValueError(
+            f"center {center.shape} must match features {features.shape[:3]} or be larger"
+        )
+    upsampled_center = center.shape != member.shape
     label_ops.check_label_values(center, num_classes, "center")
     label_ops.check_label_values(member, num_classes, "member")
 
@@ -111,7 +94,7 @@ def update_prototypes(
     if upsampled_center:
         center_sum, center_count = _upsampled_class_sums(features, center, num_classes)
     else:
-        center_sum, center_count = _class_sums(center_features, center, num_classes)
+        center_sum, center_count = _class_sums(features, center, num_classes)
     center_sum, center_count = psum(center_sum), psum(center_count)
     means = center_sum / jnp.maximum(center_count, 1.0)[:, None]  # m_c, [C, D]
 

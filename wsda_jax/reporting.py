@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -44,13 +44,11 @@ class Reporter:
         initial_step: int,
         log_every_steps: int,
         images_per_step: int,
-        learning_rate_fn: Callable[[int], Any] | None = None,
     ) -> None:
         self._is_writer = jax.process_index() == 0
         self._log_every = log_every_steps
         self._num_steps = num_steps
         self._images_per_step = images_per_step
-        self._lr_fn = learning_rate_fn
         self._pending: tuple[int, Mapping[str, Any]] | None = None
         self._last_time = time.perf_counter()
         self._last_step = initial_step
@@ -99,8 +97,6 @@ class Reporter:
             seconds = now - self._last_time
             scalars["images_per_sec"] = self._images_per_step * (step - self._last_step) / seconds
         self._last_time, self._last_step = now, step
-        if self._lr_fn is not None:
-            scalars["lr"] = _to_python(self._lr_fn(step - 1))  # The rate the step used.
         self.write_scalars(step, scalars)
         shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
         logging.info("step %d/%d: %s", step, self._num_steps, shown)

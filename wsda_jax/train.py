@@ -236,7 +236,7 @@ def evaluate_and_report(
     results = {}
     for name, variables in models.items():
         predictions = None
-        if examples:
+        if examples and jax.process_index() == 0:  # Only process 0 writes the panels.
             images = np.stack([example["image"] for example in examples])
             predictions = evaluation.predict_labels(config, variables, images, model=model)
         results[name] = (confusions[name], predictions)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -113,3 +114,19 @@ def hold(workdir: str) -> Iterator[str]:
         yield path
     finally:
         release(path)
+
+
+def check_writable(workdir: str) -> None:
+    """Creates `workdir` if needed; a one-line ValueError if no file can be written there."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        # A unique name: several processes may share the workdir.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
+            pass
+    except OSError as error:
+        raise ValueError(f"--workdir={workdir} cannot be written: {error.strerror}") from error
+
+
+def hold_on_writer(workdir: str, process_index: int) -> contextlib.AbstractContextManager:
+    """The lock for a run that writes `workdir`: held by process 0, the writer of several."""
+    return hold(workdir) if process_index == 0 else contextlib.nullcontext()

@@ -14,7 +14,8 @@ import hashlib
 import numpy as np
 import scipy.ndimage
 
-IGNORE_LABEL = 255
+from wsda_jax import classes
+
 _SQUARE = np.ones((3, 3), bool)  # 8-neighbourhood: erosion by r pixels = Chebyshev distance r.
 
 
@@ -72,10 +73,10 @@ def point_labels(
     """
     label = np.asarray(label, np.uint8)
     rng = np.random.default_rng([seed, stable_seed(name_or_index)])
-    points = np.full(label.shape, IGNORE_LABEL, np.uint8)
+    points = np.full(label.shape, classes.IGNORE_LABEL, np.uint8)
     interior = _interior(label, margin, border_is_boundary=False)
     for c in np.unique(label):
-        if c == IGNORE_LABEL:
+        if c == classes.IGNORE_LABEL:
             continue
         mask = label == c
         candidates = np.flatnonzero(mask & interior)
@@ -110,10 +111,10 @@ def coarse_from_fine(
       uint8 (H, W) coarse label.
     """
     label = np.asarray(label, np.uint8)
-    coarse = np.full(label.shape, IGNORE_LABEL, np.uint8)
+    coarse = np.full(label.shape, classes.IGNORE_LABEL, np.uint8)
     interior = _interior(label, erosion, border_is_boundary=True)
     for c in np.unique(label):
-        if c == IGNORE_LABEL:
+        if c == classes.IGNORE_LABEL:
             continue
         regions, _ = scipy.ndimage.label((label == c) & interior, structure=_SQUARE)
         keep = np.bincount(regions.ravel()) >= min_region

@@ -140,3 +140,19 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
         dtype=dtypes[config.compute_dtype],
         remat=config.model.remat,
     )
+
+
+def train_forward(
+    model: nn.Module, params: Any, batch_stats: Any, images: jax.Array
+) -> tuple[SegmentationOutput, Any]:
+    """Train-mode forward (batch statistics, running statistics updated).
+
+    Args:
+      images: float32 [B, H, W, 3], ImageNet-normalised.
+    Returns:
+      (SegmentationOutput, the updated batch_stats).
+    """
+    out, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+    )
+    return out, updates["batch_stats"]

@@ -1,0 +1,43 @@
+"""The entry point's failure reporting, in process (the CLI itself: tests/test_main.py)."""
+
+import signal
+
+import pytest
+
+from wsda_jax import cli_errors, train
+
+
+def _exit_of(error, capsys):
+    def run(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_errors.run_reporting_errors(run, ["main"])
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_bad_input_is_one_line_and_status_1(capsys):
+    code, lines = _exit_of(ValueError("--workdir=x cannot\nbe written"), capsys)
+    assert code == 1 and lines == ["error: --workdir=x cannot be written"]
+    code, lines = _exit_of(KeyError("'loss.nonsense'"), capsys)
+    assert code == 1 and lines == ["error: 'loss.nonsense'"]
+
+
+def test_a_quoted_traceback_keeps_its_last_line():
+    error = ValueError("Traceback (most recent call last):\n  File x\nOSError: disk full")
+    assert cli_errors.one_line(error) == "OSError: disk full"
+
+
+def test_interrupted_run_names_the_resume_command(capsys):
+    code, lines = _exit_of(train.Interrupted(signal.SIGTERM, 7), capsys)
+    assert code == 128 + signal.SIGTERM
+    assert lines[0].startswith("Interrupted by SIGTERM at step 7; its checkpoint is saved.")
+    assert "python -m wsda_jax.main" in lines[0]
+
+
+def test_other_errors_are_not_hidden():
+    def run(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli_errors.run_reporting_errors(run, ["main"])

@@ -1,0 +1,192 @@
+"""In process, end to end: `train.train_and_evaluate` on the tiny synthetic config (the
+Flax examples' train_test.py pattern), then the eval and predict modes on its workdir,
+the oracle stage and ImageNet initialisation.
+
+One 4-step coarse run (module fixture) is shared; the tiny dataset is generated once
+under pytest's base temp directory (shared with the subprocess tests).
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+from test_imagenet_init import WIDTH, random_state_dict
+
+from wsda_jax import classes, config_lib, optim, parallel, steps, train
+from wsda_jax.models import deeplab
+
+jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TERMS = ("seg_mix", "seg_s", "seg_u", "edge_s", "inter", "intra_src", "intra_tgt")
+TERMS += ("im_u", "im_proto")
+
+
+def tiny_config(name, base):
+    """configs/NAME.py:tiny with its dataset under the shared base temp directory."""
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.data_dir = str(base / "data")
+    return config
+
+
+def _train_lines(workdir):
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return [line for line in lines if "total" in line]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(config, workdir, report) of 4 steps with contrast_start = 2."""
+    config = tiny_config("synthetic_coarse", tmp_path_factory.getbasetemp())
+    workdir = tmp_path_factory.mktemp("train") / "run"
+    report = train.train_and_evaluate(config, str(workdir))
+    return config, workdir, report
+
+
+def assert_tiny_run_outputs(workdir):
+    """What 4 steps of configs/synthetic_coarse.py:tiny leave in `workdir` (also the CLI's,
+    tests/test_main.py); returns the final report."""
+    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train_lines = _train_lines(workdir)
+    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
+    for line in train_lines:
+        assert math.isfinite(line["total"]) and line["images_per_sec"] > 0
+        assert line["skipped_steps"] == 0 and "learning_rate" in line
+    assert any("eval/teacher_miou" in line for line in lines)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # keep_checkpoints=2
+    report = json.load(open(workdir / "eval" / "4.json"))
+    for name in ("student", "teacher"):
+        assert 0.0 <= report[name]["miou"] <= 1.0
+        assert set(report[name]["iou"]) == set(classes.CLASS_NAMES)
+        assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel, no padding.
+        for kind in ("panels", "confusion"):
+            assert os.path.getsize(workdir / "eval" / f"4_{name}_{kind}.png") > 0
+    assert os.listdir(workdir / "tensorboard")
+    return report
+
+
+def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
+    _, workdir, report = tiny_run
+    assert assert_tiny_run_outputs(workdir) == report
+    assert "step 4" in train.progress_summary(str(workdir))
+
+
+def test_contrast_start_gate_in_the_train_loop(tiny_run):
+    """METHOD.md 4.11: c = i = 0 before contrast_start (2): the contrastive and
+    image-level terms (and their anchors) are 0 at steps 1-2 and non-zero from step 3."""
+    config, workdir, _ = tiny_run
+    assert config.loss.contrast_start == 2
+    for line in _train_lines(workdir):
+        for name in ("inter", "intra_src", "im_u", "im_proto", "anchors_inter"):
+            if line["step"] <= config.loss.contrast_start:
+                assert line[name] == 0.0, (line["step"], name)
+            else:
+                assert line[name] > 0.0, (line["step"], name)
+
+
+def test_total_is_the_sum_of_the_logged_terms(tiny_run):
+    """The logged total is the sum of exactly the method's (weighted) terms."""
+    _, workdir, _ = tiny_run
+    for line in _train_lines(workdir):
+        assert {name for name in TERMS if name in line} == set(TERMS)
+        np.testing.assert_allclose(line["total"], sum(line[name] for name in TERMS), rtol=1e-5)
+
+
+def test_weighted_terms_are_the_method_total():
+    """METHOD.md 4.11 with the base config's weights, written out by hand: seg_mix +
+    seg_s + seg_u + 10 edge_s + c (0.5 inter + 0.25 intra_tgt + 0.25 intra_src) +
+    i (im_u + im_proto), on distinct unweighted values."""
+    loss = config_lib.base_config().loss
+    raw = dict(zip(TERMS, (1.0, 2.0, 3.0, 5.0, 7.0, 13.0, 11.0, 17.0, 19.0), strict=True))
+    before = steps.weighted_terms(raw, loss, np.float32(0.0))
+    after = steps.weighted_terms(raw, loss, np.float32(1.0))
+    assert float(sum(before.values())) == pytest.approx(1 + 2 + 3 + 10 * 5)
+    expected = 1 + 2 + 3 + 10 * 5 + 0.5 * 7 + 0.25 * 11 + 0.25 * 13 + 17 + 19
+    assert float(sum(after.values())) == pytest.approx(expected)
+    assert float(after["intra_tgt"]) == pytest.approx(0.25 * 11)
+    assert float(after["inter"]) == pytest.approx(0.5 * 7)
+
+
+def test_eval_mode_reproduces_the_training_evaluation(tiny_run):
+    config, workdir, report = tiny_run
+    os.remove(workdir / "eval" / "4.json")
+    assert train.evaluate_checkpoint(config, str(workdir)) == report
+    assert json.load(open(workdir / "eval" / "4.json")) == report
+
+
+def test_predict_mode_writes_colourised_pngs(tiny_run, tmp_path):
+    config, workdir, _ = tiny_run
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"a.png": (32, 48), "b.jpg": (40, 24)}
+    for name, size in sizes.items():
+        PIL.Image.fromarray(rng.integers(0, 255, (*size, 3), np.uint8)).save(inputs / name)
+    (inputs / "notes.txt").write_text("not an image")
+    written = train.predict_images(config, str(workdir), str(inputs), str(outputs))
+    assert sorted(os.listdir(outputs)) == ["a.png", "b.png"] and len(written) == 2
+    palette = {tuple(c) for c in classes.PALETTE[: classes.NUM_CLASSES]}
+    for name, size in sizes.items():
+        prediction = np.asarray(PIL.Image.open(outputs / (name[:-4] + ".png")))
+        assert prediction.shape == (*size, 3)
+        assert {tuple(c) for c in prediction.reshape(-1, 3)} <= palette
+
+
+def test_oracle_stage_trains_on_the_target_fine_labels(tmp_path_factory):
+    """stage='oracle': the target's train split is the source, with its fine labels; the
+    source-only step runs and only the student is evaluated."""
+    config = tiny_config("synthetic_oracle", tmp_path_factory.getbasetemp())
+    config.num_steps = config.eval.every_steps = config.checkpoint_every_steps = 1
+    data = train.open_datasets(config)
+    assert data.source is data.target
+    record = data.source[0]
+    assert "label" in record and "coarse_label" in record  # A target record.
+    workdir = tmp_path_factory.mktemp("oracle") / "run"
+    report = train.train_and_evaluate(config, str(workdir))
+    assert set(report) == {"step", "student"} and 0.0 <= report["student"]["miou"] <= 1.0
+    (line,) = _train_lines(workdir)
+    assert set(line) >= {"seg_s", "edge_s"} and "seg_mix" not in line
+
+
+def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
+    """train._from_imagenet: both backbones get the converted torchvision weights (the
+    teacher in its own buffers: the step donates the state), the head stays as it was."""
+    config = config_lib.base_config()
+    config.num_classes = 3
+    config.model.update(depth=18, stage_sizes=(1, 1, 1, 1), width=WIDTH, proj_dim=8)
+    config.model.aspp_dilations = (1, 2)
+    config.data.crop_size = (32, 32)
+    model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = train.fresh_state(config, model, optim.make_optimizer(config), mesh)
+    weights = random_state_dict(18, (1, 1, 1, 1), seed=3)
+    path = str(tmp_path / "resnet18.npz")
+    np.savez(path, **weights)
+    new = train._from_imagenet(state, path, mesh)
+    expected_kernel = weights["conv1.weight"].transpose(2, 3, 1, 0)
+    expected_var = weights["layer2.0.downsample.1.running_var"]
+    for params, stats in (
+        (new.params, new.batch_stats),
+        (new.teacher_params, new.teacher_batch_stats),
+    ):
+        np.testing.assert_array_equal(params["backbone"]["conv1"]["kernel"], expected_kernel)
+        np.testing.assert_array_equal(
+            stats["backbone"]["layer2_0"]["downsample_bn"]["var"], expected_var
+        )
+    student = new.params["backbone"]["conv1"]["kernel"]
+    teacher = new.teacher_params["backbone"]["conv1"]["kernel"]
+    assert student.unsafe_buffer_pointer() != teacher.unsafe_buffer_pointer()
+    jax.tree.map(np.testing.assert_array_equal, new.params["head"], state.params["head"])
+    del weights["conv1.weight"]
+    np.savez(path, **weights)
+    with pytest.raises(ValueError, match="config.init.imagenet=.*conv1.weight"):
+        train._from_imagenet(state, path, mesh)

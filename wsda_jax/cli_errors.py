@@ -1,0 +1,95 @@
+"""How the entry point reports failures: one line on stderr and an exit status.
+
+Bad input (config file, override key, workdir, dataset not prepared, init_from
+mismatch, process flags, a workdir in use) exits with `error: ...` and status 1; a
+signal during training exits with 128 + the signal's number after naming the command
+that resumes. Nothing here imports JAX.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import shlex
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+from absl import flags, logging
+
+BAD_INPUT = (ValueError, FileNotFoundError, PermissionError, KeyError)
+
+
+# Orbax's error logs (with tracebacks) of a save that failed in its background thread;
+# the run stops with one line naming the cause instead (checkpointing.CheckpointWriteError).
+_ORBAX_SAVE_FAILURES = (
+    "in background save thread",
+    "Save Finalize thread",
+    "_SignalingThread.run() raised",
+)
+
+
+def quiet_orbax_logs(record: std_logging.LogRecord) -> bool:
+    """A log filter that drops Orbax's many INFO lines per checkpoint, its warning that a
+    periodic checkpoint carries no mIoU and its tracebacks of a failed background save;
+    other warnings still show."""
+    if "/orbax/" not in record.pathname:
+        return True
+    message = record.getMessage()
+    if any(failure in message for failure in _ORBAX_SAVE_FAILURES):
+        return False
+    return record.levelno >= std_logging.WARNING and "tracked_metric" not in message
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (the last line if it quotes a traceback)."""
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")
+    if isinstance(error, KeyError | AttributeError) and text[:1] in "'\"":
+        text = text[1:-1]  # str(KeyError) adds quotes.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if "Traceback" in text else " ".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a bad flag (missing config file, unknown key) is one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:  # How config_flags reports an unknown key.
+        print(f"error: unknown key in a --config.KEY override: {one_line(error)}", file=sys.stderr)
+    except flags.Error as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _resume_command() -> str:
+    """The command line of this run, to print after an interruption."""
+    return shlex.join(["python", "-m", "wsda_jax.main", *sys.argv[1:]])
+
+
+def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> None:
+    """Calls run(argv); bad input and interruptions end the process with one line."""
+    try:
+        run(argv)
+    except BAD_INPUT as error:
+        logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        if type(error).__name__ == "CheckpointWriteError":  # checkpointing's, not imported.
+            # Orbax's save threads may still wait (minutes) on the failed save: leave now.
+            sys.stderr.flush()
+            os._exit(1)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before the train loop, or outside training.
+        print("Interrupted (SIGINT) outside the train loop: nothing new to save.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Exception as error:
+        from wsda_jax import train
+
+        if not isinstance(error, train.Interrupted):
+            raise
+        print(
+            f"Interrupted by {signal.Signals(error.signum).name} at step {error.step}; its "
+            f"checkpoint is saved. Resume with: {_resume_command()}",
+            file=sys.stderr,
+        )
+        sys.exit(128 + error.signum)

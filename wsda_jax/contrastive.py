@@ -1,0 +1,137 @@
+"""The three pixel-to-prototype contrastive losses of the step and their inputs (METHOD.md s. 8).
+
+`inter`: source student and target teacher anchors against the target prototypes,
+positives only across domains; `intra_src`: source features against the source
+prototypes; `intra_tgt`: the student's target features against the target prototypes.
+The label maps are built with `label_ops.fuse` at feature resolution; anchors are
+sampled by `sampling.sample_anchors` inside `losses.sampled_contrastive_loss`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from wsda_jax import label_ops, losses, pseudo_labels
+from wsda_jax.models import deeplab
+
+CONTRAST_TERMS = ("inter", "intra_src", "intra_tgt")
+
+
+def _contrastive(key, features, label, pred, prob, domain, protos, config, *, inter: bool):
+    """One of the three sampled pixel-to-prototype losses; returns (loss, num_anchors)."""
+    loss_config = config.loss
+    return losses.sampled_contrastive_loss(
+        key,
+        features,
+        label,
+        pred,
+        prob,
+        domain,
+        jax.lax.stop_gradient(protos),
+        max_views=loss_config.max_views,
+        max_samples=loss_config.inter_max_samples if inter else loss_config.intra_max_samples,
+        easy_threshold=(
+            loss_config.inter_easy_threshold if inter else loss_config.intra_easy_threshold
+        ),
+        temperature=loss_config.temperature,
+        base_temperature=loss_config.base_temperature,
+        cross_domain=inter,
+    )
+
+
+def contrastive_losses(
+    keys: dict[str, jax.Array],
+    out_s: deeplab.SegmentationOutput,
+    out_u: deeplab.SegmentationOutput,
+    source_label: jax.Array,
+    weak_label: jax.Array,
+    teacher: dict[str, jax.Array],
+    source_protos: jax.Array,
+    target_protos: jax.Array,
+    config: ml_collections.ConfigDict,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The three unweighted pixel-to-prototype losses of section 4.9 (inputs: section 8).
+
+    Args:
+      keys: PRNG keys 'inter', 'intra_src', 'intra_tgt' for the anchor sampling.
+      out_s, out_u: the student's outputs on the source and target batches.
+      source_label: int32 [B, H, W]; weak_label: int32 [B, H, W] (255 where unlabelled).
+      teacher: `pseudo_labels` of the teacher ('features', 'masked_lowres',
+        'lowres_confidence').
+      source_protos, target_protos: float32 [C, D], this step's prototypes.
+    Returns:
+      ({'inter', 'intra_src', 'intra_tgt'}: float32 [] losses,
+       the same keys: number of sampled anchors on this device).
+    """
+    src_pred, src_prob = pseudo_labels.prediction(out_s.lowres_logits)
+    src_label = label_ops.fuse(src_pred, source_label)
+    # `inter` takes the source labels plainly downsampled (no fusion), as the reference.
+    src_plain = label_ops.resize_nearest(source_label, src_pred.shape[1:3])
+    tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
+    u_pred, u_prob = pseudo_labels.prediction(out_u.lowres_logits)
+    batch_size = source_label.shape[0]
+    source_domain = jnp.zeros(batch_size, jnp.int32)
+    target_domain = jnp.ones(batch_size, jnp.int32)
+    cat = lambda a, b: jnp.concatenate([a, b], axis=0)
+    inputs = {
+        # Source student and target teacher anchors against the target prototypes.
+        "inter": (
+            cat(out_s.features, teacher["features"]),
+            cat(src_plain, tgt_label),
+            cat(src_pred, teacher["masked_lowres"]),
+            cat(src_prob, teacher["lowres_confidence"]),
+            cat(source_domain, target_domain),
+            target_protos,
+        ),
+        "intra_src": (out_s.features, src_label, src_pred, src_prob, source_domain, source_protos),
+        "intra_tgt": (
+            out_u.features,
+            label_ops.fuse(u_pred, weak_label),
+            u_pred,
+            u_prob,
+            target_domain,
+            target_protos,
+        ),
+    }
+    results = {
+        name: _contrastive(keys[name], *args, config, inter=name == "inter")
+        for name, args in inputs.items()
+    }
+    return (
+        {name: loss for name, (loss, _) in results.items()},
+        {name: count for name, (_, count) in results.items()},
+    )
+
+
+def contrastive_terms(
+    keys: dict[str, jax.Array],
+    out_s: deeplab.SegmentationOutput,
+    out_u: deeplab.SegmentationOutput,
+    source_label: jax.Array,
+    weak_label: jax.Array,
+    teacher: pseudo_labels.PseudoLabels,
+    source_protos: jax.Array,
+    target_protos: jax.Array,
+    config: ml_collections.ConfigDict,
+    contrast_on: bool,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """Section 4.9: (unweighted contrastive losses, sampled anchors per device), or
+    zeros before contrast_start, or nothing when config.loss.use_contrast is off."""
+    if not config.loss.use_contrast:
+        return {}, {}
+    if not contrast_on:
+        zeros = {name: jnp.zeros((), jnp.float32) for name in CONTRAST_TERMS}
+        return zeros, {name: jnp.zeros((), jnp.int32) for name in CONTRAST_TERMS}
+    return contrastive_losses(
+        keys,
+        out_s,
+        out_u,
+        source_label,
+        weak_label,
+        teacher,
+        source_protos,
+        target_protos,
+        config,
+    )
