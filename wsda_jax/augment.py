@@ -20,7 +20,6 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_LABEL = 255
 # Label ids are bytes (train ids 0..C-1 and 255 = ignore): a presence vector over all 256
 # ids keeps the "unique labels of the batch, 255 included" rule fixed-shape.
 NUM_LABEL_IDS = 256
