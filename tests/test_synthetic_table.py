@@ -59,3 +59,37 @@ def test_smoke_table_runs_and_resumes(tmp_path_factory, monkeypatch):
 def test_unknown_variant_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="nonsense"):
         synthetic_table.run_table(["nonsense"], seeds=1, outdir=str(tmp_path))
+
+
+def _result(variant, seed, miou):
+    iou = {name: None for name in synthetic_table.classes.CLASS_NAMES}
+    iou["road"] = miou
+    run = {"miou": miou, "iou": iou}
+    return {"variant": variant, "seed": seed, "seconds": 60.0, "student": run, "teacher": run}
+
+
+def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monkeypatch):
+    """Nothing is trained; a variant with no finished seed is left out, the others keep
+    the order of --variants and list their seeds."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for variant, seed, miou in (("coarse", 0, 0.40), ("coarse", 2, 0.42), ("uda", 0, 0.2)):
+        (kept / f"{variant}_seed{seed}.json").write_text(json.dumps(_result(variant, seed, miou)))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("report_only trained")
+
+    monkeypatch.setattr(train, "train_and_evaluate", no_training)
+    results = synthetic_table.run_table(
+        ["coarse", "point", "uda"],
+        seeds=3,
+        outdir=str(tmp_path / "out"),
+        results_dir=str(kept),
+        report_only=True,
+    )
+    assert [len(results[v]) for v in ("coarse", "point", "uda")] == [2, 0, 1]
+    table = open(tmp_path / "out" / "table.md").read()
+    rows = [line for line in table.splitlines() if line.startswith("| coarse |")]
+    assert rows[0].startswith("| coarse | 41.0 ± 1.4 | 41.0 ± 1.4 | 40.0, 42.0 | 2 |")
+    assert "| point |" not in table
+    assert table.index("| coarse |") < table.index("| uda |")

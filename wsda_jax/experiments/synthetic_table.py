@@ -245,8 +245,8 @@ def run_table(
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     needs_source_only = any(v not in STAGE_ONE for v in variants)
     order = [v for v in VARIANTS if v in variants or (v == "source_only" and needs_source_only)]
-    if report_only:
-        order = [v for v in VARIANTS if v in variants]
+    if report_only:  # Rows in the order asked for.
+        order = list(dict.fromkeys(variants))
     os.makedirs(outdir, exist_ok=True)
     results: dict[str, list[dict[str, Any]]] = {v: [] for v in order}
     for seed in range(seeds):
