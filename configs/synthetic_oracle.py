@@ -11,7 +11,7 @@ Command:
       --workdir=workdirs/synthetic_oracle
 
 Expected runtime: 3.0 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
-Results (target val mIoU, mean ± std over seeds): README "Results on the synthetic
+Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic
 domains"; each finished run's numbers are in docs/results/synthetic/.
 """
 

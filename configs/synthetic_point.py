@@ -13,7 +13,7 @@ Command:
       --config.init.init_from=workdirs/synthetic_source_only
 
 Expected runtime: 4.4 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
-Results (target val mIoU, mean ± std over seeds): README "Results on the synthetic
+Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic
 domains"; each finished run's numbers are in docs/results/synthetic/.
 """
 
