@@ -12,6 +12,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -114,6 +115,23 @@ def test_weighted_terms_are_the_method_total():
     assert float(sum(after.values())) == pytest.approx(expected)
     assert float(after["intra_tgt"]) == pytest.approx(0.25 * 11)
     assert float(after["inter"]) == pytest.approx(0.5 * 7)
+
+
+def test_contrast_ramp_scales_only_the_contrastive_terms():
+    """contrast_ramp_steps = 4 from contrast_start = 10: factors 0, 1/4, ..., 1; the
+    image-level terms stay at the plain gate."""
+    config = config_lib.base_config()
+    config.loss.contrast_start = 10
+    assert float(steps.contrast_ramp(jnp.int32(50), config)) == 1.0  # 0: the reference.
+    config.loss.contrast_ramp_steps = 4
+    factors = [float(steps.contrast_ramp(jnp.int32(s), config)) for s in (9, 10, 11, 13, 20)]
+    assert factors == [0.0, 0.25, 0.5, 1.0, 1.0]
+    raw = dict(zip(TERMS, (1.0, 2.0, 3.0, 5.0, 7.0, 13.0, 11.0, 17.0, 19.0), strict=True))
+    ramped = steps.weighted_terms(raw, config.loss, np.float32(1.0), np.float32(0.25))
+    assert float(ramped["inter"]) == pytest.approx(0.25 * 0.5 * 7)
+    assert float(ramped["intra_tgt"]) == pytest.approx(0.25 * 0.25 * 11)
+    assert float(ramped["im_u"]) == pytest.approx(1.0 * raw["im_u"])
+    assert float(ramped["seg_s"]) == pytest.approx(raw["seg_s"])
 
 
 def test_eval_mode_reproduces_the_training_evaluation(tiny_run):

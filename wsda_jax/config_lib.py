@@ -107,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.im_u = 1.0
     c.loss.im_proto = 1.0
     c.loss.contrast_start = 10_000  # Steps before the contrastive and image losses switch on.
+    # 0: the contrastive terms switch on at full weight (the reference); R > 0: their
+    # weight ramps linearly from 0 to 1 over R steps from contrast_start (a study option).
+    c.loss.contrast_ramp_steps = 0
     c.loss.use_contrast = True
     c.loss.temperature = 0.1
     c.loss.base_temperature = 0.07
@@ -193,6 +196,7 @@ NUMERIC_RANGES = (
     ("loss.seg_s", 0.0, None, _REAL),
     ("loss.seg_u", 0.0, None, _REAL),
     ("loss.edge_s", 0.0, None, _REAL),
+    ("loss.contrast_ramp_steps", 0, None, _INTEGER),
     ("loss.inter", 0.0, None, _REAL),
     ("loss.intra_tgt", 0.0, None, _REAL),
     ("loss.intra_src", 0.0, None, _REAL),

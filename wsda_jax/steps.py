@@ -116,15 +116,33 @@ def contrast_gate(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Arr
     return (step >= config.loss.contrast_start).astype(jnp.float32)
 
 
+def contrast_ramp(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+    """float32 factor of the contrastive terms: 1 (the reference), or with
+    config.loss.contrast_ramp_steps = R > 0 a linear ramp (step - contrast_start + 1) / R
+    clipped to [0, 1], an option for studying the terms' effect (README results)."""
+    ramp_steps = config.loss.contrast_ramp_steps
+    if ramp_steps == 0:
+        return jnp.float32(1.0)
+    progress = (step - config.loss.contrast_start + 1).astype(jnp.float32) / ramp_steps
+    return jnp.clip(progress, 0.0, 1.0)
+
+
 def weighted_terms(
-    terms: dict[str, jax.Array], loss_config: ml_collections.ConfigDict, gate: jax.Array
+    terms: dict[str, jax.Array],
+    loss_config: ml_collections.ConfigDict,
+    gate: jax.Array,
+    contrast_factor: jax.Array | float = 1.0,
 ) -> dict[str, jax.Array]:
-    """Each unweighted loss times its config weight, and the GATED_TERMS times `gate`.
+    """Each unweighted loss times its config weight, the GATED_TERMS times `gate` and the
+    contrastive terms also times `contrast_factor` (`contrast_ramp`).
 
     The total loss of section 4.11 is the sum of the result.
     """
+    factors = {name: gate for name in GATED_TERMS}
+    for name in contrastive.CONTRAST_TERMS:
+        factors[name] = gate * contrast_factor
     return {
-        name: loss_config[name] * (gate * value if name in GATED_TERMS else value)
+        name: loss_config[name] * (factors[name] * value if name in factors else value)
         for name, value in terms.items()
     }
 
@@ -254,7 +272,9 @@ def adapt_loss(
     out_m, batch_stats = deeplab.train_forward(model, params, batch_stats, mixed.image)
     terms["seg_mix"] = losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
     # (11) Weighted total, averaged over devices: the loss that is differentiated.
-    weighted = weighted_terms(terms, config.loss, contrast_gate(state.step, config))
+    weighted = weighted_terms(
+        terms, config.loss, contrast_gate(state.step, config), contrast_ramp(state.step, config)
+    )
     total = jax.lax.pmean(sum(weighted.values()), axis_name)
     return total, (weighted, counts, batch_stats, source_protos)
 

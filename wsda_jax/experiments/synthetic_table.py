@@ -68,6 +68,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "coarse_every_class": ("configs.synthetic_coarse", {"data.synthetic.coarse": "every_class"}),
     "coarse_long": ("configs.synthetic_coarse", LONG),
     "coarse_long_no_contrast": ("configs.synthetic_coarse", {**LONG, **NO_CONTRAST}),
+    # The next try if the long schedule does not close the gap: the contrastive weights
+    # ramp up over the first third of the schedule instead of switching on at once.
+    "coarse_long_ramp": ("configs.synthetic_coarse", {**LONG, "loss.contrast_ramp_steps": 800}),
 }
 TABLE = ("oracle", "source_only", "uda", "image", "point", "coarse", "coarse_no_contrast")
 STAGE_ONE = ("oracle", "source_only")
