@@ -371,6 +371,42 @@ def test_source_only_step(runner):
     )
 
 
+def _projection_kernel(state):
+    return np.asarray(state.params["head"]["projection"]["kernel"])
+
+
+def test_source_only_contrast_trains_the_projection_head(runner):
+    """config.loss.source_only_contrast adds intra_src to stage 1: the source prototypes
+    move and the projection head gets a gradient. Off (the reference), the prototypes
+    stay zero; the other terms are the same either way."""
+    runs = {}
+    for contrast in (False, True):
+        config = runner.config.copy_and_resolve_references()
+        config.loss.source_only_contrast = contrast
+        step = parallel.shard_train_step(
+            steps.source_only_step,
+            runner.mesh,
+            model=runner.model,
+            optimizer=runner.optimizer,
+            config=config,
+        )
+        state, step_metrics = step(runner.state(), runner.put(runner.batches[0]))
+        runs[contrast] = (_host(state), {k: float(v) for k, v in step_metrics.items()})
+    (off, off_metrics), (on, on_metrics) = runs[False], runs[True]
+    assert "intra_src" not in off_metrics and "anchors_intra_src" not in off_metrics
+    assert on_metrics["intra_src"] > 0 and on_metrics["anchors_intra_src"] > 0
+    for name in ("seg_s", "edge_s"):
+        assert on_metrics[name] == off_metrics[name], name
+    np.testing.assert_allclose(
+        on_metrics["total"],
+        on_metrics["seg_s"] + on_metrics["edge_s"] + on_metrics["intra_src"],
+        rtol=1e-6,
+    )
+    np.testing.assert_array_equal(off.source_prototypes, 0.0)
+    assert np.abs(on.source_prototypes).sum() > 0
+    assert not np.allclose(_projection_kernel(on), _projection_kernel(off))
+
+
 def _eval_batch(runner):
     return {
         "image": runner.batches[1]["target"]["image"],

@@ -93,3 +93,29 @@ def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monke
     assert rows[0].startswith("| coarse | 41.0 ± 1.4 | 41.0 ± 1.4 | 40.0, 42.0 | 2 |")
     assert "| point |" not in table
     assert table.index("| coarse |") < table.index("| uda |")
+
+
+def test_warm_variant_starts_from_the_warm_stage_one(tmp_path, monkeypatch):
+    """coarse_long_warm trains source_only_warm first (stage 1 with the source contrastive
+    loss) and starts from its checkpoint, not from source_only's."""
+    outdir = str(tmp_path / "out")
+    warm = synthetic_table.make_config("source_only_warm", 0, outdir, smoke=True)
+    assert warm.loss.source_only_contrast
+    assert not synthetic_table.make_config(
+        "source_only", 0, outdir, smoke=True
+    ).loss.source_only_contrast
+    config = synthetic_table.make_config("coarse_long_warm", 1, outdir, smoke=True)
+    assert config.init.init_from == os.path.join(os.path.abspath(outdir), "source_only_warm_seed1")
+    assert not config.loss.source_only_contrast and config.num_steps == 2400
+
+    trained = []
+
+    def record(config, workdir):
+        trained.append(os.path.basename(workdir))
+        os.makedirs(workdir)
+        return {"student": _result("any", 0, 0.3)["student"]}
+
+    monkeypatch.setattr(train, "train_and_evaluate", record)
+    results = synthetic_table.run_table(["coarse_long_warm"], seeds=1, outdir=outdir)
+    assert list(results) == ["source_only_warm", "coarse_long_warm"]
+    assert trained == ["source_only_warm_seed0", "coarse_long_warm_seed0"]

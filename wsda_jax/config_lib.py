@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     # weight ramps linearly from 0 to 1 over R steps from contrast_start (a study option).
     c.loss.contrast_ramp_steps = 0
     c.loss.use_contrast = True
+    # Stage 1 only: also train on intra_src (weight loss.intra_src) from step 0, so the
+    # projection head is trained before stage 2. Off in the reference (a study option).
+    c.loss.source_only_contrast = False
     c.loss.temperature = 0.1
     c.loss.base_temperature = 0.07
     c.loss.max_views = 20

@@ -41,6 +41,35 @@ def _contrastive(key, features, label, pred, prob, domain, protos, config, *, in
     )
 
 
+def intra_source_loss(
+    key: jax.Array,
+    out_s: deeplab.SegmentationOutput,
+    source_label: jax.Array,
+    source_protos: jax.Array,
+    config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, jax.Array]:
+    """`intra_src` alone: the student's source features against the source prototypes.
+
+    The adaptation step computes it with the other two losses (`contrastive_losses`);
+    stage 1 can add it to warm up the projection head (config.loss.source_only_contrast).
+    Args: source_label int32 [B, H, W]; source_protos float32 [C, D].
+    Returns (float32 [] loss, int32 [] sampled anchors on this device).
+    """
+    src_pred, src_prob = pseudo_labels.prediction(out_s.lowres_logits)
+    source_domain = jnp.zeros(source_label.shape[0], jnp.int32)
+    return _contrastive(
+        key,
+        out_s.features,
+        label_ops.fuse(src_pred, source_label),
+        src_pred,
+        src_prob,
+        source_domain,
+        source_protos,
+        config,
+        inter=False,
+    )
+
+
 def contrastive_losses(
     keys: dict[str, jax.Array],
     out_s: deeplab.SegmentationOutput,
@@ -66,7 +95,6 @@ def contrastive_losses(
        the same keys: number of sampled anchors on this device).
     """
     src_pred, src_prob = pseudo_labels.prediction(out_s.lowres_logits)
-    src_label = label_ops.fuse(src_pred, source_label)
     # `inter` takes the source labels plainly downsampled (no fusion), as the reference.
     src_plain = label_ops.resize_nearest(source_label, src_pred.shape[1:3])
     tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
@@ -85,7 +113,6 @@ def contrastive_losses(
             cat(source_domain, target_domain),
             target_protos,
         ),
-        "intra_src": (out_s.features, src_label, src_pred, src_prob, source_domain, source_protos),
         "intra_tgt": (
             out_u.features,
             label_ops.fuse(u_pred, weak_label),
@@ -96,8 +123,11 @@ def contrastive_losses(
         ),
     }
     results = {
-        name: _contrastive(keys[name], *args, config, inter=name == "inter")
-        for name, args in inputs.items()
+        "inter": _contrastive(keys["inter"], *inputs["inter"], config, inter=True),
+        "intra_src": intra_source_loss(
+            keys["intra_src"], out_s, source_label, source_protos, config
+        ),
+        "intra_tgt": _contrastive(keys["intra_tgt"], *inputs["intra_tgt"], config, inter=False),
     }
     return (
         {name: loss for name, (loss, _) in results.items()},

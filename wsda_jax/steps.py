@@ -422,30 +422,45 @@ def source_only_step(
     """Stage 1 / oracle: seg_s * CE + edge_s * boundary loss on batch['source'] only.
 
     The teacher is still EMA-updated, so a stage-2 run initialised from this state has
-    both a student and a teacher.
+    both a student and a teacher. With config.loss.source_only_contrast (off in the
+    reference) the step also updates the source prototypes and adds intra_src *
+    `contrastive.intra_source_loss`, so the projection head starts stage 2 trained.
     """
     key, jitter_key = jax.random.split(step_key(state, axis_name))
     # Inputs: colour-jittered, normalised source images and int32 labels.
     image = input_images(jitter_key, batch["source"]["image"], config)
     label = batch["source"]["label"].astype(jnp.int32)
     teacher = ema.ema_update(state, config)
+    with_contrast = config.loss.source_only_contrast
 
     def loss_fn(params):
         out, batch_stats = deeplab.train_forward(model, params, state.batch_stats, image)
-        terms = weighted_terms(
-            source_terms(out, label, key, config, axis_name), config.loss, jnp.float32(1)
-        )
-        return jax.lax.pmean(sum(terms.values()), axis_name), (terms, batch_stats)
+        terms = source_terms(out, label, key, config, axis_name)
+        protos, anchors = state.source_prototypes, {}
+        if with_contrast:
+            protos = source_prototypes(protos, out.features, label, axis_name)
+            # A key of its own, so the default stage 1 keeps its random stream.
+            terms["intra_src"], anchors["intra_src"] = contrastive.intra_source_loss(
+                jax.random.fold_in(key, 1), out, label, protos, config
+            )
+        terms = weighted_terms(terms, config.loss, jnp.float32(1))
+        total = jax.lax.pmean(sum(terms.values()), axis_name)
+        return total, (terms, batch_stats, protos, anchors)
 
-    (total, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (terms, batch_stats, protos, anchors)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(state.params)
     return update_and_metrics(
         state,
         grads,
         total,
         terms,
         teacher=teacher,
-        carried={"batch_stats": batch_stats},
-        extra_metrics={},
+        carried={"batch_stats": batch_stats, "source_prototypes": protos},
+        extra_metrics={
+            f"anchors_{name}": jax.lax.pmean(count.astype(jnp.float32), axis_name)
+            for name, count in anchors.items()
+        },
         optimizer=optimizer,
         config=config,
         axis_name=axis_name,

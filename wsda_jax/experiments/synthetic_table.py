@@ -23,7 +23,9 @@ cumulative component ablation of coarse labels (ablation_uda -> ablation_weak_ce
 coarse_no_contrast -> ablation_intra -> coarse), and the long schedule (coarse_long,
 coarse_long_no_contrast: 2,400 stage-2 steps, contrastive terms from step 160 = 1/15),
 and coarse_every_class (synthesised coarse labels that keep thin classes, to compare
-with point labels).
+with point labels). The tries after the long schedule: coarse_long_ramp (contrastive
+weights ramped up over 800 steps) and coarse_long_warm (from source_only_warm, a stage 1
+that also trains the projection head on the source intra-domain contrastive loss).
 """
 
 from __future__ import annotations
@@ -71,9 +73,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The next try if the long schedule does not close the gap: the contrastive weights
     # ramp up over the first third of the schedule instead of switching on at once.
     "coarse_long_ramp": ("configs.synthetic_coarse", {**LONG, "loss.contrast_ramp_steps": 800}),
+    # The other try: a projection head warmed up in stage 1 (intra_src on the source).
+    "source_only_warm": ("configs.synthetic_source_only", {"loss.source_only_contrast": True}),
+    "coarse_long_warm": ("configs.synthetic_coarse", LONG),
 }
 TABLE = ("oracle", "source_only", "uda", "image", "point", "coarse", "coarse_no_contrast")
-STAGE_ONE = ("oracle", "source_only")
+STAGE_ONE = ("oracle", "source_only", "source_only_warm")
+# The stage-1 variant a stage-2 variant starts from, where it is not source_only.
+INIT_FROM = {"coarse_long_warm": "source_only_warm"}
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/synthetic_table", "Where runs and the table go.")
@@ -91,7 +98,7 @@ _REPORT_ONLY = flags.DEFINE_bool(
 def make_config(
     variant: str, seed: int, outdir: str, smoke: bool, data_dir: str | None = None
 ) -> ml_collections.ConfigDict:
-    """The config of one run; stage-2 variants start from that seed's source-only run."""
+    """The config of one run; stage-2 variants start from that seed's `stage_one_of` run."""
     module_name, overrides = VARIANTS[variant]
     config = importlib.import_module(module_name).get_config("tiny" if smoke else None)
     config.seed = seed
@@ -99,8 +106,13 @@ def make_config(
         config.data.data_dir = data_dir
     config.update_from_flattened_dict(overrides)
     if variant not in STAGE_ONE:
-        config.init.init_from = run_dir(outdir, "source_only", seed)
+        config.init.init_from = run_dir(outdir, stage_one_of(variant), seed)
     return config
+
+
+def stage_one_of(variant: str) -> str:
+    """The stage-1 variant whose checkpoint a stage-2 variant starts from."""
+    return INIT_FROM.get(variant, "source_only")
 
 
 def run_dir(outdir: str, variant: str, seed: int) -> str:
@@ -135,8 +147,9 @@ def run_variant(
 ) -> dict[str, Any]:
     """Trains one run (or resumes it) and returns its final report plus wall time.
 
-    A stage-2 run whose source-only checkpoint is gone (its result kept elsewhere, a new
-    machine) first retrains that seed's source-only run, which is deterministic.
+    A stage-2 run whose stage-1 checkpoint is gone (its result kept elsewhere, a new
+    machine) first retrains that seed's stage-1 run (`stage_one_of`), which is
+    deterministic.
     """
     result = finished_result(variant, seed, outdir, results_dir)
     if result is not None:
@@ -144,9 +157,9 @@ def run_variant(
     from wsda_jax import train  # Imported late: JAX starts only when a run is needed.
 
     if variant not in STAGE_ONE:
-        source_dir = run_dir(outdir, "source_only", seed)
+        source_dir = run_dir(outdir, stage_one_of(variant), seed)
         if not os.path.exists(os.path.join(source_dir, "result.json")):
-            config = make_config("source_only", seed, outdir, smoke, data_dir)
+            config = make_config(stage_one_of(variant), seed, outdir, smoke, data_dir)
             train.train_and_evaluate(config, source_dir)
     workdir = run_dir(outdir, variant, seed)
     start = time.time()
@@ -246,8 +259,8 @@ def run_table(
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
-    needs_source_only = any(v not in STAGE_ONE for v in variants)
-    order = [v for v in VARIANTS if v in variants or (v == "source_only" and needs_source_only)]
+    needed = {stage_one_of(v) for v in variants if v not in STAGE_ONE}
+    order = [v for v in VARIANTS if v in variants or v in needed]
     if report_only:  # Rows in the order asked for.
         order = list(dict.fromkeys(variants))
     os.makedirs(outdir, exist_ok=True)
