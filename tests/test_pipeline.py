@@ -123,6 +123,39 @@ def test_restored_state_replays_the_next_batches(num_workers):
     assert time.perf_counter() - start < 30
 
 
+def test_batches_and_state_do_not_depend_on_the_worker_count():
+    """Batch k is the same examples read by 0 or 2 worker processes, and a state saved
+    with 2 workers resumes with none (a new host with other cores) at the same batch."""
+    config = _config(augment=True)
+    expected = _take(pipeline.make_train_iterator(config, SOURCE, TARGET), 6)
+    config.data.num_workers = 2
+    iterator = pipeline.make_train_iterator(config, SOURCE, TARGET)
+    try:
+        _assert_batches_equal(_take(iterator, 3), expected[:3])
+        state = iterator.get_state()
+    finally:
+        iterator.close()
+    config.data.num_workers = 0
+    restored = pipeline.make_train_iterator(config, SOURCE, TARGET)
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 3), expected[3:])
+
+
+def test_saved_iterator_states_resume_at_their_batch():
+    """Our state holds the batch index and size; checkpoints of earlier versions hold
+    grain's own, which counts examples (one count per worker with workers); a garbled
+    state is refused."""
+    assert pipeline.batches_consumed({"batches": 7, "batch_size": 4}, 4) == 7
+    # Another host batch (other local devices): from the first example not yet read.
+    assert pipeline.batches_consumed({"batches": 3, "batch_size": 8}, 2) == 12
+    assert pipeline.batches_consumed({"next_index": 12}, 4) == 3
+    two_workers = {"next_index_in_cycle": 0, "iterators_in_use_indices": [0, 1]}
+    two_workers["iterators_in_use_states"] = [{"next_index": 8}, {"next_index": 8}]
+    assert pipeline.batches_consumed(two_workers, 4) == 4
+    with pytest.raises(ValueError, match="unknown data-iterator state"):
+        pipeline.batches_consumed({"position": 3}, 4)
+
+
 def test_orbax_checkpoint_of_the_iterator(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     import grain

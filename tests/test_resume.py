@@ -2,6 +2,7 @@
 
 - SIGKILL after a checkpoint, restart: every step's metrics equal an uninterrupted run's,
   and metrics.jsonl holds each step once.
+- SIGKILL while 2 grain workers read, restart with none: the same metrics.
 - SIGTERM on 4 simulated devices: a checkpoint of the current step, exit status 143 and
   the command that resumes; the run then restores and finishes on 1 device.
 - SIGINT (Ctrl-C): saved like SIGTERM, exit status 130, no traceback.
@@ -33,7 +34,7 @@ ARGS = [
 ]
 
 
-def _command(base, workdir):
+def _command(base, workdir, extra=()):
     return [
         sys.executable,
         "-m",
@@ -41,12 +42,13 @@ def _command(base, workdir):
         *ARGS,
         f"--config.data.data_dir={base / 'data'}",
         f"--workdir={workdir}",
+        *extra,
     ]
 
 
-def _start(base, workdir, devices=1):
+def _start(base, workdir, devices=1, extra=()):
     return subprocess.Popen(
-        _command(base, workdir),
+        _command(base, workdir, extra),
         cwd=ROOT,
         env=subprocesses.jax_env(base, devices),
         stdout=subprocess.DEVNULL,
@@ -68,9 +70,9 @@ def _run(base, workdir, devices=1):
     return result
 
 
-def _interrupt_after_first_checkpoint(base, workdir, sig, devices=1):
+def _interrupt_after_first_checkpoint(base, workdir, sig, devices=1, extra=()):
     """Starts a run, sends `sig` once checkpoint 1 is committed; returns (rc, stderr)."""
-    process = _start(base, workdir, devices)
+    process = _start(base, workdir, devices, extra)
     deadline = time.monotonic() + 600
     # Orbax renames a finished checkpoint into place, so the directory means committed.
     while not (workdir / "checkpoints" / "1").is_dir():
@@ -128,6 +130,26 @@ def test_sigkill_then_restart_matches_uninterrupted_run(reference, tmp_path, tmp
         assert metrics[step] == pytest.approx(expected, abs=1e-6, rel=0), step
     final = json.load(open(interrupted / "eval" / "4.json"))
     assert final == json.load(open(reference_dir / "eval" / "4.json"))
+
+
+def test_restart_with_another_worker_count_matches_uninterrupted_run(
+    reference, tmp_path, tmp_path_factory
+):
+    """Killed while 2 grain worker processes read, resumed with none (a new host with
+    fewer cores picks another automatic count): the same batches, the same metrics."""
+    base = tmp_path_factory.getbasetemp()
+    interrupted = tmp_path / "interrupted"
+    returncode, _ = _interrupt_after_first_checkpoint(
+        base, interrupted, signal.SIGKILL, extra=["--config.data.num_workers=2"]
+    )
+    assert returncode == -signal.SIGKILL
+    killed_at = _steps(interrupted)[-1]
+    resumed = _run(base, interrupted)
+    assert f"Resuming from step {killed_at}" in resumed.stderr
+    assert not (interrupted / "checkpoints" / "corrupt").exists()
+    metrics, expected = _train_metrics(interrupted), _train_metrics(reference)
+    for step in expected:
+        assert metrics[step] == pytest.approx(expected[step], abs=1e-6, rel=0), step
 
 
 def test_sigterm_on_four_devices_saves_and_resumes_on_one(tmp_path, tmp_path_factory):

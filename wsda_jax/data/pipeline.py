@@ -7,12 +7,14 @@ Training, per domain (source, target):
       .map(decode + pick labels).random_map(scale/crop, flip)
 
 then the two infinite streams are zipped into {'source': ..., 'target': ...},
-converted to an IterDataset, batched with drop_remainder and prefetched in
-`config.data.num_workers` processes. Everything before the batch is a
-MapDataset indexed by step, so `iterator.get_state()` / `set_state()` (and
+batched with drop_remainder (still a MapDataset: batch k is the same examples for
+any worker count), converted to an IterDataset from the current batch on and
+prefetched in `num_workers` processes (`TrainBatches`). Its state is the batch
+index, so `iterator.get_state()` / `set_state()` (and
 `grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax checkpoint)
-replay exactly. The colour jitter of METHOD.md section 12 runs in the train step
-(`augment.color_jitter`), where it costs the host nothing.
+replay exactly, also with another worker count. The colour jitter of METHOD.md
+section 12 runs in the train step (`augment.color_jitter`), where it costs the host
+nothing.
 
 Evaluation: every record exactly once across hosts (host p takes records p, p+P,
 ...), in order, padded to the same number of batches on every host (so jitted
@@ -21,7 +23,12 @@ multi-host steps stay in lockstep); padding has mask False, label 255, index -1.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,9 +43,10 @@ from wsda_jax.data import transforms
 from wsda_jax.data.builders import base
 
 # Threads that decode and augment inside each process (Pillow releases the GIL
-# while decoding and resizing), and the elements each process reads ahead.
+# while decoding and resizing).
 READ_THREADS = 4
-READ_BUFFER = 16
+# Training batches each process reads ahead (a thread assembles a whole batch).
+READ_BATCHES = 4
 # Automatic worker count (config.data.num_workers = -1): one core keeps ~130 images/s
 # flowing from 'npy' records (README "Input pipeline"), and a GPU at the reference size
 # takes ~170/s, so 3 workers per device leave headroom; 2 cores stay with the training
@@ -189,7 +197,23 @@ def _prefetch(
         num_workers=workers,
         per_worker_buffer_size=config.data.prefetch_buffer_size,
     )
-    return ds.mp_prefetch(options)
+    return ds.mp_prefetch(
+        options, worker_init_fn=functools.partial(_exit_with_the_trainer, os.getpid())
+    )
+
+
+def _exit_with_the_trainer(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+    """grain `worker_init_fn`: the worker ends once the training process is gone. A
+    trainer killed with SIGKILL (OOM killer, preemption, kill -9) cannot stop its
+    workers; orphaned, they would hold memory and the trainer's stderr for ever."""
+    del worker_index, worker_count
+
+    def watch() -> None:
+        while os.getppid() == trainer_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-trainer").start()
 
 
 def make_train_iterator(
@@ -225,11 +249,82 @@ def make_train_iterator(
         ds = grain.experimental.ZipMapDataset([source, target]).map(_pair_to_dict)
     else:  # Stage 1 and the oracle: no target stream to decode, augment and copy.
         ds = source.map(_source_only)
-    ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=max(READ_BUFFER, 2 * b))
+    return TrainBatches(
+        ds.batch(b, drop_remainder=True), b, config, num_workers(config.data, num_local_devices)
     )
-    ds = ds.batch(b, drop_remainder=True)
-    return iter(_prefetch(ds, config, num_workers(config.data, num_local_devices)))
+
+
+class TrainBatches:
+    """The training batches from a batch index on, read by `workers` processes.
+
+    Batching happens in the MapDataset, so batch k is the same examples whatever the
+    worker count (grain's workers each read every W-th batch, interleaved back in
+    order). The checkpointed state is that index and the host batch size,
+    `{"batches": k, "batch_size": b}` as JSON bytes (grain.checkpoint handles such
+    iterators), so a run resumes exactly on a host with another core count or
+    `config.data.num_workers`; resuming rebuilds the pipeline from batch k (with
+    another batch size, from the batch holding the first unread example).
+    """
+
+    def __init__(
+        self,
+        batches: grain.MapDataset,
+        batch_size: int,
+        config: ml_collections.ConfigDict,
+        workers: int,
+    ):
+        self._batches = batches
+        self._batch_size = batch_size
+        self._config = config
+        self._workers = workers
+        self._position = 0  # Batches handed out so far.
+        self._iterator: Any = None
+
+    def __iter__(self) -> TrainBatches:
+        return self
+
+    def __next__(self) -> dict[str, dict[str, np.ndarray]]:
+        self.start_prefetch()
+        batch = next(self._iterator)
+        self._position += 1
+        return batch
+
+    def start_prefetch(self) -> None:
+        """Starts reading (and the worker processes) from the current batch index."""
+        if self._iterator is None:
+            ds = self._batches[self._position :].to_iter_dataset(
+                grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_BATCHES)
+            )
+            self._iterator = iter(_prefetch(ds, self._config, self._workers))
+
+    def get_state(self) -> bytes:
+        return json.dumps({"batches": self._position, "batch_size": self._batch_size}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.close()
+        self._position = batches_consumed(json.loads(state), self._batch_size)
+
+    def close(self) -> None:
+        """Stops the worker processes (and frees their shared memory)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+
+
+def batches_consumed(state: dict[str, Any], batch_size: int) -> int:
+    """The index of the batch of `batch_size` (this host's) that holds the first example
+    a saved iterator state has not handed out. The state is ours (`TrainBatches`) or
+    grain's own of earlier versions, which batched after reading and so count examples
+    (`next_index`, one count per worker with workers)."""
+    try:
+        if "batches" in state:
+            examples = int(state["batches"]) * int(state.get("batch_size", batch_size))
+        else:
+            worker_states = state.get("iterators_in_use_states", [state])
+            examples = sum(int(worker["next_index"]) for worker in worker_states)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"unknown data-iterator state {json.dumps(state)[:200]}") from None
+    return examples // batch_size
 
 
 class _EvalExample(grain.transforms.Map):
