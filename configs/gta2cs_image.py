@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the config; takes no variant argument."""
     if arg:
         raise ValueError(f"configs/gta2cs_image.py takes no variant argument, got {arg!r}")
-    return common.reference(source="gta5", stage="adapt", weak_label="image")
+    return config_presets.reference(source="gta5", stage="adapt", weak_label="image")

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the config; `arg='tiny'` shrinks it to a few steps for tests."""
-    config = common.synthetic(stage="oracle", weak_label="none", arg=arg)
+    config = config_presets.synthetic(stage="oracle", weak_label="none", arg=arg)
     if not arg:
         # As many steps as stage 1 + stage 2 of the adapted variants (600 + 600), so the
         # table compares equal training lengths.

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the config; `arg='tiny'` shrinks it to a few steps for tests."""
-    return common.synthetic(stage="source_only", weak_label="none", arg=arg)
+    return config_presets.synthetic(stage="source_only", weak_label="none", arg=arg)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import common
+from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the config; takes no variant argument."""
     if arg:
         raise ValueError(f"configs/synthia_source_only.py takes no variant argument, got {arg!r}")
-    return common.reference(source="synthia", stage="source_only", weak_label="none")
+    return config_presets.reference(source="synthia", stage="source_only", weak_label="none")

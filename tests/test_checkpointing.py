@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wsda_jax import checkpoint_recovery, checkpointing
+from wsda_jax import checkpoint_recovery, checkpointing, errors
 
 
 @flax.struct.dataclass
@@ -267,5 +267,5 @@ def test_save_to_an_unwritable_directory_fails_at_once(tmp_path):
         manager.wait_until_finished()
         os.rename(directory, tmp_path / "moved")
         (tmp_path / "checkpoints").write_text("")  # Now a file: nothing can be created in it.
-        with pytest.raises(checkpointing.CheckpointWriteError, match="cannot write checkpoints"):
+        with pytest.raises(errors.CheckpointWriteError, match="cannot write checkpoints"):
             checkpointing.save(manager, 2, _state(), _iterator(), config)

@@ -4,7 +4,7 @@ import signal
 
 import pytest
 
-from wsda_jax import cli_errors, train
+from wsda_jax import cli_errors, errors
 
 
 def _exit_of(error, capsys):
@@ -29,7 +29,7 @@ def test_a_quoted_traceback_keeps_its_last_line():
 
 
 def test_interrupted_run_names_the_resume_command(capsys):
-    code, lines = _exit_of(train.Interrupted(signal.SIGTERM, 7), capsys)
+    code, lines = _exit_of(errors.Interrupted(signal.SIGTERM, 7), capsys)
     assert code == 128 + signal.SIGTERM
     assert lines[0].startswith("Interrupted by SIGTERM at step 7; its checkpoint is saved.")
     assert "python -m wsda_jax.main" in lines[0]

@@ -3,17 +3,13 @@
 import glob
 import importlib.util
 import os
-import sys
 
 import pytest
 
 from wsda_jax import config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # The configs import `configs.common`, as under `python -m`.
-CONFIG_FILES = sorted(
-    p for p in glob.glob(os.path.join(ROOT, "configs", "*.py")) if not p.endswith("common.py")
-)
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 REFERENCE = [p for p in CONFIG_FILES if not os.path.basename(p).startswith("synthetic_")]
 SYNTHETIC = [p for p in CONFIG_FILES if os.path.basename(p).startswith("synthetic_")]
 

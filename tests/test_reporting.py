@@ -21,6 +21,12 @@ class _Unfetchable(dict):
         raise AssertionError("metrics of a non-log step were fetched")
 
 
+def read_metrics(workdir: str) -> list[dict]:
+    """The lines of WORKDIR/metrics.jsonl, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _reporter(workdir, **kwargs):
     defaults = dict(
         num_steps=5,
@@ -35,9 +41,9 @@ def test_writes_log_steps_one_step_late(tmp_path):
     reporter = _reporter(tmp_path)
     reporter.update(1, _Unfetchable())
     reporter.update(2, {"loss": jnp.asarray(2.5), "skipped": jnp.asarray(0, jnp.int32)})
-    assert reporting.read_metrics(str(tmp_path)) == []  # Step 2 is kept until step 3 runs.
+    assert read_metrics(str(tmp_path)) == []  # Step 2 is kept until step 3 runs.
     reporter.update(3, _Unfetchable())
-    lines = reporting.read_metrics(str(tmp_path))
+    lines = read_metrics(str(tmp_path))
     assert [line["step"] for line in lines] == [2]
     assert lines[0]["loss"] == 2.5 and lines[0]["skipped"] == 0
     assert isinstance(lines[0]["skipped"], int)
@@ -45,7 +51,7 @@ def test_writes_log_steps_one_step_late(tmp_path):
     reporter.update(4, {"loss": jnp.asarray(1.0)})
     reporter.update(5, {"loss": jnp.asarray(0.5)})  # The last step is always logged.
     reporter.close()
-    lines = reporting.read_metrics(str(tmp_path))
+    lines = read_metrics(str(tmp_path))
     assert [line["step"] for line in lines] == [2, 4, 5]
     assert [line["loss"] for line in lines] == [2.5, 1.0, 0.5]
 
@@ -58,7 +64,7 @@ def test_resumed_run_appends_and_tensorboard_written(tmp_path):
     reporter.update(4, {"loss": jnp.asarray(3.0)})
     reporter.write_scalars(4, {"eval/miou": 0.25})
     reporter.close()
-    lines = reporting.read_metrics(str(tmp_path))
+    lines = read_metrics(str(tmp_path))
     assert [(line["step"], sorted(line)) for line in lines] == [
         (2, ["images_per_sec", "loss", "step"]),
         (4, ["eval/miou", "step"]),
@@ -103,7 +109,7 @@ def test_resume_drops_the_lines_past_the_restored_step(tmp_path):
     reporter = _reporter(tmp_path, log_every_steps=1, initial_step=3)
     reporter.update(4, {"loss": jnp.asarray(40.0)})
     reporter.close()
-    lines = reporting.read_metrics(str(tmp_path))
+    lines = read_metrics(str(tmp_path))
     assert [(line["step"], line["loss"]) for line in lines] == [(1, 1), (2, 2), (3, 3), (4, 40)]
     assert not os.path.exists(tmp_path / "metrics.jsonl.tmp")
     # TensorBoard: the resumed writer's file starts with SessionLog START at step 4, on

@@ -228,15 +228,12 @@ def _assert_every_checkpoint_restores(workdir):
     """Every entry of checkpoints/ is a step whose state restores (nothing else left)."""
     import jax
 
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)  # The configs import `configs.common`, as under `python -m`.
-    from configs import synthetic_coarse
-    from wsda_jax import checkpointing, optim, parallel, train
+    from wsda_jax import checkpointing, config_presets, optim, parallel, train
     from wsda_jax.models import deeplab
 
     names = os.listdir(workdir / "checkpoints")
     assert names and all(name.isdigit() for name in names), names
-    config = synthetic_coarse.get_config("tiny")
+    config = config_presets.synthetic(stage="adapt", weak_label="coarse", arg="tiny")
     mesh = parallel.make_mesh()
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     abstract = train.abstract_state(config, model, optim.make_optimizer(config), mesh)

@@ -43,17 +43,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from wsda_jax import checkpoint_recovery
+from wsda_jax import checkpoint_recovery, errors
 
-ITEM_NAMES = ("state", "train_iter", "config")
 BEST_METRIC = "miou"
 
 
 DifferentModelError = checkpoint_recovery.DifferentModelError
-
-
-class CheckpointWriteError(ValueError):
-    """The checkpoint directory cannot be written; the run must stop."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -118,8 +113,8 @@ def _check_writable(manager: ocp.CheckpointManager) -> None:
         raise _write_error(manager, error) from error
 
 
-def _write_error(manager: ocp.CheckpointManager, error: OSError) -> CheckpointWriteError:
-    return CheckpointWriteError(
+def _write_error(manager: ocp.CheckpointManager, error: OSError) -> errors.CheckpointWriteError:
+    return errors.CheckpointWriteError(
         f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
         f"(the last good checkpoint is {_last_committed(manager)})"
     )

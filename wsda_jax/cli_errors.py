@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from absl import flags, logging
 
+from wsda_jax import errors
+
 BAD_INPUT = (ValueError, FileNotFoundError, PermissionError, KeyError)
 
 
@@ -74,7 +76,7 @@ def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> N
     except BAD_INPUT as error:
         logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
         print(f"error: {one_line(error)}", file=sys.stderr)
-        if type(error).__name__ == "CheckpointWriteError":  # checkpointing's, not imported.
+        if isinstance(error, errors.CheckpointWriteError):
             # Orbax's save threads may still wait (minutes) on the failed save: leave now.
             sys.stderr.flush()
             os._exit(1)
@@ -82,11 +84,7 @@ def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> N
     except KeyboardInterrupt:  # Ctrl-C before the train loop, or outside training.
         print("Interrupted (SIGINT) outside the train loop: nothing new to save.", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
-    except Exception as error:
-        from wsda_jax import train
-
-        if not isinstance(error, train.Interrupted):
-            raise
+    except errors.Interrupted as error:
         print(
             f"Interrupted by {signal.Signals(error.signum).name} at step {error.step}; its "
             f"checkpoint is saved. Resume with: {_resume_command()}",

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from wsda_jax.data.records import IMAGE_FORMATS
+# How prepared records may store images (`data.records` encodes and decodes them).
+IMAGE_FORMATS = ("npy", "png")
 
 WEAK_LABEL_KINDS = ("none", "image", "point", "coarse")
 STAGES = ("source_only", "adapt", "oracle")

@@ -147,9 +147,3 @@ def truncate_metrics(path: str, last_step: int) -> int:
         os.replace(temporary, path)
         logging.info("Dropped %d lines past step %d from %s.", dropped, last_step, path)
     return dropped
-
-
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The lines of WORKDIR/metrics.jsonl, in order (a resumed run appends)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -4,7 +4,7 @@
 data, build the model and step, restore or initialise the state, then loop: dispatch a
 step, report the previous one, evaluate every `config.eval.every_steps`, checkpoint every
 `config.checkpoint_every_steps` (and at every evaluation, ranked by mIoU), save and stop
-cleanly on SIGTERM or SIGINT (then raise `Interrupted`). The step functions themselves
+cleanly on SIGTERM or SIGINT (then raise `errors.Interrupted`). The step functions themselves
 live in `steps.py`.
 
 Stage: 'adapt' runs `steps.adapt_step`; 'source_only' runs `steps.source_only_step` on
@@ -30,6 +30,7 @@ from orbax.checkpoint import multihost
 from wsda_jax import (
     checkpointing,
     config_lib,
+    errors,
     evaluation,
     optim,
     parallel,
@@ -39,15 +40,6 @@ from wsda_jax import (
 )
 from wsda_jax.data import builders, pipeline, sources
 from wsda_jax.models import deeplab, imagenet_init
-
-
-class Interrupted(Exception):
-    """The run stopped on a signal after saving the checkpoint of `step`."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
-        self.signum = signum
-        self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +257,7 @@ def _best_metric(report: dict[str, Any]) -> dict[str, float]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config.num_steps` steps in `workdir` (resuming if possible); returns the
-    final evaluation report. Raises `Interrupted` after saving when SIGTERM or SIGINT
+    final evaluation report. Raises `errors.Interrupted` after saving when SIGTERM or SIGINT
     stopped the run early."""
     config_lib.validate(config, jax.device_count())
     logging.info(config_lib.batch_summary(config, jax.device_count()))
@@ -326,7 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     train_iter.close()  # Stops the data workers and frees their shared memory.
     if stopped_by is not None and step < config.num_steps:
-        raise Interrupted(stopped_by, step)
+        raise errors.Interrupted(stopped_by, step)
     return report
 
 

@@ -28,7 +28,6 @@ from wsda_jax import cpu_flags
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
 
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -41,7 +40,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from wsda_jax import optim, parallel, train, train_state  # noqa: E402
+from wsda_jax import config_presets, optim, parallel, train, train_state  # noqa: E402
 from wsda_jax.benchmarks import train_step as bench  # noqa: E402
 from wsda_jax.data import pipeline  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
@@ -224,10 +223,9 @@ def reference_row(dtype: str, remat: str, dry_run: bool) -> str:
 
 def synthetic_config(dry_run: bool, data_dir: str, num_steps: int):
     """configs/synthetic_coarse.py (':tiny' for a dry run) on a small generated copy."""
-    sys.path.insert(0, os.getcwd())  # configs/ is a folder of the repository root.
-    from configs import synthetic_coarse  # noqa: PLC0415
-
-    config = synthetic_coarse.get_config("tiny" if dry_run else None)
+    config = config_presets.synthetic(
+        stage="adapt", weak_label="coarse", arg="tiny" if dry_run else None
+    )
     config.data.data_dir = data_dir
     config.data.synthetic.num_source = min(config.data.synthetic.num_source, 64)
     config.data.synthetic.num_target_train = min(config.data.synthetic.num_target_train, 64)

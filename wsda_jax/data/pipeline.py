@@ -312,16 +312,11 @@ class TrainBatches:
 
 
 def batches_consumed(state: dict[str, Any], batch_size: int) -> int:
-    """The index of the batch of `batch_size` (this host's) that holds the first example
-    a saved iterator state has not handed out. The state is ours (`TrainBatches`) or
-    grain's own of earlier versions, which batched after reading and so count examples
-    (`next_index`, one count per worker with workers)."""
+    """The index of the batch of `batch_size` (this host's) that holds the first example a
+    saved `TrainBatches` state has not handed out (the state may come from a host with
+    another local batch size)."""
     try:
-        if "batches" in state:
-            examples = int(state["batches"]) * int(state.get("batch_size", batch_size))
-        else:
-            worker_states = state.get("iterators_in_use_states", [state])
-            examples = sum(int(worker["next_index"]) for worker in worker_states)
+        examples = int(state["batches"]) * int(state.get("batch_size", batch_size))
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"unknown data-iterator state {json.dumps(state)[:200]}") from None
     return examples // batch_size

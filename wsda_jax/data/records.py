@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsda_jax.config_lib import IMAGE_FORMATS
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NPY_SIGNATURE = b"\x93NUMPY"
-IMAGE_FORMATS = ("npy", "png")
 # The header `encode_npy` writes (format 1.0). np.load parses headers with
 # ast.literal_eval, which CPython 3.11 breaks when threads race on it ("SystemError:
 # AST constructor recursion depth mismatch", seen with grain's decode threads), so

@@ -1,11 +1,10 @@
-"""Shared builders for the experiment configs in this directory.
+"""Shared builders of the experiment configs in `configs/`.
 
 `reference(...)` keeps the reference's hyper-parameters (`config_lib.base_config()`,
 METHOD.md sections 4-12) and only sets the source, stage and weak label.
 `synthetic(...)` scales everything down so a run on the embedded procedural dataset
 finishes on a 2-core laptop CPU in minutes; its `tiny` variant shrinks it further to a
-handful of steps for the end-to-end tests. The config files import this module as
-`configs.common`, so run from the repository root (as every documented command does).
+handful of steps for the end-to-end tests and the device check.
 """
 
 from __future__ import annotations
