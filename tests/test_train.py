@@ -19,6 +19,7 @@ import pytest
 from test_imagenet_init import WIDTH, random_state_dict
 
 from wsda_jax import classes, config_lib, optim, parallel, steps, train
+from wsda_jax.data import sources
 from wsda_jax.models import deeplab
 
 jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
@@ -164,7 +165,7 @@ def test_oracle_stage_trains_on_the_target_fine_labels(tmp_path_factory):
     source-only step runs and only the student is evaluated."""
     config = tiny_config("synthetic_oracle", tmp_path_factory.getbasetemp())
     config.num_steps = config.eval.every_steps = config.checkpoint_every_steps = 1
-    data = train.open_datasets(config)
+    data = sources.open_datasets(config)
     assert data.source is data.target
     record = data.source[0]
     assert "label" in record and "coarse_label" in record  # A target record.

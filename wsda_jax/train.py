@@ -14,7 +14,6 @@ its fine labels) as the source.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -25,7 +24,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from orbax.checkpoint import multihost
 
 from wsda_jax import (
     checkpointing,
@@ -38,53 +36,8 @@ from wsda_jax import (
     steps,
     train_state,
 )
-from wsda_jax.data import builders, pipeline, sources
+from wsda_jax.data import pipeline, sources
 from wsda_jax.models import deeplab, imagenet_init
-
-
-@dataclasses.dataclass(frozen=True)
-class Datasets:
-    """Random-access record sources of the three splits a run reads."""
-
-    source: Sequence[Any]
-    target: Sequence[Any]
-    val: Sequence[Any]
-
-
-# Generating the embedded datasets takes minutes on a slow host; device collectives (gloo on
-# the CPU) give up after 30 s, so the processes wait at coordination-service barriers.
-_PREPARATION_TIMEOUT_MS = 60 * 60 * 1000
-
-
-def _procedural_first_on_process_zero(
-    config: ml_collections.ConfigDict, datasets: Sequence[str]
-) -> None:
-    """With several processes, process 0 generates the embedded datasets while the others
-    wait; they then reuse its files (a shared data_dir) or generate their own copy (a
-    local one), and all start training together."""
-    procedural = [dataset for dataset in datasets if dataset in builders.PROCEDURAL]
-    if jax.process_count() == 1 or not procedural:
-        return
-    barrier = multihost.get_barrier_sync_fn()
-    if jax.process_index() == 0:
-        for dataset in procedural:
-            sources.ensure_prepared(dataset, config.data)
-    barrier(key="wsda_jax_embedded_datasets_generated", timeout_ms=_PREPARATION_TIMEOUT_MS)
-    for dataset in procedural:
-        sources.ensure_prepared(dataset, config.data)
-    barrier(key="wsda_jax_embedded_datasets_ready", timeout_ms=_PREPARATION_TIMEOUT_MS)
-
-
-def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
-    """Source train, target train and target val (oracle: target train as the source)."""
-    used = [config.data.target] + ([] if config.stage == "oracle" else [config.data.source])
-    _procedural_first_on_process_zero(config, used)
-    target = sources.open_split(config.data.target, "train", config.data)
-    val = sources.open_split(config.data.target, "val", config.data)
-    if config.stage == "oracle":
-        return Datasets(source=target, target=target, val=val)
-    source = sources.open_split(config.data.source, "train", config.data)
-    return Datasets(source=source, target=target, val=val)
 
 
 def _process_kwargs() -> dict[str, int]:
@@ -266,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     eval_model = deeplab.build_model(config)
     optimizer = optim.make_optimizer(config)
-    data = open_datasets(config)
+    data = sources.open_datasets(config)
     train_iter = pipeline.make_train_iterator(config, data.source, data.target, **_process_kwargs())
     manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config)
     state, step = initial_state(config, model, optimizer, mesh, manager, train_iter)
@@ -376,8 +329,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     mesh = parallel.make_mesh()
     state, step = _restore_for_inference(config, workdir, mesh, set_aside=True)
     model = deeplab.build_model(config)
-    _procedural_first_on_process_zero(config, [config.data.target])
-    val = sources.open_split(config.data.target, "val", config.data)
+    val = sources.open_val(config)
     eval_fn = evaluation.make_eval_fn(config, model, mesh)
     return evaluate_and_report(
         config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn

@@ -42,7 +42,7 @@ from absl import app, flags  # noqa: E402
 
 from wsda_jax import config_presets, optim, parallel, train, train_state  # noqa: E402
 from wsda_jax.benchmarks import train_step as bench  # noqa: E402
-from wsda_jax.data import pipeline  # noqa: E402
+from wsda_jax.data import pipeline, sources  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny sizes everywhere (CPU-friendly).")
@@ -242,7 +242,7 @@ def synthetic_row(dry_run: bool, num_steps: int) -> str:
     with tempfile.TemporaryDirectory() as data_dir:
         config = synthetic_config(dry_run, data_dir, num_steps)
         start = time.perf_counter()
-        data = train.open_datasets(config)
+        data = sources.open_datasets(config)
         prepare_s = time.perf_counter() - start
         mesh = parallel.make_mesh()
         model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)

@@ -94,14 +94,14 @@ def describe_batch(batch: dict, config, batch_index: int) -> list[dict]:
 
 def write_batches(config, out_dir: str, num_batches: int) -> list[dict]:
     """Writes the panels and batches.json for `num_batches` batches; returns the entries."""
-    from wsda_jax import config_lib, train
-    from wsda_jax.data import pipeline
+    from wsda_jax import config_lib
+    from wsda_jax.data import pipeline, sources
 
     config_lib.validate(config, num_devices=1)
     if num_batches < 1:
         raise ValueError(f"--num_batches={num_batches}: must be >= 1")
     os.makedirs(out_dir, exist_ok=True)
-    data = train.open_datasets(config)
+    data = sources.open_datasets(config)
     iterator = pipeline.make_train_iterator(config, data.source, data.target)
     entries = []
     try:

@@ -7,11 +7,15 @@ are raw record dicts (PNG bytes, presence, name bytes) that
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+import ml_collections
 import tensorflow_datasets as tfds
+from orbax.checkpoint import multihost
 
 from wsda_jax.data import builders
 
@@ -82,3 +86,54 @@ def open_split(dataset: str, split: str, config_data: Any) -> Sequence[dict[str,
             f"dataset {dataset!r} has splits {sorted(reader.info.splits)}, not {split!r}"
         )
     return reader.as_data_source(split)
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+    """Random-access record sources of the three splits a run reads."""
+
+    source: Sequence[Any]
+    target: Sequence[Any]
+    val: Sequence[Any]
+
+
+# Generating the embedded datasets takes minutes on a slow host; device collectives (gloo on
+# the CPU) give up after 30 s, so the processes wait at coordination-service barriers.
+_PREPARATION_TIMEOUT_MS = 60 * 60 * 1000
+
+
+def _procedural_first_on_process_zero(
+    config: ml_collections.ConfigDict, datasets: Sequence[str]
+) -> None:
+    """With several processes, process 0 generates the embedded datasets while the others
+    wait; they then reuse its files (a shared data_dir) or generate their own copy (a
+    local one), and all start training together."""
+    procedural = [dataset for dataset in datasets if dataset in builders.PROCEDURAL]
+    if jax.process_count() == 1 or not procedural:
+        return
+    barrier = multihost.get_barrier_sync_fn()
+    if jax.process_index() == 0:
+        for dataset in procedural:
+            ensure_prepared(dataset, config.data)
+    barrier(key="wsda_jax_embedded_datasets_generated", timeout_ms=_PREPARATION_TIMEOUT_MS)
+    for dataset in procedural:
+        ensure_prepared(dataset, config.data)
+    barrier(key="wsda_jax_embedded_datasets_ready", timeout_ms=_PREPARATION_TIMEOUT_MS)
+
+
+def open_val(config: ml_collections.ConfigDict) -> Sequence[Any]:
+    """The target's val split alone (evaluation of a checkpoint)."""
+    _procedural_first_on_process_zero(config, [config.data.target])
+    return open_split(config.data.target, "val", config.data)
+
+
+def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
+    """Source train, target train and target val (oracle: target train as the source)."""
+    used = [config.data.target] + ([] if config.stage == "oracle" else [config.data.source])
+    _procedural_first_on_process_zero(config, used)
+    target = open_split(config.data.target, "train", config.data)
+    val = open_split(config.data.target, "val", config.data)
+    if config.stage == "oracle":
+        return Datasets(source=target, target=target, val=val)
+    source = open_split(config.data.source, "train", config.data)
+    return Datasets(source=source, target=target, val=val)
