@@ -1,6 +1,6 @@
 """Stage 2, GTA5 -> Cityscapes without target labels (plain UDA).
 
-Reference hyper-parameters (METHOD.md sections 4-12): 512x512 crops, 4 + 4 images
+Reference hyper-parameters (docs/method.md §4-12): 512x512 crops, 4 + 4 images
 per device, 150k steps of SGD. Prepare the datasets first (see the README).
 
 Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):

@@ -1,6 +1,6 @@
 """Stage 2, SYNTHIA -> Cityscapes with point labels.
 
-Reference hyper-parameters (METHOD.md sections 4-12): 512x512 crops, 4 + 4 images
+Reference hyper-parameters (docs/method.md §4-12): 512x512 crops, 4 + 4 images
 per device, 150k steps of SGD. Prepare the datasets first (see the README).
 
 mIoU is reported over 19 classes and over the 16 and 13 SYNTHIA classes.

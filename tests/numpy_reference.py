@@ -1,4 +1,4 @@
-"""Independent NumPy implementations written straight from METHOD.md; used only by tests.
+"""Independent NumPy implementations written straight from docs/method.md; used only by tests.
 
 Deliberately literal (loops, the |A| x |A| contrastive matrix, per-class loops) so
 they share no trick with the JAX code they check.
@@ -108,7 +108,7 @@ def contrastive_loss_full(
     base_temperature=0.07,
     cross_domain=False,
 ) -> float:
-    """The |A| x |A| form of METHOD.md section 8, literally."""
+    """The |A| x |A| form of docs/method.md §8, literally."""
     idx = [i for i in range(len(valid)) if valid[i]]
     if not idx:
         return 0.0
@@ -153,7 +153,7 @@ def bilinear_resize(x, height, width):
 
 
 def update_prototypes(prototypes, features, center, member, center_features=None):
-    """Per-class loop of METHOD.md section 7; `center_features` (at `center`'s
+    """Per-class loop of docs/method.md §7; `center_features` (at `center`'s
     resolution) gives the class means when `center` is at a higher resolution."""
     if center_features is None:
         center_features = features

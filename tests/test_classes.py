@@ -1,10 +1,10 @@
-"""Tests of the class table against METHOD.md section 2."""
+"""Tests of the class table against docs/method.md §2."""
 
 import numpy as np
 
 from wsda_jax import classes
 
-# METHOD.md section 2, written out independently of the table.
+# docs/method.md §2, written out independently of the table.
 CITYSCAPES = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
               24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
 SYNTHIA = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 16: 9, 1: 10, 10: 11,

@@ -135,7 +135,7 @@ def test_teacher_ema_numbers():
 def test_teacher_ema_in_step(runner):
     """After two steps: teacher params = 0.999 * teacher_1 + 0.001 * student_1; the teacher's
     BN statistics are that blend, then updated by the teacher's own train-mode forward on
-    the target batch (METHOD.md section 4.4, as the reference)."""
+    the target batch (docs/method.md §4.4, as the reference)."""
     state = runner.state()
     batch = runner.put(runner.batches[0])
     state, _ = runner.step(state, batch)
@@ -488,7 +488,7 @@ def test_predict_directory_on_images_of_different_sizes(runner, tmp_path):
 
 
 def test_presence_comes_from_the_crop_of_the_weak_label():
-    """METHOD.md section 4: the presence vector is the set of classes in the weak-label
+    """docs/method.md §4: the presence vector is the set of classes in the weak-label
     crop (coarse / point / image kinds), not the record's whole-image presence."""
     config = tiny_config("coarse")
     crop = np.full((2, 8, 8), 255, np.int32)
@@ -524,7 +524,7 @@ def test_step_ignores_record_presence_unless_asked(runner, image_tags_runner):
 
 def test_inter_takes_plain_downsampled_source_labels():
     """`inter` anchors use the source labels as they are (ignored pixels stay ignored),
-    while `intra_src` fuses them with the prediction (METHOD.md section 8)."""
+    while `intra_src` fuses them with the prediction (docs/method.md §8)."""
     config = tiny_config("coarse")
     batch, h, w, size = 2, 8, 8, 64
     features = jnp.ones((batch, h, w, 4)) / 2.0

@@ -83,7 +83,7 @@ def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
 
 
 def test_contrast_start_gate_in_the_train_loop(tiny_run):
-    """METHOD.md 4.11: c = i = 0 before contrast_start (2): the contrastive and
+    """docs/method.md §4.11: c = i = 0 before contrast_start (2): the contrastive and
     image-level terms (and their anchors) are 0 at steps 1-2 and non-zero from step 3."""
     config, workdir, _ = tiny_run
     assert config.loss.contrast_start == 2
@@ -104,7 +104,7 @@ def test_total_is_the_sum_of_the_logged_terms(tiny_run):
 
 
 def test_weighted_terms_are_the_method_total():
-    """METHOD.md 4.11 with the base config's weights, written out by hand: seg_mix +
+    """docs/method.md §4.11 with the base config's weights, written out by hand: seg_mix +
     seg_s + seg_u + 10 edge_s + c (0.5 inter + 0.25 intra_tgt + 0.25 intra_src) +
     i (im_u + im_proto), on distinct unweighted values."""
     loss = config_lib.base_config().loss

@@ -1,7 +1,7 @@
 """On-device image operations of the train step: colour jitter, normalisation, ClassMix,
 strong augmentation.
 
-Everything here is jittable with fixed shapes (METHOD.md sections 1, 10 and 12), so the
+Everything here is jittable with fixed shapes (docs/method.md §1, 10 and 12), so the
 photometric part of the data augmentation and the whole ClassMix + augmentation
 pipeline run inside the compiled step; the host does only the geometric part
 (scale, crop, flip: `data/transforms.py`).
@@ -96,7 +96,7 @@ def jitter_affine(draw: JitterDraw, mean: jax.Array) -> tuple[jax.Array, jax.Arr
 
 
 def color_jitter(key: jax.Array, images: jax.Array, strength: float) -> jax.Array:
-    """The training batches' colour jitter (METHOD.md section 12), one draw per image.
+    """The training batches' colour jitter (docs/method.md §12), one draw per image.
 
     torchvision's ColorJitter(s, s, s, s) semantics (factors and op order drawn per
     image), with the four ops composed into one affine map and clipped once at the end
@@ -180,7 +180,7 @@ def classmix(
     *,
     per_image: bool = False,
 ) -> MixedBatch:
-    """ClassMix of source pixels into target images (METHOD.md section 10).
+    """ClassMix of source pixels into target images (docs/method.md §10).
 
     For each pair i, half (rounded up) of the label ids present in the source labels are
     chosen at random; the source pixels of those ids are pasted onto target image i.
@@ -250,7 +250,7 @@ def strong_augment(
     blur_sigma: tuple[float, float] = (0.15, 1.15),
     per_image_decisions: bool = False,
 ) -> jax.Array:
-    """Random colour jitter and Gaussian blur (METHOD.md section 10).
+    """Random colour jitter and Gaussian blur (docs/method.md §10).
 
     Whether to jitter and whether to blur is decided once for the whole batch (the
     reference draws both decisions once per step), or per image with

@@ -1,6 +1,6 @@
 """The class table: the single source of label maps, class names and palettes.
 
-One row per Cityscapes train class (METHOD.md section 2): train id, Cityscapes
+One row per Cityscapes train class (docs/method.md §2): train id, Cityscapes
 labelId (GTA5 labels use the same ids), name, the official Cityscapes colour and
 the SYNTHIA-RAND-CITYSCAPES class id. Every lookup array below is derived from
 `CLASSES`; nothing else in the package spells out an id mapping.
@@ -25,7 +25,7 @@ class ClassInfo:
 
 
 # Cityscapes ids and colours as in `cityscapesscripts/helpers/labels.py`; SYNTHIA ids
-# from the SYNTHIA-RAND-CITYSCAPES README as listed in METHOD.md section 2 (which maps
+# from the SYNTHIA-RAND-CITYSCAPES README as listed in docs/method.md §2 (which maps
 # terrain 16, truck 18 and train 20 although they never occur in SYNTHIA).
 CLASSES: tuple[ClassInfo, ...] = (
     ClassInfo(0, 7, "road", (128, 64, 128), 3),
@@ -83,7 +83,7 @@ IDENTITY_KNOWN_IDS: np.ndarray = _known(NUM_CLASSES) | (np.arange(256) == IGNORE
 PALETTE: np.ndarray = np.zeros((256, 3), np.uint8)
 PALETTE[: len(CLASSES)] = np.array([c.color for c in CLASSES], np.uint8)
 
-# Train ids evaluated for SYNTHIA -> Cityscapes (METHOD.md section 1).
+# Train ids evaluated for SYNTHIA -> Cityscapes (docs/method.md §1).
 SYNTHIA_16: tuple[int, ...] = tuple(
     c.train_id for c in CLASSES if c.name not in ("terrain", "truck", "train")
 )

@@ -1,7 +1,7 @@
 """Shared configuration defaults and validation.
 
 Every file in `configs/` starts from `base_config()` and changes what differs.
-The defaults are the reference's hyper-parameters (METHOD.md sections 4-12) for
+The defaults are the reference's hyper-parameters (docs/method.md §4-12) for
 GTA5 -> Cityscapes at 512x512 crops; `validate` turns a bad combination into a
 one-line `ValueError` before anything is compiled.
 """
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = "~/tensorflow_datasets"  # Where prepared datasets live.
     c.data.manual_dir = ""  # Raw download, used only to prepare.
     c.data.source_manual_dir = ""  # Raw source download when it differs from manual_dir.
-    # Fixed resize at preparation, before the random scale and crop (METHOD.md s. 12):
+    # Fixed resize at preparation, before the random scale and crop (docs/method.md §12):
     # GTA5 to 1280x720, Cityscapes train to 1024x512 (val stays 2048x1024); SYNTHIA
     # and the embedded datasets are not resized. Part of the prepared dataset's name.
     c.data.pre_resize = True

@@ -1,7 +1,7 @@
 """Shared builders of the experiment configs in `configs/`.
 
 `reference(...)` keeps the reference's hyper-parameters (`config_lib.base_config()`,
-METHOD.md sections 4-12) and only sets the source, stage and weak label.
+docs/method.md §4-12) and only sets the source, stage and weak label.
 `synthetic(...)` scales everything down so a run on the embedded procedural dataset
 finishes on a 2-core laptop CPU in minutes; its `tiny` variant shrinks it further to a
 handful of steps for the end-to-end tests and the device check.
@@ -14,7 +14,7 @@ import ml_collections
 from wsda_jax import config_lib
 
 # Reference crops are 512 rows high; the pseudo-label masks of the top 15 and bottom 120
-# rows of a crop (METHOD.md section 4.6) are scaled to the crop height of smaller configs.
+# rows of a crop (docs/method.md §4.6) are scaled to the crop height of smaller configs.
 _REFERENCE_CROP_HEIGHT = 512
 
 

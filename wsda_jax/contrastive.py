@@ -1,4 +1,4 @@
-"""The three pixel-to-prototype contrastive losses of the step and their inputs (METHOD.md s. 8).
+"""The three pixel-to-prototype contrastive losses of the step and their inputs (docs/method.md §8).
 
 `inter`: source student and target teacher anchors against the target prototypes,
 positives only across domains; `intra_src`: source features against the source
@@ -81,7 +81,7 @@ def contrastive_losses(
     target_protos: jax.Array,
     config: ml_collections.ConfigDict,
 ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """The three unweighted pixel-to-prototype losses of section 4.9 (inputs: section 8).
+    """The three unweighted pixel-to-prototype losses of §4.9 (inputs: §8).
 
     Args:
       keys: PRNG keys 'inter', 'intra_src', 'intra_tgt' for the anchor sampling.

@@ -1,4 +1,4 @@
-"""The EMA teacher (METHOD.md section 4.1).
+"""The EMA teacher (docs/method.md §4.1).
 
 At the start of every step each parameter AND BatchNorm statistic of the teacher becomes
 `a * teacher + (1 - a) * student`, with a = config.ema.decay (0.999), or with

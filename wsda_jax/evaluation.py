@@ -1,12 +1,12 @@
 """Inference and evaluation on the target val split: logits, confusion, IoU/mIoU, reports.
 
-`predict` is the eval-mode forward (single- or multi-scale, optional flip; METHOD.md
-section 13) and `eval_step` its per-device confusion matrix, psum-ed over devices.
+`predict` is the eval-mode forward (single- or multi-scale, optional flip; docs/method.md
+§13) and `eval_step` its per-device confusion matrix, psum-ed over devices.
 `evaluate` streams the padded eval batches (decoded once for the student and the
 teacher) through the jitted `eval_step` and sums the per-batch confusion matrices on
 the host in int64 once the pass is dispatched, so the loop never waits on the device.
 `write_report` stores per-class IoU and mIoU (19 classes, plus 16 and 13 for a SYNTHIA
-source, METHOD.md section 1) of the student and the EMA teacher in `DIR/eval/STEP.json`,
+source, docs/method.md §1) of the student and the EMA teacher in `DIR/eval/STEP.json`,
 and draws PNGs: image | ground truth | prediction panels and a row-normalised confusion
 matrix. `predict_directory` is the predict mode.
 """

@@ -1,4 +1,4 @@
-"""Nearest-neighbour label resizing and prediction/label fusion (METHOD.md section 5).
+"""Nearest-neighbour label resizing and prediction/label fusion (docs/method.md §5).
 
 Label maps are int `[B, H, W]` with 255 = ignore. Resizing follows PyTorch's
 `interpolate(mode='nearest')`: output pixel `i` reads source pixel
@@ -103,7 +103,7 @@ def fuse(pred_lowres: jax.Array, label_fullres: jax.Array) -> jax.Array:
 def presence(labels: jax.Array, num_classes: int) -> jax.Array:
     """Class-presence vector of each label map: float32 `[B, C]`, 1 where class c labels a pixel.
 
-    The image-level losses' targets (METHOD.md section 4): computed per step from the
+    The image-level losses' targets (docs/method.md §4): computed per step from the
     augmented crop of the weak label map, as the reference does. Values outside
     [0, C) (255 = ignore) count nothing. Works on NumPy and JAX arrays alike (the batch
     browser calls it on host batches).

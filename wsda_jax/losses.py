@@ -1,4 +1,4 @@
-"""Every loss of the method (METHOD.md sections 4, 6, 8, 9); pure, jittable, fixed shapes.
+"""Every loss of the method (docs/method.md §4, 6, 8, 9); pure, jittable, fixed shapes.
 
 Logits are float `[B, H, W, C]` (NHWC), labels int `[B, H, W]` with 255 = ignore.
 Losses are computed in float32 whatever the input dtype. Label values outside
@@ -55,7 +55,7 @@ def cross_entropy(
 
 
 def image_level_loss(logits: jax.Array, presence: jax.Array) -> jax.Array:
-    """Multi-label loss of log-mean-exp pooled logits against class presence (M section 6).
+    """Multi-label loss of log-mean-exp pooled logits against class presence (docs/method.md §6).
 
     `s_bc = logsumexp_hw(L) - log(H * W)`, loss = mean over B and C of
     `BCE(sigmoid(s), y)`, written with log-sigmoids so it never overflows.
@@ -107,7 +107,7 @@ def boundary_loss(
     ignore_label: int = classes.IGNORE_LABEL,
     max_axis_name: str | None = None,
 ) -> jax.Array:
-    """Boundary loss on the source (M section 9): L1 between gradient magnitudes.
+    """Boundary loss on the source (docs/method.md §9): L1 between gradient magnitudes.
 
     Compares the gradient magnitude of a Gumbel-softmax of the logits with that of the
     one-hot labels, so predicted class boundaries are pushed onto the true ones. As in
@@ -149,7 +149,7 @@ def pixel_prototype_contrastive_loss(
     base_temperature: float = 0.07,
     cross_domain: bool = False,
 ) -> jax.Array:
-    """Pixel-to-prototype contrastive loss over the valid anchors (M sections 8 and 14).
+    """Pixel-to-prototype contrastive loss over the valid anchors (docs/method.md §8 and 14).
 
     The reference's |A| x |A| matrix has column k = prototype of anchor k's label, so
     with `S_ic = f_i . P_c / T` it collapses exactly to |A| x C with column
@@ -158,7 +158,7 @@ def pixel_prototype_contrastive_loss(
     `log_prob_ik = S_iy - log(exp(S_iy) + sum_{c != y_i} n_c exp(S_ic))` is the same
     for all positives k and equals their mean. Negatives (y_k != y_i) count whatever
     their domain. Anchor i has a positive iff some valid anchor k has y_k == y_i
-    (itself included, as M section 8 states it) and, with `cross_domain` (the `inter`
+    (itself included, as docs/method.md §8 states it) and, with `cross_domain` (the `inter`
     rule), d_k != d_i: i.e. the valid anchors of class y_i span more than one domain,
     which the per-class min and max domain decide.
     Loss = `-(T / T_b) * mean over valid anchors of l_i` (0 without a positive); 0 when

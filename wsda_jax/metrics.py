@@ -1,4 +1,4 @@
-"""Confusion matrices and IoU (METHOD.md section 13).
+"""Confusion matrices and IoU (docs/method.md §13).
 
 Rows are ground truth, columns prediction. Pixels whose label is `ignore_label` or
 outside [0, C), and pixels whose prediction is outside [0, C), are not counted.

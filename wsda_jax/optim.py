@@ -1,4 +1,4 @@
-"""SGD with the reference's schedule, weight decay and 10x head learning rate (METHOD.md s. 11).
+"""SGD with the reference's schedule, weight decay and 10x head learning rate (docs/method.md §11).
 
 The update is torch.optim.SGD's: g <- g + wd * p (kernels only), buf <- m * buf + g,
 p <- p - lr * buf, with lr multiplied by `head_lr_mult` for `params['head']`.
@@ -94,7 +94,7 @@ def guarded_update(
     new_values: dict[str, Any],
 ) -> tuple[Any, jax.Array]:
     """The optimizer step on a TrainState, guarded against a non-finite loss or gradient
-    (METHOD.md section 4.12).
+    (docs/method.md §4.12).
 
     If the loss or any gradient is not finite, params, the momentum and the fields in
     `new_values` (batch_stats, prototypes) keep their old values and skipped_steps += 1,

@@ -1,4 +1,4 @@
-"""Class prototypes from pixel features (METHOD.md section 7).
+"""Class prototypes from pixel features (docs/method.md §7).
 
 For every class c present in `center`: `m_c` = mean feature over the `center == c`
 pixels; over the `member == c` pixels the weights `w_i = F_i . m_c` are normalised

@@ -1,4 +1,4 @@
-"""The teacher's pseudo labels and what the step builds from them (METHOD.md s. 4.4-4.7, 10).
+"""The teacher's pseudo labels and what the step builds from them (docs/method.md §4.4-4.7, 10).
 
 `teacher_pseudo_labels` runs the EMA teacher on the target batch and returns the
 full-resolution pseudo label (weak label written over it), its ClassMix pixel weight
@@ -33,7 +33,7 @@ def prediction(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 def pseudo_label_weight(
     confidence: jax.Array, config: ml_collections.ConfigDict, axis_name: str | None
 ) -> tuple[jax.Array, jax.Array]:
-    """ClassMix pixel weight of the pseudo labels (METHOD.md section 4.6).
+    """ClassMix pixel weight of the pseudo labels (docs/method.md §4.6).
 
     q = fraction of all target pixels (global batch) with confidence >= threshold; the
     weight is q on those pixels and 0 elsewhere, and 0 on the top `ignore_top` and bottom
@@ -107,7 +107,7 @@ def teacher_pseudo_labels(
     config: ml_collections.ConfigDict,
     axis_name: str | None,
 ) -> tuple[PseudoLabels, Any]:
-    """Teacher on the target batch, then `pseudo_labels` (sections 4.4-4.6).
+    """Teacher on the target batch, then `pseudo_labels` (§4.4-4.6).
 
     The teacher runs with BatchNorm in training mode (target batch statistics), as the
     reference, whose forward also updates the teacher's running statistics; the next
@@ -128,7 +128,7 @@ def update_target_prototypes(
     config: ml_collections.ConfigDict,
     axis_name: str | None,
 ) -> jax.Array:
-    """Target prototypes [C, D] from the teacher features, per weak-label kind (section 7).
+    """Target prototypes [C, D] from the teacher features, per weak-label kind (§7).
 
     coarse: center = weak label at feature resolution, member = fuse(masked pseudo, weak).
     point: as coarse, but the class means use the features bilinearly upsampled to
@@ -162,7 +162,7 @@ def mixed_batch(
     teacher: PseudoLabels,
     config: ml_collections.ConfigDict,
 ) -> augment.MixedBatch:
-    """ClassMix (or, disabled, the target alone) then strong augmentation (section 10).
+    """ClassMix (or, disabled, the target alone) then strong augmentation (§10).
 
     Images are float32 [B, H, W, 3] normalised; returns the normalised mixed image, its
     int32 [B, H, W] label (source / pseudo label) and float32 [B, H, W] pixel weight.

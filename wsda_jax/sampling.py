@@ -1,4 +1,4 @@
-"""Fixed-shape hard-anchor sampling for the contrastive losses (METHOD.md section 8).
+"""Fixed-shape hard-anchor sampling for the contrastive losses (docs/method.md §8).
 
 The reference loops over images and classes with `unique`/`nonzero` (dynamic shapes,
 host round trips). Here every (image b, class c) pair owns `max_views` slots and

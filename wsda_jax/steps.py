@@ -1,6 +1,6 @@
 """Train steps: pure per-device bodies that `parallel.py` wraps in jit(shard_map).
 
-`adapt_step` is one adaptation step of METHOD.md section 4, in its numbered order, each
+`adapt_step` is one adaptation step of docs/method.md §4, in its numbered order, each
 step one call; `source_only_step` is stage 1 (and the oracle). Both end in
 `update_and_metrics` (the guarded SGD update and the step's metrics). The teacher's
 pseudo labels live in `pseudo_labels.py`, inference (`predict`, `eval_step`) in
@@ -39,7 +39,7 @@ from wsda_jax import (
 from wsda_jax.models import deeplab
 from wsda_jax.train_state import TrainState
 
-# The terms that are 0 before config.loss.contrast_start: `c` and `i` of section 4.11.
+# The terms that are 0 before config.loss.contrast_start: `c` and `i` of §4.11.
 GATED_TERMS = (*contrastive.CONTRAST_TERMS, "im_u", "im_proto")
 # The adapt step's random streams, split in this order from `step_key`.
 ADAPT_KEYS = ("jitter_s", "jitter_t", "edge", "inter", "intra_src", "intra_tgt", "mix")
@@ -54,14 +54,14 @@ def step_key(state: TrainState, axis_name: str) -> jax.Array:
 
 def input_images(key: jax.Array, images: jax.Array, config: ml_collections.ConfigDict):
     """uint8 [B, H, W, 3] crops from the pipeline -> colour-jittered (config.data.jitter,
-    METHOD.md section 12), ImageNet-normalised float32 [B, H, W, 3]."""
+    docs/method.md §12), ImageNet-normalised float32 [B, H, W, 3]."""
     return augment.normalize(augment.color_jitter(key, images, config.data.jitter))
 
 
 def target_weak_labels(
     target: Batch, config: ml_collections.ConfigDict
 ) -> tuple[jax.Array, jax.Array]:
-    """The step's weak label map and presence vector from the target batch (section 4).
+    """The step's weak label map and presence vector from the target batch (§4).
 
     `target['weak_label']` is the augmented crop of the weak label map: gtCoarse for
     'coarse' and 'image', the points for 'point'. With config.presence == 'crop'
@@ -112,7 +112,7 @@ def adapt_inputs(
 
 
 def contrast_gate(step: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-    """c = i of section 4.11: float32 1 from step config.loss.contrast_start on, else 0."""
+    """c = i of §4.11: float32 1 from step config.loss.contrast_start on, else 0."""
     return (step >= config.loss.contrast_start).astype(jnp.float32)
 
 
@@ -136,7 +136,7 @@ def weighted_terms(
     """Each unweighted loss times its config weight, the GATED_TERMS times `gate` and the
     contrastive terms also times `contrast_factor` (`contrast_ramp`).
 
-    The total loss of section 4.11 is the sum of the result.
+    The total loss of §4.11 is the sum of the result.
     """
     factors = {name: gate for name in GATED_TERMS}
     for name in contrastive.CONTRAST_TERMS:
@@ -292,7 +292,7 @@ def update_and_metrics(
     config: ml_collections.ConfigDict,
     axis_name: str,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The common end of both steps: the new teacher, the guarded update (section 4.12)
+    """The common end of both steps: the new teacher, the guarded update (§4.12)
     of the parameters and of the `carried` state fields, and the step's metrics.
 
     Args:
@@ -325,7 +325,7 @@ def adapt_step(
     axis_name: str = "data",
     contrast_on: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One adaptation step (METHOD.md section 4), per device.
+    """One adaptation step (docs/method.md §4), per device.
 
     Args:
       state: replicated TrainState.

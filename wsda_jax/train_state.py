@@ -16,7 +16,7 @@ from wsda_jax import optim
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a train step reads and writes (METHOD.md sections 4 and 7).
+    """Everything a train step reads and writes (docs/method.md §4 and 7).
 
     step: int32 [], steps taken (skipped ones included).
     params, batch_stats: the student's variables ({'backbone', 'head'}, {'backbone'}).

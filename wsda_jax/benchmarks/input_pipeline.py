@@ -32,7 +32,7 @@ from PIL import Image
 from wsda_jax import config_lib
 from wsda_jax.data import pipeline, records, synthetic
 
-SOURCE_SIZE = (720, 1280)  # GTA5 after the pre-resize (METHOD.md section 12).
+SOURCE_SIZE = (720, 1280)  # GTA5 after the pre-resize (docs/method.md §12).
 TARGET_SIZE = (512, 1024)  # Cityscapes train after the pre-resize.
 
 

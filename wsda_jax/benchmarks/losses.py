@@ -147,7 +147,7 @@ def image_losses(x: dict, protos: jax.Array | None = None) -> jax.Array:
 
 
 def all_losses(x: dict, *, full_res_image_loss: bool = True) -> jax.Array:
-    """Prototype updates, then the weighted contrastive and image-level losses (M s. 4.11)."""
+    """Prototype updates, then the weighted contrastive and image-level losses (method §4.11)."""
     tgt = target_prototypes(x)
     weights = _config().loss
     contrast = contrastive_losses(x, source_prototypes(x), tgt)

@@ -12,8 +12,8 @@ any worker count), converted to an IterDataset from the current batch on and
 prefetched in `num_workers` processes (`TrainBatches`). Its state is the batch
 index, so `iterator.get_state()` / `set_state()` (and
 `grain.checkpoint.CheckpointSave/CheckpointRestore` in an Orbax checkpoint)
-replay exactly, also with another worker count. The colour jitter of METHOD.md
-section 12 runs in the train step (`augment.color_jitter`), where it costs the host
+replay exactly, also with another worker count. The colour jitter of docs/method.md
+§12 runs in the train step (`augment.color_jitter`), where it costs the host
 nothing.
 
 Evaluation: every record exactly once across hosts (host p takes records p, p+P,
@@ -54,7 +54,7 @@ READ_BATCHES = 4
 WORKERS_PER_DEVICE = 3
 RESERVED_CORES = 2
 # The record key of the weak label map that travels with the target crop. 'image' uses
-# gtCoarse too: the step computes the presence vector from its crop (METHOD.md s. 4).
+# gtCoarse too: the step computes the presence vector from its crop (docs/method.md §4).
 WEAK_LABEL_KEYS = {
     "coarse": "coarse_label",
     "point": "point_label",

@@ -1,4 +1,4 @@
-"""Weak labels derived from a dense train-id label (METHOD.md section 1).
+"""Weak labels derived from a dense train-id label (docs/method.md §1).
 
 All functions take a uint8 (H, W) label of train ids with 255 = ignore and are
 deterministic: point labels draw from a per-image seed made from a stable hash

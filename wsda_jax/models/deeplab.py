@@ -1,4 +1,4 @@
-"""DeepLabV2 with a projection head (METHOD.md section 3).
+"""DeepLabV2 with a projection head (docs/method.md §3).
 
 `backbone` is the output-stride-8 ResNet; `head` holds the DeepLabV2 classifier
 (four parallel dilated 3x3 convs, summed) and the 1x1 projection to L2-normalised

@@ -6,7 +6,7 @@ state dict maps one-to-one onto the Flax variables (see `imagenet_init.py`):
     conv1, bn1, layer{1..4}_{i}/{conv1,bn1,conv2,bn2[,conv3,bn3][,downsample_conv,
     downsample_bn]}
 
-Output stride 8 is the DeepLabV2 rule (METHOD.md section 3): layer3 and layer4
+Output stride 8 is the DeepLabV2 rule (docs/method.md §3): layer3 and layer4
 keep stride 1 and every 3x3 conv in them is dilated by 2 and 4 respectively
 (padding = dilation). For an `[B, H, W, 3]` input the output is
 `[B, ceil(H/8), ceil(W/8), 8 * width * expansion]`.

@@ -113,7 +113,7 @@ class PairTask:
     size_mismatch: str = "error"  # 'resize' (image to label size), 'skip' or 'error'.
     coarse_path: str | None = None
     weak: WeakSpec | None = None
-    # (height, width) of the fixed pre-resize (METHOD.md section 12), or None.
+    # (height, width) of the fixed pre-resize (docs/method.md §12), or None.
     resize_to: tuple[int, int] | None = None
 
 

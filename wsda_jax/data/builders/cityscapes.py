@@ -1,4 +1,4 @@
-"""Cityscapes with weak labels: the target domain (METHOD.md section 1)."""
+"""Cityscapes with weak labels: the target domain (docs/method.md §1)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from wsda_jax.data.builders import base, layout
 
 
 class Synthia(base.WsdaBuilder, skip_registration=True):
-    """SYNTHIA-RAND-CITYSCAPES with Cityscapes train ids (METHOD.md section 2); split 'train'.
+    """SYNTHIA-RAND-CITYSCAPES with Cityscapes train ids (docs/method.md §2); split 'train'.
 
     Label ids >= 23 (not SYNTHIA classes) become 255 and are counted.
     """
