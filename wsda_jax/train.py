@@ -37,7 +37,7 @@ from wsda_jax import (
     steps,
     train_state,
 )
-from wsda_jax.data import builders, pipeline, sources
+from wsda_jax.data import builders, pipeline, rare_class_sampling, sources
 from wsda_jax.models import deeplab, imagenet_init
 
 
@@ -93,6 +93,18 @@ def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
         return Datasets(source=target, target=target, val=val)
     source = sources.open_split(config.data.source, "train", config.data)
     return Datasets(source=source, target=target, val=val)
+
+
+def source_class_pixels(
+    config: ml_collections.ConfigDict, source: Sequence[Any]
+) -> np.ndarray | None:
+    """With rare class sampling: the source's int64 [N, C] class pixel counts, kept beside
+    the prepared dataset (computed on first use); else None."""
+    if not config.data.rare_class_sampling.enabled:
+        return None
+    dataset = config.data.target if config.stage == "oracle" else config.data.source
+    directory = sources.ensure_prepared(dataset, config.data)
+    return rare_class_sampling.load_or_compute(directory, source, config.num_classes)
 
 
 def _process_kwargs() -> dict[str, int]:
@@ -275,7 +287,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_model = deeplab.build_model(config)
     optimizer = optim.make_optimizer(config)
     data = open_datasets(config)
-    train_iter = pipeline.make_train_iterator(config, data.source, data.target, **_process_kwargs())
+    train_iter = pipeline.make_train_iterator(
+        config,
+        data.source,
+        data.target,
+        source_class_pixels=source_class_pixels(config, data.source),
+        **_process_kwargs(),
+    )
     manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config)
     state, step = initial_state(config, model, optimizer, mesh, manager, train_iter)
     train_step = make_train_step(config, model, optimizer, mesh)
