@@ -15,7 +15,7 @@ PIXELS = np.asarray(
     [
         [900, 10, 0, 0],
         [800, 0, 30, 0],
-        [950, 2, 0, 0],
+        [950, 4, 0, 0],
         [700, 40, 60, 0],
         [1000, 0, 0, 0],
         [600, 0, 5, 0],
@@ -61,7 +61,7 @@ def test_sampled_image_frequencies_match_the_formula():
     draws = 20_000
     counts = np.bincount([ds[k] for k in range(draws)], minlength=len(PIXELS))
     expected = _expected_image_probabilities()
-    # Image 2's 2 px of class 1 are not more than 4: only the common class 0 draws it.
+    # Image 2's 4 px of class 1 are not more than 4: only the common class 0 draws it.
     assert expected[2] < 1e-6 and counts[2] == 0
     std = np.sqrt(draws * expected * (1 - expected))
     assert np.all(np.abs(counts - draws * expected) <= 5 * std + 1e-9), (counts, draws * expected)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from wsda_jax import augment
+from wsda_jax import augment, losses
 
 
 def mask_grid_shape(height: int, width: int, block_size: int) -> tuple[int, int]:
@@ -54,6 +54,13 @@ class MaskedBatch(NamedTuple):
     label: jax.Array
     weight: jax.Array
     keep: jax.Array
+
+
+def mic_loss(logits: jax.Array, masked: MaskedBatch) -> jax.Array:
+    """The unweighted MIC term: the student's float [B, H, W, C] logits on `masked.image`
+    against the pseudo label with its confidence weight (`losses.cross_entropy`: sum of
+    weight x CE over labelled pixels / their count, as the ClassMix term)."""
+    return losses.cross_entropy(logits, masked.label, masked.weight)
 
 
 def masked_batch(

@@ -284,7 +284,7 @@ def adapt_loss(
     terms["seg_mix"] = losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
     if masked is not None:  # Masked image consistency (config.mic), not in the reference.
         out_k, batch_stats = deeplab.train_forward(model, params, batch_stats, masked.image)
-        terms["mic"] = losses.cross_entropy(out_k.logits, masked.label, masked.weight)
+        terms["mic"] = masking.mic_loss(out_k.logits, masked)
     # (11) Weighted total, averaged over devices: the loss that is differentiated.
     weighted = weighted_terms(
         terms, config.loss, contrast_gate(state.step, config), contrast_ramp(state.step, config)
