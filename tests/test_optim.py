@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from wsda_jax import config_lib, optim
 
@@ -63,3 +64,28 @@ def test_sgd_matches_torch_rule():
     head_step = 1.0 - params["head"]["dense"]["bias"]
     backbone_step = 1.0 - params["backbone"]["bn"]["scale"]
     np.testing.assert_allclose(head_step, 10.0 * backbone_step, rtol=1e-5)
+
+
+def _closed_form(step, lr, warmup, num_steps, power):
+    """The reference's WarmUpPolyLR, written out."""
+    if step < warmup:
+        return lr * step / warmup
+    return lr * max(1.0 - step / num_steps, 0.0) ** power
+
+
+@pytest.mark.parametrize(
+    "warmup, num_steps", [(1500, 150_000), (50, 600), (0, 600), (0, 1), (1, 4), (10, 10), (20, 10)]
+)
+def test_optax_schedule_is_the_closed_form(warmup, num_steps):
+    """At 0, around the boundary, in between and past the end, warm-up 0 included."""
+    config = _config()
+    config.optim.warmup_steps, config.num_steps, config.optim.lr = warmup, num_steps, 2.5e-3
+    schedule = optim.learning_rate_schedule(config)
+    points = {0, 1, warmup - 1, warmup, warmup + 1, num_steps // 3, num_steps - 1, num_steps}
+    points |= {num_steps + 7, (warmup + num_steps) // 2}
+    for step in sorted(p for p in points if p >= 0):
+        expected = _closed_form(step, 2.5e-3, warmup, num_steps, 0.9)
+        got = float(schedule(jnp.int32(step)))
+        # float32: 1 - step / num_steps loses digits near the end, so an absolute
+        # tolerance of float32's resolution at lr as well.
+        np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-6 * 2.5e-3, err_msg=str(step))

@@ -119,3 +119,47 @@ def test_warm_variant_starts_from_the_warm_stage_one(tmp_path, monkeypatch):
     results = synthetic_table.run_table(["coarse_long_warm"], seeds=1, outdir=outdir)
     assert list(results) == ["source_only_warm", "coarse_long_warm"]
     assert trained == ["source_only_warm_seed0", "coarse_long_warm_seed0"]
+
+
+def test_beyond_group_expands_to_both_labels_and_starts_from_source_only(tmp_path, monkeypatch):
+    """--variants=beyond: 10 stage-2 runs (coarse and point, each alone and with rcs, mic,
+    no warm-up, rcs + mic) from the same seed's source_only, which trains once; a second
+    call skips every finished run."""
+    outdir = str(tmp_path / "out")
+    expected = [
+        f"beyond_{label}{suffix}"
+        for label in ("coarse", "point")
+        for suffix in ("", "_rcs", "_mic", "_no_warmup", "_all")
+    ]
+    assert synthetic_table.expand_groups(["beyond", "beyond_coarse"]) == expected
+    settings = {}
+    for variant in expected:
+        label, _, option = variant.removeprefix("beyond_").partition("_")
+        config = synthetic_table.make_config(variant, 2, outdir, smoke=False)
+        assert config.init.init_from == os.path.join(os.path.abspath(outdir), "source_only_seed2")
+        assert config.weak_label == label
+        settings[option] = (
+            config.data.rare_class_sampling.enabled,
+            config.mic.enabled,
+            config.optim.warmup_steps,
+        )
+    assert settings == {
+        "": (False, False, 50),
+        "rcs": (True, False, 50),
+        "mic": (False, True, 50),
+        "no_warmup": (False, False, 0),
+        "all": (True, True, 50),
+    }
+    trained = []
+
+    def record(config, workdir):
+        trained.append(os.path.basename(workdir))
+        os.makedirs(workdir)
+        return {"student": _result("any", 0, 0.3)["student"]}
+
+    monkeypatch.setattr(train, "train_and_evaluate", record)
+    synthetic_table.run_table(["beyond"], seeds=1, outdir=outdir)
+    assert trained == ["source_only_seed0"] + [f"{v}_seed0" for v in expected]
+    trained.clear()
+    synthetic_table.run_table(["beyond"], seeds=1, outdir=outdir)
+    assert trained == []

@@ -96,6 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Synthesised coarse labels: 'eroded' or 'every_class' (thin classes kept, README
     # "Results on the synthetic domains").
     c.data.synthetic.coarse = "eroded"
+    # Rare class sampling (DAFormer, Hoyer et al., CVPR 2022), not in the reference: a
+    # source class c drawn with probability softmax((1 - f_c) / temperature) of the
+    # source's pixel frequencies f, then uniformly one source image with more than
+    # min_pixels pixels of c (`data/rare_class_sampling.py`, docs/beyond_reference.md).
+    c.data.rare_class_sampling = ml_collections.ConfigDict()
+    c.data.rare_class_sampling.enabled = False
+    c.data.rare_class_sampling.temperature = 0.01
+    # Pixels at the prepared resolution: DAFormer's 3000 of GTA5's 1914x1052 label maps,
+    # scaled by area to the 1280x720 prepared images.
+    c.data.rare_class_sampling.min_pixels = 1372
 
     c.loss = ml_collections.ConfigDict()
     c.loss.seg_mix = 1.0
@@ -126,6 +136,15 @@ def base_config() -> ml_collections.ConfigDict:
     # Normaliser of the boundary loss's gradient magnitudes: 'device' = the maximum over
     # this device's batch (the reference's DDP), 'global' = over all devices.
     c.loss.boundary_max = "device"
+    c.loss.mic = 1.0  # Weight of the masked image consistency term (with config.mic).
+
+    # Masked image consistency (MIC, Hoyer et al., CVPR 2023), not in the reference: the
+    # student also learns the teacher's pseudo labels on the strongly augmented target
+    # image with random blocks masked (`masking.py`, docs/beyond_reference.md).
+    c.mic = ml_collections.ConfigDict()
+    c.mic.enabled = False
+    c.mic.block_size = 64  # Pixels; MIC's 64 at 512x512 crops.
+    c.mic.mask_ratio = 0.7  # Fraction of blocks masked.
 
     c.pseudo = ml_collections.ConfigDict()
     c.pseudo.threshold = 0.968  # Confidence for the ClassMix pixel weight.
@@ -201,6 +220,10 @@ NUMERIC_RANGES = (
     ("loss.seg_u", 0.0, None, _REAL),
     ("loss.edge_s", 0.0, None, _REAL),
     ("loss.contrast_ramp_steps", 0, None, _INTEGER),
+    ("loss.mic", 0.0, None, _REAL),
+    ("mic.block_size", 1, None, _INTEGER),
+    ("mic.mask_ratio", 0.0, 1.0, _REAL),
+    ("data.rare_class_sampling.min_pixels", 0, None, _INTEGER),
     ("loss.inter", 0.0, None, _REAL),
     ("loss.intra_tgt", 0.0, None, _REAL),
     ("loss.intra_src", 0.0, None, _REAL),
@@ -230,7 +253,12 @@ NUMERIC_RANGES = (
     ("eval.max_images", 0, None, _INTEGER),
 )
 # Must be > 0, not only >= 0: they divide.
-POSITIVE = ("loss.temperature", "loss.base_temperature", "loss.boundary_tau")
+POSITIVE = (
+    "loss.temperature",
+    "loss.base_temperature",
+    "loss.boundary_tau",
+    "data.rare_class_sampling.temperature",
+)
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, object]:

@@ -16,6 +16,20 @@ from wsda_jax import config_lib
 # Reference crops are 512 rows high; the pseudo-label masks of the top 15 and bottom 120
 # rows of a crop (docs/method.md §4.6) are scaled to the crop height of smaller configs.
 _REFERENCE_CROP_HEIGHT = 512
+# Options beyond the reference, scaled the same way. MIC masks 64-px blocks of 512-px
+# crops (1/8 of the crop height). DAFormer's rare class sampling counts 3000 pixels of
+# a class in GTA5's 1914x1052 label maps (0.149% of the image); SYNTHIA's are 1280x760,
+# where DAFormer keeps 3000.
+_MIC_BLOCK_SIZE = 64
+_RCS_MIN_PIXELS, _RCS_IMAGE_AREA = 3000, 1914 * 1052
+
+
+def _scaled_block_size(crop_height: int) -> int:
+    return max(1, round(_MIC_BLOCK_SIZE * crop_height / _REFERENCE_CROP_HEIGHT))
+
+
+def _scaled_min_pixels(height: int, width: int) -> int:
+    return round(_RCS_MIN_PIXELS * height * width / _RCS_IMAGE_AREA)
 
 
 def reference(source: str, stage: str, weak_label: str) -> ml_collections.ConfigDict:
@@ -25,6 +39,8 @@ def reference(source: str, stage: str, weak_label: str) -> ml_collections.Config
     config.data.target = "cityscapes_weak"
     config.stage = stage
     config.weak_label = weak_label
+    if source == "synthia":  # Not resized at preparation: DAFormer's count as it is.
+        config.data.rare_class_sampling.min_pixels = _RCS_MIN_PIXELS
     return config
 
 
@@ -63,6 +79,8 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.optim.warmup_steps = 50
     config.pseudo.ignore_top = _scaled_rows(config.pseudo.ignore_top, 96)
     config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
+    config.mic.block_size = _scaled_block_size(96)  # 12 px: an 8 x 16 grid on 96x192 crops.
+    config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(128, 256)  # 49 px.
 
     config.eval.every_steps = 200
     config.eval.per_device_batch_size = 8
@@ -99,6 +117,8 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.optim.warmup_steps = 1
     config.pseudo.ignore_top = _scaled_rows(15, 32)
     config.pseudo.ignore_bottom = _scaled_rows(120, 32)
+    config.mic.block_size = _scaled_block_size(32)  # 4 px.
+    config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(32, 64)  # 3 px.
 
     config.eval.every_steps = 4
     config.eval.per_device_batch_size = 4

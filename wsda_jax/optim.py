@@ -6,7 +6,6 @@ p <- p - lr * buf, with lr multiplied by `head_lr_mult` for `params['head']`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,25 +14,29 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     """Backbone learning rate per step: linear warm-up from 0, then polynomial decay.
 
     lr(step) = lr * step / warmup_steps            for step < warmup_steps,
-               lr * (1 - step / num_steps)^power   afterwards (clipped at 0).
+               lr * (1 - step / num_steps)^power   afterwards (0 from num_steps on).
+
+    Built from optax's schedules: `join_schedules` hands the decay `step - warmup_steps`,
+    so the decay starts at lr * (1 - warmup_steps / num_steps)^power and reaches 0 after
+    num_steps - warmup_steps more steps, which is the formula above in `step`.
     """
     base = config.optim.lr
     warmup = config.optim.warmup_steps
     num_steps = config.num_steps
     power = config.optim.power
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        decay = base * jnp.maximum(1.0 - step / num_steps, 0.0) ** power
-        if warmup <= 0:
-            return decay
-        return jnp.where(step < warmup, base * step / warmup, decay)
-
-    return schedule
+    if warmup <= 0:
+        return optax.polynomial_schedule(base, 0.0, power, num_steps)
+    remaining = num_steps - warmup
+    if remaining <= 0:  # Warm-up to the end: the decay part is never reached with lr > 0.
+        decay = optax.constant_schedule(0.0)
+    else:
+        start = base * (remaining / num_steps) ** power
+        decay = optax.polynomial_schedule(start, 0.0, power, remaining)
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), decay], [warmup])
 
 
 def _decay_mask(params):

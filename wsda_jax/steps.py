@@ -32,6 +32,7 @@ from wsda_jax import (
     ema,
     label_ops,
     losses,
+    masking,
     optim,
     prototypes,
     pseudo_labels,
@@ -43,6 +44,9 @@ from wsda_jax.train_state import TrainState
 GATED_TERMS = (*contrastive.CONTRAST_TERMS, "im_u", "im_proto")
 # The adapt step's random streams, split in this order from `step_key`.
 ADAPT_KEYS = ("jitter_s", "jitter_t", "edge", "inter", "intra_src", "intra_tgt", "mix")
+# Masked image consistency's key is fold_in(step key, MIC_STREAM), not an eighth split,
+# so switching it on leaves the other streams (and the reference's runs) unchanged.
+MIC_STREAM = 1
 Batch = dict[str, Any]
 
 
@@ -50,6 +54,11 @@ def step_key(state: TrainState, axis_name: str) -> jax.Array:
     """The step's PRNG key: base key folded with the step, then with the device index."""
     key = jax.random.fold_in(state.rng, state.step)
     return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def mic_key(state: TrainState, axis_name: str) -> jax.Array:
+    """This device's key for masked image consistency: `step_key` folded with MIC_STREAM."""
+    return jax.random.fold_in(step_key(state, axis_name), MIC_STREAM)
 
 
 def input_images(key: jax.Array, images: jax.Array, config: ml_collections.ConfigDict):
@@ -230,11 +239,13 @@ def adapt_loss(
     config: ml_collections.ConfigDict,
     axis_name: str,
     contrast_on: bool,
+    masked: masking.MaskedBatch | None = None,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, jax.Array], Any, jax.Array]]:
     """Sections 4.2, 4.3, 4.7 (source) and 4.8-4.11: the student's part of the step.
 
     Student BatchNorm statistics are chained through the three student forward passes
-    (target, source, mixed), each a momentum update as in the reference.
+    (target, source, mixed), each a momentum update as in the reference, and a fourth
+    on the `masked` target batch when given (`masking`, the `mic` term).
     Returns (total loss pmean-ed over devices, (weighted terms, anchor counts, the new
     batch_stats, the new source prototypes)).
     """
@@ -271,6 +282,9 @@ def adapt_loss(
     # (10) Student on the mixed batch.
     out_m, batch_stats = deeplab.train_forward(model, params, batch_stats, mixed.image)
     terms["seg_mix"] = losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
+    if masked is not None:  # Masked image consistency (config.mic), not in the reference.
+        out_k, batch_stats = deeplab.train_forward(model, params, batch_stats, masked.image)
+        terms["mic"] = masking.mic_loss(out_k.logits, masked)
     # (11) Weighted total, averaged over devices: the loss that is differentiated.
     weighted = weighted_terms(
         terms, config.loss, contrast_gate(state.step, config), contrast_ramp(state.step, config)
@@ -341,8 +355,9 @@ def adapt_step(
         contrast_start], so it is never wrong, only slower, before contrast_start.
     Returns:
       (new state, metrics): float32 scalars identical on every device: every weighted loss
-      term (pmean over devices), total, learning_rate (backbone), the confident fraction
-      q, anchors_<loss> (sampled anchors per device, averaged), grad_norm, skipped_steps.
+      term (pmean over devices; `mic` with config.mic), total, learning_rate (backbone),
+      the confident fraction q, anchors_<loss> (sampled anchors per device, averaged),
+      grad_norm, skipped_steps.
     """
     keys = dict(
         zip(ADAPT_KEYS, jax.random.split(step_key(state, axis_name), len(ADAPT_KEYS)), strict=True)
@@ -370,6 +385,16 @@ def adapt_step(
     mixed = pseudo_labels.mixed_batch(
         keys["mix"], inputs.source_image, inputs.source_label, inputs.target_image, teacher, config
     )
+    # With config.mic: the masked target input (beyond the reference).
+    masked = None
+    if config.mic.enabled:
+        masked = masking.masked_batch(
+            mic_key(state, axis_name),
+            inputs.target_image,
+            teacher["label"],
+            teacher["weight"],
+            config,
+        )
     # (2), (3), (7, source), (8)-(11): the student's losses and their gradient.
     loss_fn = functools.partial(
         adapt_loss,
@@ -383,6 +408,7 @@ def adapt_step(
         config=config,
         axis_name=axis_name,
         contrast_on=contrast_on,
+        masked=masked,
     )
     (total, (terms, counts, batch_stats, source_protos)), grads = jax.value_and_grad(
         loss_fn, has_aux=True

@@ -220,7 +220,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_model = deeplab.build_model(config)
     optimizer = optim.make_optimizer(config)
     data = sources.open_datasets(config)
-    train_iter = pipeline.make_train_iterator(config, data.source, data.target, **_process_kwargs())
+    train_iter = pipeline.make_train_iterator(
+        config,
+        data.source,
+        data.target,
+        source_class_pixels=sources.source_class_pixels(config, data.source),
+        **_process_kwargs(),
+    )
     manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir), config)
     state, step = initial_state(config, model, optimizer, mesh, manager, train_iter)
     train_step = make_train_step(config, model, optimizer, mesh)

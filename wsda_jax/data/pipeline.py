@@ -38,8 +38,8 @@ import numpy as np
 from absl import flags
 
 from wsda_jax.classes import IGNORE_LABEL
+from wsda_jax.data import rare_class_sampling, transforms
 from wsda_jax.data import records as records_lib
-from wsda_jax.data import transforms
 from wsda_jax.data.builders import base
 
 # Threads that decode and augment inside each process (Pillow releases the GIL
@@ -147,12 +147,22 @@ def _domain_dataset(
     seed: int,
     process_index: int,
     process_count: int,
+    class_pixels: np.ndarray | None = None,
 ) -> grain.MapDataset:
-    """One domain's infinite, shuffled, augmented MapDataset of examples (this host's shard)."""
+    """One domain's infinite, shuffled, augmented MapDataset of examples (this host's shard).
+
+    With `class_pixels` (int64 [N, C] per-record class pixel counts) the records are
+    drawn by rare class sampling instead, each host from all records with its own seed.
+    """
     if len(records) < process_count:
         raise ValueError(f"{len(records)} records cannot be sharded over {process_count} hosts")
-    ds = grain.MapDataset.source(records)[process_index::process_count]
-    ds = ds.seed(seed).shuffle().repeat()
+    if class_pixels is not None:
+        ds = rare_class_sampling.rare_class_dataset(
+            records, class_pixels, config.data.rare_class_sampling, seed
+        )
+    else:
+        ds = grain.MapDataset.source(records)[process_index::process_count]
+        ds = ds.seed(seed).shuffle().repeat()
     ds = ds.map(decode)
     ds = ds.random_map(
         transforms.RandomScaleCrop(tuple(config.data.scale_range), tuple(config.data.crop_size))
@@ -224,6 +234,7 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     num_local_devices: int = 1,
+    source_class_pixels: np.ndarray | None = None,
 ) -> grain.DatasetIterator:
     """The infinite, checkpointable iterator of training batches for this host.
 
@@ -235,11 +246,21 @@ def make_train_iterator(
     config.data.crop_size.
     Source records need 'image' and 'label'; target records 'image', 'presence' and
     the weak label chosen by config.weak_label ('label' is optional).
+    With config.data.rare_class_sampling.enabled the source records are drawn by rare
+    class sampling from `source_class_pixels` (int64 [N, C], `rare_class_sampling`).
     """
     b = host_batch_size(config.per_device_batch_size, num_local_devices)
     seeds = [_derived_seed(config.seed, domain, process_index) for domain in (0, 1)]
+    if config.data.rare_class_sampling.enabled and source_class_pixels is None:
+        raise ValueError("rare class sampling needs the source's class pixel counts")
     source = _domain_dataset(
-        config, source_records, _DecodeSource(), seeds[0], process_index, process_count
+        config,
+        source_records,
+        _DecodeSource(),
+        seeds[0],
+        process_index,
+        process_count,
+        source_class_pixels if config.data.rare_class_sampling.enabled else None,
     )
     if config.stage == "adapt":
         target_decode = _DecodeTarget(config.weak_label, config.num_classes, config.presence)

@@ -14,10 +14,11 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 from orbax.checkpoint import multihost
 
-from wsda_jax.data import builders
+from wsda_jax.data import builders, rare_class_sampling
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -137,3 +138,15 @@ def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
         return Datasets(source=target, target=target, val=val)
     source = open_split(config.data.source, "train", config.data)
     return Datasets(source=source, target=target, val=val)
+
+
+def source_class_pixels(
+    config: ml_collections.ConfigDict, source: Sequence[Any]
+) -> np.ndarray | None:
+    """With rare class sampling: the source's int64 [N, C] class pixel counts, kept beside
+    the prepared dataset (computed on first use); else None."""
+    if not config.data.rare_class_sampling.enabled:
+        return None
+    dataset = config.data.target if config.stage == "oracle" else config.data.source
+    directory = ensure_prepared(dataset, config.data)
+    return rare_class_sampling.load_or_compute(directory, source, config.num_classes)

@@ -26,6 +26,10 @@ and coarse_every_class (synthesised coarse labels that keep thin classes, to com
 with point labels). The tries after the long schedule: coarse_long_ramp (contrastive
 weights ramped up over 800 steps) and coarse_long_warm (from source_only_warm, a stage 1
 that also trains the projection head on the source intra-domain contrastive loss).
+Group `beyond` (`--variants=beyond`): the method as it is now (beyond_coarse,
+beyond_point) and with the options beyond the reference, rare class sampling (_rcs),
+masked image consistency (_mic), both (_all), and without the learning-rate warm-up
+(_no_warmup), for coarse and point labels (docs/beyond_reference.md).
 """
 
 from __future__ import annotations
@@ -77,14 +81,31 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "source_only_warm": ("configs.synthetic_source_only", {"loss.source_only_contrast": True}),
     "coarse_long_warm": ("configs.synthetic_coarse", LONG),
 }
+# Options beyond the reference (docs/beyond_reference.md), each alone and together, for
+# coarse and point labels: rare class sampling, masked image consistency, and the
+# learning-rate warm-up measured by removing it (the reference has one).
+BEYOND_OPTIONS = {
+    "": {},
+    "_rcs": {"data.rare_class_sampling.enabled": True},
+    "_mic": {"mic.enabled": True},
+    "_no_warmup": {"optim.warmup_steps": 0},
+    "_all": {"data.rare_class_sampling.enabled": True, "mic.enabled": True},
+}
+for _label in ("coarse", "point"):
+    for _suffix, _overrides in BEYOND_OPTIONS.items():
+        VARIANTS[f"beyond_{_label}{_suffix}"] = (f"configs.synthetic_{_label}", _overrides)
 TABLE = ("oracle", "source_only", "uda", "image", "point", "coarse", "coarse_no_contrast")
+# Names --variants accepts for several variants at once.
+GROUPS = {"table": TABLE, "beyond": tuple(v for v in VARIANTS if v.startswith("beyond_"))}
 STAGE_ONE = ("oracle", "source_only", "source_only_warm")
 # The stage-1 variant a stage-2 variant starts from, where it is not source_only.
 INIT_FROM = {"coarse_long_warm": "source_only_warm"}
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/synthetic_table", "Where runs and the table go.")
-_VARIANTS = flags.DEFINE_list("variants", list(TABLE), "Variants to run (see the docstring).")
+_VARIANTS = flags.DEFINE_list(
+    "variants", list(TABLE), "Variants or groups (GROUPS: table, beyond) to run (docstring)."
+)
 _RESULTS_DIR = flags.DEFINE_string(
     "results_dir", "", "Also keep each finished run's result.json here (e.g. docs/results)."
 )
@@ -243,6 +264,12 @@ def plot_chart(results: dict[str, list[dict[str, Any]]], path: str) -> None:
     plt.close(figure)
 
 
+def expand_groups(names: Sequence[str]) -> list[str]:
+    """`names` with each GROUPS name replaced by its variants, duplicates dropped."""
+    expanded = [v for name in names for v in GROUPS.get(name, (name,))]
+    return list(dict.fromkeys(expanded))
+
+
 def run_table(
     variants: Sequence[str],
     seeds: int,
@@ -256,6 +283,7 @@ def run_table(
 
     With `report_only`, runs nothing and reports the finished runs (missing ones logged).
     """
+    variants = expand_groups(variants)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
