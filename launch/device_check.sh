@@ -1,6 +1,6 @@
 #!/bin/bash
 # The first command to run on an accelerator host: correctness, speed and memory as one
-# markdown table (see wsda_jax/benchmarks/device_check.py). --dry_run: tiny sizes, CPU.
+# markdown table (see wsda_jax/tools/benchmarks/device_check.py). --dry_run: tiny sizes, CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python -m wsda_jax.benchmarks.device_check "$@"
+exec python -m wsda_jax.tools.benchmarks.device_check "$@"

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 from subprocesses import jax_env
 
-from wsda_jax.benchmarks import device_check
+from wsda_jax.tools.benchmarks import device_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -104,4 +104,4 @@ def test_the_checker_sees_an_upward_import(floors, tmp_path):
     module.write_text("def f():\n    from wsda_jax import train\n    return train\n")
     assert imported_modules(str(module), set(package_modules())) == {"train"}
     assert floor_of("train", floors) > floor_of("losses", floors)
-    assert floor_of("data.browse", floors) > floor_of("data.pipeline", floors)
+    assert floor_of("tools.browse", floors) > floor_of("data.pipeline", floors)

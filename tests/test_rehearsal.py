@@ -219,13 +219,13 @@ def test_real_configs_stage1_stage2_eval_predict(prepared, devices, tmp_path):
 
 
 def _browse(prepared, config, out, *overrides):
-    """`python -m wsda_jax.data.browse` on the rehearsal's records; returns batches.json."""
+    """`python -m wsda_jax.tools.browse` on the rehearsal's records; returns batches.json."""
     trees = prepared["trees"]
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "wsda_jax.data.browse",
+            "wsda_jax.tools.browse",
             f"--config=configs/{config}.py",
             f"--out={out}",
             "--num_batches=2",

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from wsda_jax import train
-from wsda_jax.experiments import synthetic_table
+from wsda_jax.tools.experiments import synthetic_table
 
 
 def test_smoke_table_runs_and_resumes(tmp_path_factory, monkeypatch):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from wsda_jax.experiments import weak_label_coverage
+from wsda_jax.tools.experiments import weak_label_coverage
 
 U = 255
 

@@ -5,7 +5,7 @@ XLA reads `XLA_FLAGS` once, when JAX initialises its backends, so
 `main` and of the benchmarks). The flags only concern the CPU backend; on a GPU
 host they change nothing that runs on the accelerator.
 
-Chosen with `wsda_jax.benchmarks.model` (DeepLabV2-ResNet-101, one 256x256
+Chosen with `wsda_jax.tools.benchmarks.model` (DeepLabV2-ResNet-101, one 256x256
 image, fwd+bwd, median of 3) on jax 0.10.2, 2 shared cores under a load of 7-10
 (absolute times inflated ~4x, the ranking is what counts):
 

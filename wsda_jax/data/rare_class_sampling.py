@@ -14,10 +14,7 @@ prepared source labels and kept beside the prepared dataset (`STATS_FILE`, JSON)
 The draw is a grain `RandomMap` on an infinite index dataset: example k is a pure
 function of the pipeline seed and k, so a run resumes exactly from its batch index.
 
-    python -m wsda_jax.data.rare_class_sampling --config=configs/synthetic_coarse.py
-
-prints the source's classes, rarest first, with their pixel frequency, the number of
-images that qualify and the sampling probability.
+`python -m wsda_jax.tools.class_frequencies --config=...` prints `frequency_table`.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from wsda_jax import classes, cli_errors
+from wsda_jax import classes
 from wsda_jax.data import records as records_lib
 
 STATS_FILE = "source_class_pixels.json"
@@ -177,29 +174,3 @@ def frequency_table(pixels: np.ndarray, config_rcs: Any) -> str:
             f"{qualifying} | {100 * class_probs[position]:.2f} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _print_table(argv: Sequence[str]) -> None:
-    del argv
-    from wsda_jax.data import sources  # Imported late: TFDS loads only for the command.
-
-    config = _CONFIG.value
-    if config is None:
-        raise ValueError("--config is required")
-    path = sources.ensure_prepared(config.data.source, config.data)
-    records = sources.open_split(config.data.source, "train", config.data)
-    pixels = load_or_compute(path, records, config.num_classes)
-    print(frequency_table(pixels, config.data.rare_class_sampling), end="")
-
-
-def main(argv: list[str]) -> None:
-    """Prints `frequency_table` of the configured source (computing its statistics once)."""
-    cli_errors.run_reporting_errors(_print_table, argv)
-
-
-if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
-
-    _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
-    app.run(main, flags_parser=cli_errors.parse_flags)

@@ -61,7 +61,7 @@ class Conv1x1(nn.Module):
     """A 1x1 convolution written as a matrix product over channels.
 
     XLA:CPU runs a dot faster than the equivalent 1x1 convolution (measured in
-    `wsda_jax.benchmarks.model`). The kernel keeps nn.Conv's `[1, 1, in, out]`
+    `wsda_jax.tools.benchmarks.model`). The kernel keeps nn.Conv's `[1, 1, in, out]`
     shape and name so checkpoints and the torchvision conversion do not care.
     Stride s takes pixels (s*i, s*j), like torch's 1x1 conv with padding 0.
     """

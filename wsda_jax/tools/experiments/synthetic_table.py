@@ -6,7 +6,7 @@ analogue of the paper's main table: target-supervised (oracle), source-only, UDA
 and coarse labels, and the ablation coarse without the contrastive losses. Stage-2
 runs start from the same seed's source-only checkpoint, as in the paper's recipe.
 
-    python -m wsda_jax.experiments.synthetic_table --seeds=3 --outdir=runs/synthetic_table
+    python -m wsda_jax.tools.experiments.synthetic_table --seeds=3 --outdir=runs/synthetic_table
 
 Writes `OUTDIR/table.md` (target-val mIoU of student and teacher, mean and standard
 deviation over seeds, per-class IoU in an appendix), `OUTDIR/chart.png` and

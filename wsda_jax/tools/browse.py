@@ -1,6 +1,6 @@
 r"""Writes training batches as the train step receives them: PNG panels and a JSON summary.
 
-  python -m wsda_jax.data.browse --config=configs/gta2cs_coarse.py --out=/tmp/batches \
+  python -m wsda_jax.tools.browse --config=configs/gta2cs_coarse.py --out=/tmp/batches \
       --num_batches=4 [--config.data.data_dir=...]
 
 For each of `--num_batches` batches of ONE device's share (config.per_device_batch_size

@@ -1,6 +1,6 @@
 """Speed of the prototype updates, sampled contrastive losses and image-level losses.
 
-    python -m wsda_jax.benchmarks.losses --runs=10
+    python -m wsda_jax.tools.benchmarks.losses --runs=10
 
 At the reference's shapes (4 source + 4 target images, 512x512 labels, 64x64x256
 features, 19 classes, `coarse` weak labels) times, jitted, on whatever device JAX
@@ -12,7 +12,7 @@ markdown table of medians (and minima: the CPU may be shared) and the speed-up o
 the PyTorch reference (REFERENCE_* below); the last two rows leave out `im_u`, the
 image-level loss on the full-resolution 512x512x19 logits, whose 80 MB pass dominates
 on a CPU, and have no reference. The model's
-own cost is `wsda_jax.benchmarks.model`. Not a test: numbers depend on the host's
+own cost is `wsda_jax.tools.benchmarks.model`. Not a test: numbers depend on the host's
 free cores.
 """
 

@@ -41,9 +41,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from wsda_jax import config_presets, optim, parallel, train, train_state  # noqa: E402
-from wsda_jax.benchmarks import train_step as bench  # noqa: E402
 from wsda_jax.data import pipeline, sources  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
+from wsda_jax.tools.benchmarks import train_step as bench  # noqa: E402
 
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Tiny sizes everywhere (CPU-friendly).")
 _PART = flags.DEFINE_enum(
@@ -192,7 +192,7 @@ def reference_row(dtype: str, remat: str, dry_run: bool) -> str:
     command = [
         sys.executable,
         "-m",
-        "wsda_jax.benchmarks.device_check",
+        "wsda_jax.tools.benchmarks.device_check",
         "--part=reference",
         f"--reference_dtype={dtype}",
         f"--reference_remat={remat}",

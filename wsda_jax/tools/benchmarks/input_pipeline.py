@@ -1,6 +1,6 @@
 r"""Throughput of the training input pipeline, per second and per busy core.
 
-    python -m wsda_jax.benchmarks.input_pipeline --steps=20 --workers=0,1,2 \
+    python -m wsda_jax.tools.benchmarks.input_pipeline --steps=20 --workers=0,1,2 \
         [--image_format=npy,png] [--source_size=720,1280] [--target_size=512,1024]
 
 Builds records of procedural scenes in memory: source records at --source_size

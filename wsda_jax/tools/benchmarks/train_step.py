@@ -1,9 +1,9 @@
 """Times, or only compiles, the full adaptation train step (jit(shard_map(steps.adapt_step))).
 
-    python -m wsda_jax.benchmarks.train_step --depth=101 --crop=256 --images_per_device=1
-    python -m wsda_jax.benchmarks.train_step --depth=101 --crop=512 --images_per_device=4 \
+    python -m wsda_jax.tools.benchmarks.train_step --depth=101 --crop=256 --images_per_device=1
+    python -m wsda_jax.tools.benchmarks.train_step --depth=101 --crop=512 --images_per_device=4 \
         --dtype=bfloat16 --remat=blocks --compile_only
-    python -m wsda_jax.benchmarks.train_step --crop=512 --images_per_device=1 \
+    python -m wsda_jax.tools.benchmarks.train_step --crop=512 --images_per_device=1 \
         --simulated_devices=4 --compile_only
 
 What is timed: one call of the compiled step on a random batch of `--images_per_device`

@@ -1,6 +1,6 @@
 r"""How much of each class the weak labels of a prepared target dataset keep.
 
-    python -m wsda_jax.experiments.weak_label_coverage --config=configs/synthetic_coarse.py
+    python -m wsda_jax.tools.experiments.weak_label_coverage --config=configs/synthetic_coarse.py
 
 Reads `config.data.target` (split `--split`, prepared or, for the embedded dataset,
 generated on first use) and prints a markdown table: per class, the images whose

@@ -1,6 +1,6 @@
 """Times DeepLabV2-ResNet forward+backward on the CPU (one image per size).
 
-    python -m wsda_jax.benchmarks.model --runs=10 --sizes=256,512
+    python -m wsda_jax.tools.benchmarks.model --runs=10 --sizes=256,512
 
 What is timed: one jitted call computing the gradient w.r.t. all parameters of a
 cross-entropy-like scalar of the three model outputs, BatchNorm in train mode

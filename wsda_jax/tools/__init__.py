@@ -1,0 +1,2 @@
+"""Commands on top of the package: benchmarks, experiments, the batch browser, the
+source class-frequency table. Nothing in the package imports them."""
