@@ -12,7 +12,7 @@ import pytest
 
 from wsda_jax import classes, config_lib
 from wsda_jax.data import builders, records, sources
-from wsda_jax.data.builders import base, layout
+from wsda_jax.data.builders import image_io, layout
 
 
 def _config_data(data_dir, manual_dir="", pre_resize=False):
@@ -276,7 +276,7 @@ def test_corrupt_png_is_named(trees, tmp_path):
     shutil.copytree(trees["gta5"].root, raw)
     bad = raw / "labels" / "00003.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    with pytest.raises(base.PreparationError, match="00003.png"):
+    with pytest.raises(image_io.PreparationError, match="00003.png"):
         _prepare("gta5", tmp_path / "data", raw)
     builder = builders.make_builder("gta5", _config_data(tmp_path / "data", raw))
     assert not builder.is_prepared()
@@ -319,10 +319,10 @@ def test_label_reader_handles_palette_and_grey(tmp_path):
     ids = np.array([[7, 26], [33, 0]], np.uint8)
     fixture_trees.save_palette_png(str(tmp_path / "p.png"), ids)
     fixture_trees.save_png(str(tmp_path / "g.png"), ids)
-    np.testing.assert_array_equal(base.read_label_ids(str(tmp_path / "p.png")), ids)
-    np.testing.assert_array_equal(base.read_label_ids(str(tmp_path / "g.png")), ids)
+    np.testing.assert_array_equal(image_io.read_label_ids(str(tmp_path / "p.png")), ids)
+    np.testing.assert_array_equal(image_io.read_label_ids(str(tmp_path / "g.png")), ids)
     mapped, _ = classes.map_labels(
-        base.read_label_ids(str(tmp_path / "p.png")), classes.CITYSCAPES_ID_TO_TRAIN
+        image_io.read_label_ids(str(tmp_path / "p.png")), classes.CITYSCAPES_ID_TO_TRAIN
     )
     np.testing.assert_array_equal(mapped, [[0, 13], [18, 255]])
 

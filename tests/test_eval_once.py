@@ -5,7 +5,7 @@ import numpy as np
 from conftest import IMAGE_SIZE, NUM_CLASSES, CountingRecords, tiny_config, tiny_model
 
 from wsda_jax import evaluation, parallel, train, train_state
-from wsda_jax.data import pipeline, records
+from wsda_jax.data import eval_pipeline, records
 
 jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
 
@@ -45,13 +45,13 @@ def test_one_decode_pass_evaluates_student_and_teacher(tmp_path):
     # Each model's confusion is the one it gets when evaluated alone.
     models = {"student": state.student_variables(), "teacher": state.teacher_variables()}
     together, _ = evaluation.evaluate(
-        config, models, pipeline.make_eval_iterator(config, val), model=model, mesh=mesh
+        config, models, eval_pipeline.make_eval_iterator(config, val), model=model, mesh=mesh
     )
     for name, variables in models.items():
         alone, _ = evaluation.evaluate(
             config,
             {name: variables},
-            pipeline.make_eval_iterator(config, val),
+            eval_pipeline.make_eval_iterator(config, val),
             model=model,
             mesh=mesh,
             eval_fn=eval_fn,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wsda_jax import config_lib
-from wsda_jax.data import pipeline, records
+from wsda_jax.data import eval_pipeline, pipeline, records
 
 H, W, C = 32, 64, 19
 
@@ -194,7 +194,7 @@ def test_host_batch_is_per_device_size_times_local_devices():
     batch = next(iterator)
     assert batch["source"]["image"].shape[0] == 6
     assert batch["target"]["weak_label"].shape[0] == 6
-    evaluated = next(pipeline.make_eval_iterator(_config(), SOURCE, num_local_devices=3))
+    evaluated = next(eval_pipeline.make_eval_iterator(_config(), SOURCE, num_local_devices=3))
     assert evaluated["image"].shape[0] == 6  # eval.per_device_batch_size=2 x 3 devices.
 
 
@@ -241,7 +241,7 @@ def test_eval_covers_every_record_once_across_hosts(num_records):
     num_batches = []
     for process_index in range(2):
         batches = list(
-            pipeline.make_eval_iterator(
+            eval_pipeline.make_eval_iterator(
                 config, SOURCE[:num_records], process_index=process_index, process_count=2
             )
         )
@@ -265,7 +265,7 @@ def test_eval_resize_and_max_images():
     config = _config()
     config.data.eval_resize = (16, 24)
     config.eval.max_images = 3
-    batches = list(pipeline.make_eval_iterator(config, SOURCE))
+    batches = list(eval_pipeline.make_eval_iterator(config, SOURCE))
     assert len(batches) == 2
     assert batches[0]["image"].shape == (2, 16, 24, 3) and batches[0]["label"].shape == (2, 16, 24)
     assert batches[1]["mask"].tolist() == [True, False]

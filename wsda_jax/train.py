@@ -36,7 +36,7 @@ from wsda_jax import (
     steps,
     train_state,
 )
-from wsda_jax.data import pipeline, sources
+from wsda_jax.data import eval_pipeline, pipeline, sources
 from wsda_jax.models import deeplab, imagenet_init
 
 
@@ -174,7 +174,7 @@ def evaluate_and_report(
     models = {"student": state.student_variables()}
     if config.stage == "adapt":
         models["teacher"] = state.teacher_variables()
-    iterator = pipeline.make_eval_iterator(config, val_records, **_process_kwargs())
+    iterator = eval_pipeline.make_eval_iterator(config, val_records, **_process_kwargs())
     confusions, examples = evaluation.evaluate(
         config, models, iterator, model=model, mesh=mesh, eval_fn=eval_fn
     )

@@ -1,4 +1,4 @@
-"""grain input pipelines: the two-domain training stream and the padded eval stream.
+"""The grain training pipeline: the two-domain stream (the eval stream: `eval_pipeline`).
 
 Training, per domain (source, target):
 
@@ -15,17 +15,12 @@ index, so `iterator.get_state()` / `set_state()` (and
 replay exactly, also with another worker count. The colour jitter of docs/method.md
 §12 runs in the train step (`augment.color_jitter`), where it costs the host
 nothing.
-
-Evaluation: every record exactly once across hosts (host p takes records p, p+P,
-...), in order, padded to the same number of batches on every host (so jitted
-multi-host steps stay in lockstep); padding has mask False, label 255, index -1.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import threading
 import time
@@ -341,69 +336,3 @@ def batches_consumed(state: dict[str, Any], batch_size: int) -> int:
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"unknown data-iterator state {json.dumps(state)[:200]}") from None
     return examples // batch_size
-
-
-class _EvalExample(grain.transforms.Map):
-    """Host-local position k -> the k-th record of this host's shard, or masked padding."""
-
-    def __init__(
-        self,
-        records: Sequence[Any],
-        num_records: int,
-        process_index: int,
-        process_count: int,
-        resize: Sequence[int],
-    ):
-        self.records, self.num_records = records, num_records
-        self.process_index, self.process_count = process_index, process_count
-        self.resize = tuple(resize)
-
-    def map(self, position: int) -> dict[str, np.ndarray]:
-        index = self.process_index + position * self.process_count
-        valid = index < self.num_records
-        record = self.records[index if valid else 0]
-        example = records_lib.decode_example({k: record[k] for k in ("image", "label")})
-        example = {"image": example["image"], "label": example["label"]}
-        if self.resize:
-            example = transforms.resize(example, *self.resize)
-        label = example["label"].astype(np.int32)
-        return {
-            "image": example["image"],
-            "label": label if valid else np.full_like(label, IGNORE_LABEL),
-            "mask": np.asarray(valid),
-            "index": np.asarray(index if valid else -1, np.int32),
-        }
-
-
-def num_eval_batches(num_records: int, batch_size: int, process_count: int) -> int:
-    """Batches per host so that every host covers its shard (the same count on all hosts)."""
-    return math.ceil(math.ceil(num_records / process_count) / batch_size)
-
-
-def make_eval_iterator(
-    config: ml_collections.ConfigDict,
-    records: Sequence[Any],
-    *,
-    process_index: int = 0,
-    process_count: int = 1,
-    num_local_devices: int = 1,
-) -> grain.DatasetIterator:
-    """Deterministic single pass over `records`, each evaluated exactly once across hosts.
-
-    Yields {'image' uint8 (b,H,W,3), 'label' int32 (b,H,W), 'mask' bool (b,),
-    'index' int32 (b,)} with b = config.eval.per_device_batch_size * num_local_devices
-    (this host's share), full resolution
-    or config.data.eval_resize. Only the first config.eval.max_images records are
-    used when that is > 0. All hosts yield `num_eval_batches` batches; padding
-    entries repeat record 0 with mask False, label all 255 and index -1.
-    """
-    num_records = len(records)
-    if config.eval.max_images > 0:
-        num_records = min(num_records, config.eval.max_images)
-    b = host_batch_size(config.eval.per_device_batch_size, num_local_devices)
-    total = num_eval_batches(num_records, b, process_count) * b
-    ds = grain.MapDataset.range(total).map(
-        _EvalExample(records, num_records, process_index, process_count, config.data.eval_resize)
-    )
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * b))
-    return iter(ds.batch(b, drop_remainder=True))
