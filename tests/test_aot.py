@@ -44,6 +44,40 @@ def test_tiny_step_compiles_for_h100(tmp_path_factory):
     assert len(lines) == 1 and lines[0].startswith("fits: 0.0 of 85 GB per device"), lines
 
 
+# The tiny model's train-mode forward for an H100 with XLA's default GPU flags (Triton
+# GEMMs on): the dot of a strided 1x1 convolution once aborted the process here.
+_FORWARD_WITH_TRITON_GEMMS = """
+import functools, jax, jax.numpy as jnp
+from wsda_jax import aot, aot_targets
+from wsda_jax.models import deeplab
+from conftest import tiny_config
+aot.use_cpu_host()
+device = aot.target_devices(aot_targets.TARGETS["h100"])[0]
+sharding = jax.sharding.SingleDeviceSharding(device)
+model = deeplab.build_model(tiny_config())
+images = jnp.zeros((2, 32, 32, 3))
+variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+forward = lambda v, x: deeplab.train_forward(model, v["params"], v["batch_stats"], x)[0].features
+jax.jit(forward).lower(jax.tree.map(place, variables), place(images)).compile()
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="no jax-cuda12-plugin (requirements-aot.txt)")
+def test_forward_compiles_for_h100_with_triton_gemms(tmp_path_factory):
+    env = jax_env(tmp_path_factory.getbasetemp())
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS")  # The GPU compiler's own passes, all of them.
+    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "tests")])
+    result = subprocess.run(
+        [sys.executable, "-c", _FORWARD_WITH_TRITON_GEMMS],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-1500:]
+    assert result.stdout.strip() == "compiled"
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="no libtpu (requirements-aot.txt)")
 def test_tiny_step_compiles_for_tpu_v5e(tmp_path_factory):
     result = _compile_mode(tmp_path_factory, "tpu-v5e-8")

@@ -1,13 +1,17 @@
-"""XLA:GPU flags that the training step needs to compile, set before JAX starts.
+"""XLA:GPU flags that the train and eval steps need to compile, set before JAX starts.
 
-XLA:GPU (jax 0.10.2) aborts the whole process while compiling the reference adaptation
-step (ResNet-101, 512x512) with its default flags: a `Check failed:
-subdim_size_accumulator == dim_size` in `triton_tiling_propagation.cc`, raised while
-XLA decides whether a matrix multiplication can become a Triton GEMM fusion (see
-docs/aot.md "The Triton abort"). `--xla_gpu_enable_triton_gemm=false` keeps dots on
-cuBLAS and cuDNN and the step compiles. Like `cpu_flags`, the flags go into
-`XLA_FLAGS`, which XLA reads once when a backend starts, so `apply_gpu_defaults()` runs
-before the first JAX computation; a flag the user already set wins.
+XLA:GPU's Triton GEMM path (jax 0.10.2, compiling for an H100) fails on this model's
+matrix multiplications in two ways (docs/aot.md "The Triton failures"): it aborted the
+whole process (`Check failed: subdim_size_accumulator == dim_size` in
+`triton_tiling_propagation.cc`) on the dot fed by a strided slice (now a strided
+convolution, `models.resnet.Conv1x1`), and it stops the compile with `INTERNAL:
+Couldn't find output tile sizes` on the float32 HIGHEST-precision dots of
+`jax.image.resize` (the bilinear upsampling of the logits: the train step at 512x512,
+the eval step already at 64x128). `--xla_gpu_enable_triton_gemm=false` leaves dots to cuBLAS
+(convolutions go to cuDNN either way) and both steps compile. Like `cpu_flags`, the
+flags go into `XLA_FLAGS`, which XLA reads once when a backend starts, so
+`apply_gpu_defaults()` runs before the first JAX computation; a flag the user already
+set wins.
 
 Whether this process will use a GPU is decided from what is known before JAX starts:
 `JAX_PLATFORMS` when it is set (it names the backends JAX may use), otherwise whether a

@@ -77,8 +77,8 @@ class Conv1x1(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.strides > 1:
             # A strided convolution, not a strided slice feeding a dot: XLA:GPU (jax 0.10.2)
-            # aborts compiling a dot whose operand is a fused strided slice, in its Triton
-            # GEMM fusion pass (docs/aot.md "The Triton abort").
+            # aborts the process compiling a dot whose operand is a fused strided slice, in
+            # its Triton GEMM fusion pass (docs/aot.md "The Triton failures").
             y = jax.lax.conv_general_dilated(
                 x, kernel, (self.strides, self.strides), "VALID",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
