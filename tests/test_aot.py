@@ -6,6 +6,7 @@ without them (the system interpreter); run them with the venv that has them:
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -212,3 +213,18 @@ def test_gpu_flag_set_for_a_gpu_platform_and_absent_elsewhere(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("XLA_FLAGS")
     assert TRITON_FLAG not in gpu_flags.apply_gpu_defaults()
+
+
+def test_sweep_figure_names_round_trip_and_table(tmp_path):
+    from wsda_jax.benchmarks import aot_sweep
+
+    for figure in (
+        ("tpu-v5e-8", "gta_source_only", "conv_outputs", "bfloat16", 0),
+        ("h100", "gta2cs_coarse", "none", "float32", 2),
+    ):
+        assert aot_sweep.parse_figure(aot_sweep.figure_name(*figure)) == figure
+    crashed = {"figure": "h100_gta2cs_coarse_float32_remat-none", "returncode": -6}
+    (tmp_path / "crashed.json").write_text(json.dumps(crashed))
+    rows = aot_sweep.table(str(tmp_path)).splitlines()
+    assert rows[-1].startswith("| h100 | gta2cs_coarse | float32 | none |")
+    assert rows[-1].endswith("compiler crashed (exit -6) |")

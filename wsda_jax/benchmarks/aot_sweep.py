@@ -40,6 +40,7 @@ _DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "config.compute_dtype values
 _BATCH = flags.DEFINE_integer("per_device_batch_size", 0, "Override (0: the config's).")
 _OUT_DIR = flags.DEFINE_string("out_dir", OUT_DIR, "Where the figures go.")
 _FIGURE = flags.DEFINE_string("figure", None, "Internal: compile this one figure.")
+_TABLE = flags.DEFINE_bool("table", False, "Only print the finished figures as a markdown table.")
 
 
 def figure_name(target: str, config: str, remat: str, dtype: str, batch: int = 0) -> str:
@@ -108,8 +109,40 @@ def run_figure(name: str, out_dir: str) -> None:
         )  # fmt: skip
 
 
+def table(out_dir: str) -> str:
+    """The finished figures of `out_dir` as markdown: one row per figure."""
+    rows = [
+        "| target | config | dtype | remat | batch/device | peak GB/device | of GB (usable) "
+        "| compile s | GFLOP/device step | step ms (roofline estimate) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fmt = lambda x, spec=".1f": "n/a" if x is None else format(x, spec)
+    for name in sorted(os.listdir(out_dir)):
+        with open(os.path.join(out_dir, name)) as file:
+            info = json.load(file)
+        if "verdict" not in info:  # A compiler crash.
+            target, config, remat, dtype, _ = parse_figure(info["figure"])
+            rows.append(
+                f"| {target} | {config} | {dtype} | {remat} | | | | | | | compiler crashed "
+                f"(exit {info['returncode']}) |"
+            )
+            continue
+        flops = info["flops_per_device_step"]
+        rows.append(
+            f"| {info['target']} | {info['config']} | {info['dtype']} | {info['remat']} "
+            f"| {info['per_device_batch_size']} | {fmt(info['peak_memory_gb'])} "
+            f"| {info['device_memory_gb']:.0f} ({info['usable_memory_gb']:.1f}) "
+            f"| {info['compile_s']:.0f} | {fmt(flops and flops / 1e9, '.0f')} "
+            f"| {fmt(info['roofline_step_ms_estimate'])} "
+            f"| {info['verdict'].split(' (')[0].split(':')[0]} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
+    if _TABLE.value:
+        return print(table(_OUT_DIR.value))
     if _FIGURE.value:
         return compile_figure(_FIGURE.value, _OUT_DIR.value)
     os.makedirs(_OUT_DIR.value, exist_ok=True)
