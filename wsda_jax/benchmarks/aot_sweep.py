@@ -26,14 +26,15 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from wsda_jax import aot_targets, gpu_flags
+from wsda_jax import gpu_flags
+from wsda_jax.aot_targets import TARGETS
 
 CONFIGS = ("gta2cs_coarse", "gta_source_only")
 REMATS = ("none", "conv_outputs", "blocks")
 DTYPES = ("bfloat16", "float32")
 OUT_DIR = os.path.join("docs", "results", "aot")
 
-_TARGETS = flags.DEFINE_list("targets", ["h100"], f"Of {', '.join(aot_targets.TARGETS)}.")
+_TARGETS = flags.DEFINE_list("targets", ["h100"], f"Of {', '.join(TARGETS)}.")
 _CONFIGS = flags.DEFINE_list("configs", list(CONFIGS), "Reference config modules.")
 _REMATS = flags.DEFINE_list("remats", list(REMATS), "config.model.remat values.")
 _DTYPES = flags.DEFINE_list("dtypes", list(DTYPES), "config.compute_dtype values.")
@@ -74,7 +75,7 @@ def reference_config(config: str, remat: str, dtype: str, batch: int = 0):
 def compile_figure(name: str, out_dir: str) -> None:
     """Compiles one figure in this process and writes its JSON."""
     target_name, config_name, remat, dtype, batch = parse_figure(name)
-    target = aot_targets.TARGETS[target_name]
+    target = TARGETS[target_name]
     gpu_flags.apply_gpu_defaults(gpu=target.platform == "cuda")  # Before JAX starts.
     from wsda_jax import aot
 
@@ -146,9 +147,13 @@ def main(argv: Sequence[str]) -> None:
     if _FIGURE.value:
         return compile_figure(_FIGURE.value, _OUT_DIR.value)
     os.makedirs(_OUT_DIR.value, exist_ok=True)
-    unknown = set(_TARGETS.value) - set(aot_targets.TARGETS)
+    unknown = set(_TARGETS.value) - set(TARGETS)
     if unknown:
-        raise app.UsageError(f"unknown --targets {sorted(unknown)}")
+        sys.exit(f"error: unknown --targets {sorted(unknown)}: expected some of {list(TARGETS)}")
+    from wsda_jax import aot
+
+    for reason in filter(None, (aot.missing_package(TARGETS[name]) for name in _TARGETS.value)):
+        sys.exit(f"error: {reason}")  # Before any figure: a crash would be written down.
     for target, config, remat, dtype in itertools.product(
         _TARGETS.value, _CONFIGS.value, _REMATS.value, _DTYPES.value
     ):

@@ -43,6 +43,7 @@ gpu_flags.apply_gpu_defaults()  # On a GPU host; --target=<a GPU> adds them in m
 
 import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
@@ -306,7 +307,7 @@ def compile_for_target(config, target_name: str, json_out: str | None) -> None:
     aot.use_cpu_host()
     reason = aot.missing_package(target)
     if reason:
-        raise app.UsageError(reason)
+        sys.exit(f"error: {reason}")  # One line on stderr, exit status 1.
     config_lib.validate(config, 1)
     info = aot.summary(aot.compile_for_target(config, target), target, config)
     print(
@@ -324,7 +325,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     if _TARGET.value:
         if not _COMPILE_ONLY.value:
-            raise app.UsageError("--target compiles without running: add --compile_only")
+            sys.exit("error: --target compiles without running: add --compile_only")
         config = make_config(
             _DEPTH.value, _WIDTH.value, _CROP.value, _IMAGES.value, _DTYPE.value, _WEAK.value,
             remat=_REMAT.value,
