@@ -228,3 +228,13 @@ def test_sweep_figure_names_round_trip_and_table(tmp_path):
     rows = aot_sweep.table(str(tmp_path)).splitlines()
     assert rows[-1].startswith("| h100 | gta2cs_coarse | float32 | none |")
     assert rows[-1].endswith("compiler crashed (exit -6) |")
+
+
+def test_workdir_needed_except_for_compile(tmp_path_factory):
+    result = subprocess.run(
+        [sys.executable, "-m", "wsda_jax.main", "--config=configs/synthetic_coarse.py:tiny"],
+        cwd=REPO, env=jax_env(tmp_path_factory.getbasetemp()), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: --mode=train needs --workdir"]
