@@ -1,7 +1,8 @@
 """Entry point: `python -m wsda_jax.main --config=configs/X.py --workdir=DIR [--mode=...]`.
 
 Modes: `train` (default; resumes from DIR), `eval` (latest checkpoint of DIR on the
-target val split), `predict` (colourised PNGs of `--input_dir` images in `--output_dir`).
+target val split), `predict` (colourised PNGs of `--input_dir` images in `--output_dir`),
+`compile` (does the config fit `--target`? one line, no --workdir; docs/aot.md).
 Several processes: see `parallel.initialize_processes` (environment detection) or give
 `--coordinator_address --num_processes --process_id`. Bad input exits with one line on
 stderr and status 1; SIGTERM or Ctrl-C during training saves a checkpoint and exits with
@@ -30,13 +31,14 @@ if multiprocessing.parent_process() is not None:
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluations.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to run.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "compile"], "What to run.")
+flags.DEFINE_string("target", None, "compile: h100, h200, a100, a100-40gb, tpu-v4-8, ...")
 flags.DEFINE_string("input_dir", None, "predict: folder of .png/.jpg images.")
 flags.DEFINE_string("output_dir", None, "predict: folder for colourised predictions.")
 flags.DEFINE_string("coordinator_address", None, "Several processes by hand: host:port of 0.")
 flags.DEFINE_integer("num_processes", None, "Several processes by hand: how many.")
 flags.DEFINE_integer("process_id", None, "Several processes by hand: this one's index.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def _load_config():
@@ -56,10 +58,15 @@ def _run(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(cli_errors.quiet_orbax_logs)
     config = _load_config()
-    from wsda_jax import config_lib, cpu_flags  # No JAX yet: bad values fail before work.
+    from wsda_jax import aot_targets, config_lib, cpu_flags, gpu_flags  # No JAX yet.
 
     config_lib.validate_ranges(config)
+    if FLAGS.mode == "compile":  # Compiled for an accelerator this host need not have.
+        return print(aot_targets.compile_mode(config, FLAGS.target))
+    if not FLAGS.workdir:
+        raise ValueError(f"--mode={FLAGS.mode} needs --workdir")
     cpu_flags.apply_cpu_defaults()  # Must run before JAX initialises its backends.
+    gpu_flags.apply_gpu_defaults()  # Only when JAX will find a CUDA GPU.
     import jax
 
     from wsda_jax import parallel, train, workdir_lock

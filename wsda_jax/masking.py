@@ -1,7 +1,7 @@
 """Masked image consistency (MIC, Hoyer et al., CVPR 2023): an option beyond the reference.
 
 The student also sees the target image, strongly augmented (colour jitter and blur, as
-the ClassMix input of METHOD.md section 10) and with random square blocks masked out,
+the ClassMix input of docs/method.md § 10) and with random square blocks masked out,
 and learns the teacher's pseudo labels of the unmasked image with their confidence
 weight (the ClassMix weight of section 4.6), so it must infer the masked regions from
 context. Off by default (`config.mic.enabled`); the loss weight is `config.loss.mic`.

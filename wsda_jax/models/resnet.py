@@ -63,7 +63,8 @@ class Conv1x1(nn.Module):
     XLA:CPU runs a dot faster than the equivalent 1x1 convolution (measured in
     `wsda_jax.tools.benchmarks.model`). The kernel keeps nn.Conv's `[1, 1, in, out]`
     shape and name so checkpoints and the torchvision conversion do not care.
-    Stride s takes pixels (s*i, s*j), like torch's 1x1 conv with padding 0.
+    Stride s takes pixels (s*i, s*j), like torch's 1x1 conv with padding 0; a strided
+    one stays a convolution (one layer, layer2's downsample, at output stride 8).
     """
 
     features: int
@@ -73,10 +74,17 @@ class Conv1x1(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", conv_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         if self.strides > 1:
-            x = x[:, :: self.strides, :: self.strides, :]
-        x = x.astype(self.dtype)
-        y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0].astype(self.dtype))
+            # A strided convolution, not a strided slice feeding a dot: XLA:GPU (jax 0.10.2)
+            # aborts the process compiling a dot whose operand is a fused strided slice, in
+            # its Triton GEMM fusion pass (docs/aot.md "The Triton failures").
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.strides, self.strides), "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )  # fmt: skip
+        else:
+            y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
         return checkpoint_name(y, CONV_OUTPUT)
 
 

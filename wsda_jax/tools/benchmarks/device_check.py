@@ -23,9 +23,10 @@ Designed to take < 8 minutes on one H100, compilation included.
 
 from __future__ import annotations
 
-from wsda_jax import cpu_flags
+from wsda_jax import cpu_flags, gpu_flags
 
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
+gpu_flags.apply_gpu_defaults()  # On a GPU host: what main sets for training.
 
 import json  # noqa: E402
 import re  # noqa: E402

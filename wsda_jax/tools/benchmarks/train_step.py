@@ -5,6 +5,8 @@
         --dtype=bfloat16 --remat=blocks --compile_only
     python -m wsda_jax.tools.benchmarks.train_step --crop=512 --images_per_device=1 \
         --simulated_devices=4 --compile_only
+    python -m wsda_jax.tools.benchmarks.train_step --crop=512 --images_per_device=4 \
+        --dtype=bfloat16 --target=h100 --compile_only      # needs requirements-aot.txt
 
 What is timed: one call of the compiled step on a random batch of `--images_per_device`
 source plus as many target images on every device, including the teacher EMA, four
@@ -24,15 +26,24 @@ of what the device must hold), and the FLOPs of
 `cost_analysis()`. The analysis is of the program XLA compiled for THIS backend: the
 CPU's buffer assignment and fusion differ from a GPU's or a TPU's, so on the CPU it
 estimates the accelerator's number (see README "Accelerator readiness").
+
+`--target=h100|h200|a100|a100-40gb|tpu-v4-8|tpu-v5e-8|tpu-v5p-8` (with `--compile_only`)
+compiles instead for that accelerator with its own XLA compiler, without one
+(`wsda_jax.aot`, docs/aot.md): the same memory lines for one device of the target, its
+memory and the fit verdict, FLOPs and bytes, facts of the compiled HLO and a roofline
+estimate of the step time. `--json_out=PATH` also writes them as JSON.
 """
 
 from __future__ import annotations
 
-from wsda_jax import cpu_flags
+from wsda_jax import cpu_flags, gpu_flags
 
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
+gpu_flags.apply_gpu_defaults()  # On a GPU host; --target=<a GPU> adds them in main().
 
+import json  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
@@ -41,7 +52,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from wsda_jax import config_lib, optim, parallel, steps, train_state  # noqa: E402
+from wsda_jax import aot, config_lib, optim, parallel, steps, train_state  # noqa: E402
+from wsda_jax.aot import memory_of  # noqa: E402
+from wsda_jax.aot_targets import TARGETS  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
 
 _DEPTH = flags.DEFINE_integer("depth", 101, "ResNet depth (18, 34, 50, 101).")
@@ -62,6 +75,10 @@ _BEFORE_CONTRAST = flags.DEFINE_bool(
 _COMPILE_ONLY = flags.DEFINE_bool(
     "compile_only", False, "Only compile; print the memory and cost analyses."
 )
+_TARGET = flags.DEFINE_enum(
+    "target", None, list(TARGETS), "With --compile_only: compile for this accelerator."
+)
+_JSON_OUT = flags.DEFINE_string("json_out", None, "With --target: also write the result here.")
 _SIMULATED_DEVICES = flags.DEFINE_integer(
     "simulated_devices", 0, "Run on this many simulated CPU devices (0 = the real devices)."
 )
@@ -217,33 +234,6 @@ def compile_step(step, state, batch) -> tuple[object, float, float]:
     return compiled, lower_s, time.perf_counter() - start
 
 
-GB = 1e9
-
-
-def memory_of(compiled) -> dict[str, float] | None:
-    """XLA's memory analysis of one device's program in GB, None where the backend has none.
-
-    peak_memory_gb = arguments + outputs - aliased (donated state) + temporaries.
-    (XLA's own `peak_memory_in_bytes` is not used: on XLA:CPU it leaves out the
-    temporaries, 0.55 GB for the reference step.)
-    """
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # Not every backend implements it.
-        return None
-    if stats is None:
-        return None
-    argument, output = stats.argument_size_in_bytes, stats.output_size_in_bytes
-    alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
-    return {
-        "argument_gb": argument / GB,
-        "output_gb": output / GB,
-        "alias_gb": alias / GB,
-        "temp_gb": temp / GB,
-        "peak_memory_gb": (argument + output - alias + temp) / GB,
-    }
-
-
 def compile_only(config) -> dict:
     """Compiles the adapt step on abstract inputs; returns timings, memory and FLOPs."""
     mesh = parallel.make_mesh()
@@ -292,8 +282,55 @@ def run(config, num_steps: int) -> dict:
     }
 
 
+def print_target_result(info: dict) -> None:
+    """The --target lines: key=value, `peak_memory_gb=` on its own line, the verdict last."""
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+    for name, value in (info["memory_gb"] or {}).items():
+        print(f"{name}={value:.2f}")
+    if info["memory_gb"] is None:
+        print(f"peak_memory_gb={fmt(info['peak_memory_gb'])}  # {info['compiler_error']}")
+    for name in ("device_memory_gb", "usable_memory_gb", "lower_s", "compile_s"):
+        print(f"{name}={fmt(info[name])}")
+    flops, bytes_ = info["flops_per_device_step"], info["bytes_accessed_per_device_step"]
+    print(f"gflop_per_device_step={fmt(flops and flops / 1e9)}  # {info['flops_source']}")
+    print(f"gbytes_accessed_per_device_step={fmt(bytes_ and bytes_ / 1e9)}")
+    print(f"roofline_step_ms_estimate={fmt(info['roofline_step_ms_estimate'])}")
+    for name, value in info["hlo"].items():
+        print(f"hlo_{name}={json.dumps(value) if isinstance(value, dict) else value}")
+    print(info["verdict"])
+
+
+def compile_for_target(config, target_name: str, json_out: str | None) -> None:
+    """--target: compile `config`'s step for the accelerator, print (and write) the result."""
+    target = TARGETS[target_name]
+    gpu_flags.apply_gpu_defaults(gpu=target.platform == "cuda")  # No backend has started.
+    aot.use_cpu_host()
+    reason = aot.missing_package(target)
+    if reason:
+        sys.exit(f"error: {reason}")  # One line on stderr, exit status 1.
+    config_lib.validate(config, 1)
+    info = aot.summary(aot.compile_for_target(config, target), target, config)
+    print(
+        f"target={target.name} devices={info['devices']} model=ResNet-{config.model.depth} "
+        f"crop={config.data.crop_size[0]} images_per_device={config.per_device_batch_size}+"
+        f"{config.per_device_batch_size} dtype={config.compute_dtype} remat={config.model.remat}"
+    )
+    print_target_result(info)
+    if json_out:
+        with open(json_out, "w") as file:
+            json.dump(info, file, indent=1)
+
+
 def main(argv: Sequence[str]) -> None:
     del argv
+    if _TARGET.value:
+        if not _COMPILE_ONLY.value:
+            sys.exit("error: --target compiles without running: add --compile_only")
+        config = make_config(
+            _DEPTH.value, _WIDTH.value, _CROP.value, _IMAGES.value, _DTYPE.value, _WEAK.value,
+            remat=_REMAT.value,
+        )  # fmt: skip
+        return compile_for_target(config, _TARGET.value, _JSON_OUT.value)
     if _SIMULATED_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _SIMULATED_DEVICES.value)
         jax.config.update("jax_platforms", "cpu")
