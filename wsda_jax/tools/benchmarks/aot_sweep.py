@@ -147,9 +147,15 @@ def main(argv: Sequence[str]) -> None:
     if _FIGURE.value:
         return compile_figure(_FIGURE.value, _OUT_DIR.value)
     os.makedirs(_OUT_DIR.value, exist_ok=True)
-    unknown = set(_TARGETS.value) - set(TARGETS)
-    if unknown:
-        sys.exit(f"error: unknown --targets {sorted(unknown)}: expected some of {list(TARGETS)}")
+    for flag, given, known in (
+        ("targets", _TARGETS.value, TARGETS),
+        ("configs", _CONFIGS.value, CONFIGS),
+        ("remats", _REMATS.value, REMATS),
+        ("dtypes", _DTYPES.value, DTYPES),
+    ):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            sys.exit(f"error: unknown --{flag} {unknown}: expected some of {list(known)}")
     from wsda_jax import aot
 
     for reason in filter(None, (aot.missing_package(TARGETS[name]) for name in _TARGETS.value)):
