@@ -6,9 +6,10 @@ section 13) and `eval_step` its per-device confusion matrix, psum-ed over device
 teacher) through the jitted `eval_step` and sums the per-batch confusion matrices on
 the host in int64 once the pass is dispatched, so the loop never waits on the device.
 `write_report` stores per-class IoU and mIoU (19 classes, plus 16 and 13 for a SYNTHIA
-source, METHOD.md section 1) of the student and the EMA teacher in `DIR/eval/STEP.json`,
-and draws PNGs: image | ground truth | prediction panels and a row-normalised confusion
-matrix. `predict_directory` is the predict mode.
+source, METHOD.md section 1) of the student and the EMA teacher, with the settings they
+were made with, in `DIR/eval/STEP.json` (`STEP_TAG.json` for `--mode=eval` with other
+settings than the training run's, `report_name`), and draws PNGs: image | ground truth |
+prediction panels and a row-normalised confusion matrix. `predict_directory` is the predict mode.
 """
 
 from __future__ import annotations
@@ -234,30 +235,79 @@ def predict_labels(
     return np.asarray(labels)
 
 
+# The settings that change an evaluation's numbers; a report made with other values
+# than the training run's gets its own file name (`report_name`).
+RESULT_SETTINGS = ("target", "split", "scales", "flip", "eval_resize", "max_images", "dtype")
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Every setting an evaluation is made with, JSON-ready (stored in its report)."""
+    return {
+        "target": config.data.target,
+        "split": "val",
+        "scales": [float(s) for s in config.eval.scales],
+        "flip": bool(config.eval.flip),
+        "eval_resize": [int(n) for n in config.data.eval_resize],
+        "max_images": int(config.eval.max_images),
+        "dtype": config.compute_dtype,
+        "num_classes": int(config.num_classes),
+        "ignore_label": classes.IGNORE_LABEL,
+        "per_device_batch_size": int(config.eval.per_device_batch_size),
+        "images_per_forward": int(config.eval.images_per_forward),
+    }
+
+
+def report_name(settings: Mapping[str, Any], trained: Mapping[str, Any] | None, step: int) -> str:
+    """`STEP` when the result settings equal the training run's (`trained`, None = this
+    is the training run), else `STEP_` + a tag of the settings, e.g.
+    '0_scales0.5-1-2_flip' (so `--mode=eval` with other settings keeps its own files)."""
+    if trained is None or all(settings[k] == trained.get(k) for k in RESULT_SETTINGS):
+        return str(step)
+    parts = ["scales" + "-".join(f"{s:g}" for s in settings["scales"])]
+    if settings["flip"]:
+        parts.append("flip")
+    if settings["eval_resize"]:
+        parts.append("resize{}x{}".format(*settings["eval_resize"]))
+    if settings["max_images"]:
+        parts.append(f"first{settings['max_images']}")
+    parts.append(settings["dtype"])
+    if settings["target"] != trained.get("target"):
+        parts.append(settings["target"].replace("/", "-"))
+    return f"{step}_" + "_".join(parts)
+
+
 def write_report(
     config: ml_collections.ConfigDict,
     workdir: str,
     step: int,
     results: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
     examples: list[dict[str, np.ndarray]],
+    *,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Writes DIR/eval/STEP.json and PNGs; returns the JSON content.
+    """Writes DIR/eval/NAME.json (NAME = `name`, default STEP) and PNGs; returns the JSON
+    content, which includes `eval_settings(config)`.
 
     `results` maps a model name ('student', 'teacher') to its confusion matrix and its
     predictions for `examples` (or None).
     """
-    report = {"step": step}
-    report.update({name: summarize(config, confusion) for name, (confusion, _) in results.items()})
+    name = str(step) if name is None else name
+    report = {"step": step, "settings": eval_settings(config)}
+    report.update(
+        {model: summarize(config, confusion) for model, (confusion, _) in results.items()}
+    )
     if jax.process_index() != 0:
         return report
     directory = os.path.join(workdir, "eval")
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{step}.json"), "w") as f:
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    for name, (confusion, predictions) in results.items():
-        plot_confusion(confusion, os.path.join(directory, f"{step}_{name}_confusion.png"))
+    for model, (confusion, predictions) in results.items():
+        plot_confusion(confusion, os.path.join(directory, f"{name}_{model}_confusion.png"))
         if predictions is not None and examples:
-            plot_panels(examples, predictions, os.path.join(directory, f"{step}_{name}_panels.png"))
+            plot_panels(
+                examples, predictions, os.path.join(directory, f"{name}_{model}_panels.png")
+            )
     return report
 
 

@@ -224,8 +224,10 @@ def evaluate_and_report(
     model: Any,
     mesh: jax.sharding.Mesh,
     eval_fn: Callable[[Any, Any], jax.Array],
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluates the student (and, when adapting, the teacher); writes DIR/eval/STEP.*."""
+    """Evaluates the student (and, when adapting, the teacher); writes DIR/eval/NAME.*
+    (NAME: `name`, default STEP)."""
     models = {"student": state.student_variables()}
     if config.stage == "adapt":
         models["teacher"] = state.teacher_variables()
@@ -240,7 +242,7 @@ def evaluate_and_report(
             images = np.stack([example["image"] for example in examples])
             predictions = evaluation.predict_labels(config, variables, images, model=model)
         results[name] = (confusions[name], predictions)
-    report = evaluation.write_report(config, workdir, step, results, examples)
+    report = evaluation.write_report(config, workdir, step, results, examples, name=name)
     shown = ", ".join(f"{name} mIoU {report[name]['miou']}" for name in results)
     logging.info("Evaluation at step %d: %s.", step, shown)
     return report
@@ -378,17 +380,25 @@ def _restore_for_inference(
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of `workdir`; writes DIR/eval/STEP.json."""
+    """Evaluates the latest checkpoint of `workdir`; writes DIR/eval/STEP.json, or
+    DIR/eval/STEP_TAG.json when the eval settings differ from those the checkpoint was
+    trained with (`evaluation.report_name`)."""
     config_lib.validate(config, jax.device_count())
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     state, step = _restore_for_inference(config, workdir, mesh, set_aside=True)
+    trained = checkpointing.saved_config(checkpointing.checkpoint_dir(workdir), step)
+    name = evaluation.report_name(
+        evaluation.eval_settings(config),
+        evaluation.eval_settings(ml_collections.ConfigDict(trained)) if trained else {},
+        step,
+    )
     model = deeplab.build_model(config)
     _procedural_first_on_process_zero(config, [config.data.target])
     val = sources.open_split(config.data.target, "val", config.data)
     eval_fn = evaluation.make_eval_fn(config, model, mesh)
     return evaluate_and_report(
-        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn
+        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn, name=name
     )
 
 
