@@ -224,10 +224,10 @@ def evaluate_and_report(
     model: Any,
     mesh: jax.sharding.Mesh,
     eval_fn: Callable[[Any, Any], jax.Array],
-    name: str | None = None,
+    file_name: str | None = None,
 ) -> dict[str, Any]:
     """Evaluates the student (and, when adapting, the teacher); writes DIR/eval/NAME.*
-    (NAME: `name`, default STEP)."""
+    (NAME: `file_name`, default STEP)."""
     models = {"student": state.student_variables()}
     if config.stage == "adapt":
         models["teacher"] = state.teacher_variables()
@@ -242,7 +242,7 @@ def evaluate_and_report(
             images = np.stack([example["image"] for example in examples])
             predictions = evaluation.predict_labels(config, variables, images, model=model)
         results[name] = (confusions[name], predictions)
-    report = evaluation.write_report(config, workdir, step, results, examples, name=name)
+    report = evaluation.write_report(config, workdir, step, results, examples, name=file_name)
     shown = ", ".join(f"{name} mIoU {report[name]['miou']}" for name in results)
     logging.info("Evaluation at step %d: %s.", step, shown)
     return report
@@ -261,7 +261,9 @@ def _eval_scalars(report: dict[str, Any]) -> dict[str, float]:
 
 def _best_metric(report: dict[str, Any]) -> dict[str, float]:
     """The checkpoint ranking metric: the better of student and teacher mIoU."""
-    mious = [s["miou"] for s in report.values() if isinstance(s, dict) and s["miou"] is not None]
+    mious = [
+        s["miou"] for s in report.values() if isinstance(s, dict) and s.get("miou") is not None
+    ]
     return {checkpointing.BEST_METRIC: max(mious, default=0.0)}
 
 
@@ -398,7 +400,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     val = sources.open_split(config.data.target, "val", config.data)
     eval_fn = evaluation.make_eval_fn(config, model, mesh)
     return evaluate_and_report(
-        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn, name=name
+        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn, file_name=name
     )
 
 
