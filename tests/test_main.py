@@ -60,7 +60,7 @@ def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path_factory)
 
 def test_eval_mode_with_other_settings_writes_its_own_file(trained, tmp_path_factory):
     """Flip and two scales are not the training run's settings: their report goes to
-    eval/4_scales1-0.5_flip_float32.json (with its settings) and 4.json stays."""
+    eval/4_scales1-0.5_flip_first8_float32.json (with its settings) and 4.json stays."""
     during_training = json.load(open(trained / "eval" / "4.json"))
     assert during_training["settings"]["flip"] is False
     result = run_main(
@@ -72,9 +72,10 @@ def test_eval_mode_with_other_settings_writes_its_own_file(trained, tmp_path_fac
         "--config.eval.scales=(1.0,0.5)",
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    other = json.load(open(trained / "eval" / "4_scales1-0.5_flip_float32.json"))
+    name = "4_scales1-0.5_flip_first8_float32"
+    other = json.load(open(trained / "eval" / f"{name}.json"))
     assert other["settings"]["flip"] is True and other["settings"]["scales"] == [1.0, 0.5]
-    assert os.path.exists(trained / "eval" / "4_scales1-0.5_flip_float32_student_confusion.png")
+    assert os.path.exists(trained / "eval" / f"{name}_student_confusion.png")
     assert json.load(open(trained / "eval" / "4.json")) == during_training
 
 
