@@ -131,6 +131,7 @@ def _config():
 def converted(reference, tmp_path_factory):
     """(reference net in eval mode, our model, our student variables, teacher variables,
     the raw EMA state dict), through a checkpoint file laid out as the reference's."""
+    torch.manual_seed(0)  # The reference's own initialisation, reproducibly.
     net = reference.deepv2.DeepV2R101(NUM_CLASSES, True, lambda *args: torch.zeros(()))
     _randomise(net, seed=0)
     ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in net.state_dict().items()}
