@@ -58,6 +58,27 @@ def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path_factory)
     assert json.load(open(trained / "eval" / "4.json")) == during_training
 
 
+def test_eval_mode_with_other_settings_writes_its_own_file(trained, tmp_path_factory):
+    """Flip and two scales are not the training run's settings: their report goes to
+    eval/4_scales1-0.5_flip_first8_float32.json (with its settings) and 4.json stays."""
+    during_training = json.load(open(trained / "eval" / "4.json"))
+    assert during_training["settings"]["flip"] is False
+    result = run_main(
+        tmp_path_factory.getbasetemp(),
+        TINY,
+        f"--workdir={trained}",
+        "--mode=eval",
+        "--config.eval.flip=True",
+        "--config.eval.scales=(1.0,0.5)",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    name = "4_scales1-0.5_flip_first8_float32"
+    other = json.load(open(trained / "eval" / f"{name}.json"))
+    assert other["settings"]["flip"] is True and other["settings"]["scales"] == [1.0, 0.5]
+    assert os.path.exists(trained / "eval" / f"{name}_student_confusion.png")
+    assert json.load(open(trained / "eval" / "4.json")) == during_training
+
+
 def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()

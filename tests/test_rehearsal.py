@@ -267,3 +267,55 @@ def test_browse_shows_crop_presence(prepared, tmp_path):
     ]
     assert all(entry["presence"] in fine for entry in tags), (tags, fine)
     assert all(entry["weak_label_classes"] == [] for entry in tags)  # No map travels.
+
+
+def test_eval_of_a_converted_reference_checkpoint(prepared, tmp_path):
+    """A checkpoint in the reference's layout (npz, DDP names; the rehearsal's model size)
+    -> `wsda_jax.models.convert` -> `--mode=eval` on the full-size Cityscapes val; the
+    JSON names its settings, and other settings write their own file."""
+    import jax
+    import test_convert
+
+    from configs import gta2cs_coarse
+    from wsda_jax.models import deeplab
+
+    config = gta2cs_coarse.get_config()
+    config.model.depth, config.model.stage_sizes = 18, (1, 1, 1, 1)
+    config.model.width, config.model.proj_dim = 8, 16
+    variables = deeplab.build_model(config).init(
+        jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32), train=False
+    )
+    state_dict = test_convert.reference_state_dict(jax.device_get(variables))
+    checkpoint = tmp_path / "wdass.npz"
+    np.savez(checkpoint, **{f"state_dict/{k}": v for k, v in state_dict.items()})
+    workdir = tmp_path / "converted"
+    model_overrides = [o for o in OVERRIDES if o.startswith("--config.model.")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsda_jax.models.convert",
+            f"--checkpoint={checkpoint}",
+            "--config=configs/gta2cs_coarse.py",
+            f"--out={workdir}",
+            *model_overrides,
+        ],
+        cwd=ROOT,
+        env=subprocesses.jax_env(prepared["base"]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _main(prepared, 1, "gta2cs_coarse", workdir, "--mode=eval")
+    _check_eval(prepared, workdir, 0, ["student", "teacher"])
+    report = json.load(open(workdir / "eval" / "0.json"))
+    assert report["settings"]["scales"] == [1.0] and report["settings"]["flip"] is False
+    assert (
+        report["settings"]["target"] == "cityscapes_weak"
+        and report["settings"]["eval_resize"] == []
+    )
+    _main(prepared, 1, "gta2cs_coarse", workdir, "--mode=eval", "--config.eval.flip=True")
+    flipped = json.load(open(workdir / "eval" / "0_scales1_flip_float32.json"))
+    assert flipped["settings"]["flip"] is True
+    assert json.load(open(workdir / "eval" / "0.json")) == report  # Not overwritten.

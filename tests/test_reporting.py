@@ -7,11 +7,10 @@ import struct
 import time
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from wsda_jax import evaluation, reporting
+from wsda_jax import config_lib, evaluation, prediction, reporting
 
 
 class _Unfetchable(dict):
@@ -75,9 +74,8 @@ def test_resumed_run_appends_and_tensorboard_written(tmp_path):
 
 
 def test_eval_report_json_and_plots(tmp_path):
-    config = ml_collections.ConfigDict(
-        {"num_classes": 19, "data": {"source": "synthia"}, "eval": {"num_panels": 1}}
-    )
+    config = config_lib.base_config()
+    config.data.source, config.eval.num_panels = "synthia", 1
     confusion = np.zeros((19, 19), np.int64)
     confusion[0, 0], confusion[0, 1] = 3, 1  # road: IoU 3/4; sidewalk predicted, never true.
     confusion[9, 9] = 5  # terrain: perfect, but not among SYNTHIA's 16 classes.
@@ -93,6 +91,8 @@ def test_eval_report_json_and_plots(tmp_path):
     assert student["miou_16"] == pytest.approx(0.75 / 2)  # road, sidewalk
     assert student["miou_13"] == pytest.approx(0.75 / 2)
     assert json.load(open(tmp_path / "eval" / "7.json")) == report
+    assert report["settings"]["scales"] == [1.0] and report["settings"]["flip"] is False
+    assert report["settings"]["target"] == config.data.target
     for name in ("7_student_panels.png", "7_student_confusion.png"):
         assert os.path.getsize(tmp_path / "eval" / name) > 0
 
@@ -135,7 +135,7 @@ def _events(path):
 
 
 def test_predict_output_names_are_distinct():
-    names = evaluation.output_names(["a.png", "x.jpg", "x.png", "x_png.png", "y.JPEG"])
+    names = prediction.output_names(["a.png", "x.jpg", "x.png", "x_png.png", "y.JPEG"])
     assert names == {
         "a.png": "a.png",
         "x.jpg": "x_jpg.png",

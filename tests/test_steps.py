@@ -21,6 +21,7 @@ from wsda_jax import (
     metrics,
     optim,
     parallel,
+    prediction,
     pseudo_labels,
     steps,
     train_state,
@@ -472,7 +473,7 @@ def test_predict_directory_on_images_of_different_sizes(runner, tmp_path):
     for name, (height, width) in sizes.items():
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         PIL.Image.fromarray(pixels).save(inputs / name, quality=100)
-    written = evaluation.predict_directory(
+    written = prediction.predict_directory(
         runner.config, variables, str(inputs), str(tmp_path / "out"), model=runner.model
     )
     assert sorted(os.path.basename(path) for path in written) == ["a.png", "b.png"]

@@ -205,6 +205,22 @@ def restore_latest(
     return checkpoint_recovery.newest_readable(manager, restore, set_aside=set_aside)
 
 
+def saved_config(directory: str, step: int) -> dict[str, Any] | None:
+    """The config saved with checkpoint `step` of `directory` (a dict), None if unreadable."""
+    try:
+        with ocp.CheckpointManager(
+            directory,
+            options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={"config": ocp.JsonCheckpointHandler()},
+        ) as manager:
+            return dict(
+                manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+            )
+    except (OSError, ValueError, KeyError) as error:
+        logging.warning("No readable config in checkpoint %d of %s (%s).", step, directory, error)
+        return None
+
+
 def _resolve_init_dir(path: str) -> str:
     """Accepts a stage-1 workdir or its `checkpoints/` directory."""
     path = os.path.abspath(os.path.expanduser(path))

@@ -6,9 +6,10 @@
 teacher) through the jitted `eval_step` and sums the per-batch confusion matrices on
 the host in int64 once the pass is dispatched, so the loop never waits on the device.
 `write_report` stores per-class IoU and mIoU (19 classes, plus 16 and 13 for a SYNTHIA
-source, docs/method.md §1) of the student and the EMA teacher in `DIR/eval/STEP.json`,
-and draws PNGs: image | ground truth | prediction panels and a row-normalised confusion
-matrix. `predict_directory` is the predict mode.
+source, docs/method.md §1) of the student and the EMA teacher, with the settings they
+were made with, in `DIR/eval/STEP.json` (`STEP_TAG.json` for `--mode=eval` with other
+settings than the training run's, `report_name`), and draws PNGs: image | ground truth |
+prediction panels and a row-normalised confusion matrix.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
-import PIL.Image
-from absl import logging
 
 from wsda_jax import augment, classes, metrics, parallel
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first.
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TITLES = ("image", "ground truth", "prediction")
 
 
@@ -234,30 +232,79 @@ def predict_labels(
     return np.asarray(labels)
 
 
+# The settings that change an evaluation's numbers; a report made with other values
+# than the training run's gets its own file name (`report_name`).
+RESULT_SETTINGS = ("target", "split", "scales", "flip", "eval_resize", "max_images", "dtype")
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Every setting an evaluation is made with, JSON-ready (stored in its report)."""
+    return {
+        "target": config.data.target,
+        "split": "val",
+        "scales": [float(s) for s in config.eval.scales],
+        "flip": bool(config.eval.flip),
+        "eval_resize": [int(n) for n in config.data.eval_resize],
+        "max_images": int(config.eval.max_images),
+        "dtype": config.compute_dtype,
+        "num_classes": int(config.num_classes),
+        "ignore_label": classes.IGNORE_LABEL,
+        "per_device_batch_size": int(config.eval.per_device_batch_size),
+        "images_per_forward": int(config.eval.images_per_forward),
+    }
+
+
+def report_name(settings: Mapping[str, Any], trained: Mapping[str, Any] | None, step: int) -> str:
+    """`STEP` when the result settings equal the training run's (`trained`, None = this
+    is the training run), else `STEP_` + a tag of the settings, e.g.
+    '0_scales0.5-1-2_flip' (so `--mode=eval` with other settings keeps its own files)."""
+    if trained is None or all(settings[k] == trained.get(k) for k in RESULT_SETTINGS):
+        return str(step)
+    parts = ["scales" + "-".join(f"{s:g}" for s in settings["scales"])]
+    if settings["flip"]:
+        parts.append("flip")
+    if settings["eval_resize"]:
+        parts.append("resize{}x{}".format(*settings["eval_resize"]))
+    if settings["max_images"]:
+        parts.append(f"first{settings['max_images']}")
+    parts.append(settings["dtype"])
+    if settings["target"] != trained.get("target"):
+        parts.append(settings["target"].replace("/", "-"))
+    return f"{step}_" + "_".join(parts)
+
+
 def write_report(
     config: ml_collections.ConfigDict,
     workdir: str,
     step: int,
     results: Mapping[str, tuple[np.ndarray, np.ndarray | None]],
     examples: list[dict[str, np.ndarray]],
+    *,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Writes DIR/eval/STEP.json and PNGs; returns the JSON content.
+    """Writes DIR/eval/NAME.json (NAME = `name`, default STEP) and PNGs; returns the JSON
+    content, which includes `eval_settings(config)`.
 
     `results` maps a model name ('student', 'teacher') to its confusion matrix and its
     predictions for `examples` (or None).
     """
-    report = {"step": step}
-    report.update({name: summarize(config, confusion) for name, (confusion, _) in results.items()})
+    name = str(step) if name is None else name
+    report = {"step": step, "settings": eval_settings(config)}
+    report.update(
+        {model: summarize(config, confusion) for model, (confusion, _) in results.items()}
+    )
     if jax.process_index() != 0:
         return report
     directory = os.path.join(workdir, "eval")
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{step}.json"), "w") as f:
+    with open(os.path.join(directory, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=2)
-    for name, (confusion, predictions) in results.items():
-        plot_confusion(confusion, os.path.join(directory, f"{step}_{name}_confusion.png"))
+    for model, (confusion, predictions) in results.items():
+        plot_confusion(confusion, os.path.join(directory, f"{name}_{model}_confusion.png"))
         if predictions is not None and examples:
-            plot_panels(examples, predictions, os.path.join(directory, f"{step}_{name}_panels.png"))
+            plot_panels(
+                examples, predictions, os.path.join(directory, f"{name}_{model}_panels.png")
+            )
     return report
 
 
@@ -295,86 +342,3 @@ def plot_confusion(confusion: np.ndarray, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
-
-
-def check_predict_dirs(input_dir: str, output_dir: str) -> None:
-    """Raises a one-line ValueError unless `input_dir` is a folder that differs from
-    `output_dir` (writing into the input folder could overwrite the user's images)."""
-    if not os.path.isdir(input_dir):
-        raise ValueError(f"--input_dir={input_dir!r} is not a directory")
-    if os.path.realpath(input_dir) == os.path.realpath(output_dir):
-        raise ValueError(
-            f"--output_dir={output_dir!r} is the input folder: choose another folder, so "
-            "that no input image is overwritten"
-        )
-
-
-def output_names(names: Iterable[str]) -> dict[str, str]:
-    """A distinct PNG name per input name: 'x.png' for 'x.jpg', but 'x_png.png' and
-    'x_jpg.png' when both 'x.png' and 'x.jpg' are inputs."""
-    names = list(names)
-    stems = [os.path.splitext(name)[0] for name in names]
-    taken: set[str] = set()
-    out = {}
-    for name, stem in zip(names, stems, strict=True):
-        suffix = os.path.splitext(name)[1][1:]
-        candidate = f"{stem}.png" if stems.count(stem) == 1 else f"{stem}_{suffix}.png"
-        index = 1
-        while candidate in taken:  # 'x_png' and 'x.png' + 'x.jpg' all given: rare.
-            candidate = f"{stem}_{suffix}_{index}.png"
-            index += 1
-        taken.add(candidate)
-        out[name] = candidate
-    return out
-
-
-def _read_rgb(path: str) -> np.ndarray | None:
-    """The image as uint8 (H, W, 3), or None (with a warning) if it cannot be decoded."""
-    try:
-        with PIL.Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), np.uint8)
-    except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-        logging.warning("Skipped %s: not a readable image (%s).", path, error)
-        return None
-
-
-def predict_directory(
-    config: ml_collections.ConfigDict,
-    variables: Any,
-    input_dir: str,
-    output_dir: str,
-    *,
-    model: Any,
-) -> list[str]:
-    """Colourised predictions of every PNG/JPEG in `input_dir`, as PNGs in `output_dir`.
-
-    Unreadable files are skipped with a warning each and counted; output names are
-    distinct (`output_names`); `output_dir` must not be `input_dir`. With several
-    processes each predicts and writes every `process_count`-th image (its share of the
-    sorted names) and returns the paths it wrote.
-    """
-    check_predict_dirs(input_dir, output_dir)
-    names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_SUFFIXES))
-    if not names:
-        raise ValueError(f"--input_dir={input_dir}: no .png/.jpg/.jpeg images")
-    os.makedirs(output_dir, exist_ok=True)
-    share = list(output_names(names).items())[jax.process_index() :: jax.process_count()]
-    if not share:  # Fewer images than processes.
-        return []
-    written, skipped = [], 0
-    for name, out_name in share:
-        pixels = _read_rgb(os.path.join(input_dir, name))
-        if pixels is None:
-            skipped += 1
-            continue
-        label = predict_labels(config, variables, pixels[None], model=model)[0]
-        path = os.path.join(output_dir, out_name)
-        PIL.Image.fromarray(classes.colorize(label)).save(path)
-        written.append(path)
-    if skipped:
-        logging.warning(
-            "Skipped %d of %d images in %s (unreadable).", skipped, len(share), input_dir
-        )
-    if not written:
-        raise ValueError(f"--input_dir={input_dir}: none of its {len(share)} images is readable")
-    return written

@@ -32,6 +32,7 @@ from wsda_jax import (
     evaluation,
     optim,
     parallel,
+    prediction,
     reporting,
     steps,
     train_state,
@@ -169,8 +170,10 @@ def evaluate_and_report(
     model: Any,
     mesh: jax.sharding.Mesh,
     eval_fn: Callable[[Any, Any], jax.Array],
+    file_name: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluates the student (and, when adapting, the teacher); writes DIR/eval/STEP.*."""
+    """Evaluates the student (and, when adapting, the teacher); writes DIR/eval/NAME.*
+    (NAME: `file_name`, default STEP)."""
     models = {"student": state.student_variables()}
     if config.stage == "adapt":
         models["teacher"] = state.teacher_variables()
@@ -185,7 +188,7 @@ def evaluate_and_report(
             images = np.stack([example["image"] for example in examples])
             predictions = evaluation.predict_labels(config, variables, images, model=model)
         results[name] = (confusions[name], predictions)
-    report = evaluation.write_report(config, workdir, step, results, examples)
+    report = evaluation.write_report(config, workdir, step, results, examples, name=file_name)
     shown = ", ".join(f"{name} mIoU {report[name]['miou']}" for name in results)
     logging.info("Evaluation at step %d: %s.", step, shown)
     return report
@@ -204,7 +207,9 @@ def _eval_scalars(report: dict[str, Any]) -> dict[str, float]:
 
 def _best_metric(report: dict[str, Any]) -> dict[str, float]:
     """The checkpoint ranking metric: the better of student and teacher mIoU."""
-    mious = [s["miou"] for s in report.values() if isinstance(s, dict) and s["miou"] is not None]
+    mious = [
+        s["miou"] for s in report.values() if isinstance(s, dict) and s.get("miou") is not None
+    ]
     return {checkpointing.BEST_METRIC: max(mious, default=0.0)}
 
 
@@ -329,16 +334,24 @@ def _restore_for_inference(
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the latest checkpoint of `workdir`; writes DIR/eval/STEP.json."""
+    """Evaluates the latest checkpoint of `workdir`; writes DIR/eval/STEP.json, or
+    DIR/eval/STEP_TAG.json when the eval settings differ from those the checkpoint was
+    trained with (`evaluation.report_name`)."""
     config_lib.validate(config, jax.device_count())
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     state, step = _restore_for_inference(config, workdir, mesh, set_aside=True)
+    trained = checkpointing.saved_config(checkpointing.checkpoint_dir(workdir), step)
+    name = evaluation.report_name(
+        evaluation.eval_settings(config),
+        evaluation.eval_settings(ml_collections.ConfigDict(trained)) if trained else {},
+        step,
+    )
     model = deeplab.build_model(config)
     val = sources.open_val(config)
     eval_fn = evaluation.make_eval_fn(config, model, mesh)
     return evaluate_and_report(
-        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn
+        config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn, file_name=name
     )
 
 
@@ -347,11 +360,11 @@ def predict_images(
 ) -> list[str]:
     """Colourised predictions of the images in `input_dir` by the latest checkpoint
     (the EMA teacher when adapting, else the student); returns the written paths."""
-    evaluation.check_predict_dirs(input_dir, output_dir)  # Before any work.
+    prediction.check_predict_dirs(input_dir, output_dir)  # Before any work.
     workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     # Read only: predict writes nothing in the workdir (and takes no lock on it).
     state, _ = _restore_for_inference(config, workdir, mesh, set_aside=False)
     variables = state.teacher_variables() if config.stage == "adapt" else state.student_variables()
     model = deeplab.build_model(config)
-    return evaluation.predict_directory(config, variables, input_dir, output_dir, model=model)
+    return prediction.predict_directory(config, variables, input_dir, output_dir, model=model)

@@ -47,7 +47,9 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits = jnp.zeros((), jnp.float32)
+        # float32 for float32/bfloat16 compute, float64 for float64 (the parity test).
+        out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        logits = jnp.zeros((), out_dtype)
         for i, d in enumerate(self.aspp_dilations):
             # The reference initialises these with normal(0, 0.01) and bias 0. The branches
             # are summed in float32: in bfloat16 (8 significant bits) the sum of four
@@ -64,11 +66,11 @@ class Head(nn.Module):
                 bias_init=nn.initializers.zeros,
                 name=f"classifier_{i}",
             )(x)
-            logits = logits + branch.astype(jnp.float32)
+            logits = logits + branch.astype(out_dtype)
         features = nn.Dense(
             self.proj_dim, dtype=self.dtype, param_dtype=jnp.float32, name="projection"
         )(x)
-        features = features.astype(jnp.float32)
+        features = features.astype(out_dtype)
         # F.normalize(dim=1): x / max(||x||, 1e-12).
         norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
         features = features / jnp.maximum(norm, 1e-12)

@@ -79,7 +79,7 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
     return {key: value.detach().cpu().numpy() for key, value in loaded.items()}
 
 
-def _torch_key(collection: str, path: tuple[str, ...]) -> str:
+def torch_key(collection: str, path: tuple[str, ...]) -> str:
     """Flax backbone path, e.g. ('layer1_0', 'conv1', 'kernel') -> 'layer1.0.conv1.weight'."""
     *modules, leaf = path
     names = []
@@ -93,13 +93,13 @@ def _torch_key(collection: str, path: tuple[str, ...]) -> str:
     return ".".join(names + [_LEAF_NAMES[(collection, leaf)]])
 
 
-def _to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
+def to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
     """Torch layout -> Flax layout: conv OIHW -> HWIO, vectors unchanged; float32."""
     value = np.asarray(value, dtype=np.float32)
     return value.transpose(2, 3, 1, 0) if leaf == "kernel" else value
 
 
-def _torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     """The torch shape that a Flax leaf of `shape` must come from."""
     if leaf == "kernel":
         h, w, i, o = shape
@@ -130,16 +130,16 @@ def convert_torchvision_resnet(
         flat = flax.traverse_util.flatten_dict(variables[collection]["backbone"])
         new_flat = {}
         for path, old in flat.items():
-            key = _torch_key(collection, path)
+            key = torch_key(collection, path)
             if key not in state_dict:
                 raise ValueError(f"state_dict: missing key {key!r}")
             value = np.asarray(state_dict[key])
-            expected = _torch_shape(tuple(old.shape), path[-1])
+            expected = torch_shape(tuple(old.shape), path[-1])
             if value.shape != expected:
                 raise ValueError(
                     f"state_dict[{key!r}]: expected shape {expected}, found {value.shape}"
                 )
-            new_flat[path] = _to_flax(value, path[-1])
+            new_flat[path] = to_flax(value, path[-1])
             used.add(key)
         converted[collection] = flax.traverse_util.unflatten_dict(new_flat)
     unused = sorted(
