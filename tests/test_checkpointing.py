@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wsda_jax import checkpoint_recovery, checkpointing, errors
+from wsda_jax import checkpoint_recovery, checkpointing, errors, parallel
 
 
 @flax.struct.dataclass
@@ -64,6 +64,10 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _abstract_on_mesh(tree, mesh):
+    return parallel.abstract_on(tree, parallel.replicated(mesh))
+
+
 def test_round_trip_restores_state_and_iterator_position(tmp_path):
     config = _config()
     state = _state(seed=7)
@@ -76,7 +80,7 @@ def test_round_trip_restores_state_and_iterator_position(tmp_path):
         assert not checkpointing.save(manager, 2, state, iterator, config)  # Already there.
 
     fresh_iterator = _iterator()
-    abstract = checkpointing.abstract_on_mesh(jax.eval_shape(lambda: _state()), _mesh())
+    abstract = _abstract_on_mesh(jax.eval_shape(lambda: _state()), _mesh())
     with checkpointing.make_manager(str(tmp_path), config) as manager:
         restored, step = checkpointing.restore_latest(manager, abstract, fresh_iterator)
     assert step == 2
@@ -121,7 +125,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
                 f.write(b"\0")
 
     abstract = jax.eval_shape(lambda: _state())
-    abstract = checkpointing.abstract_on_mesh(abstract, _mesh())
+    abstract = _abstract_on_mesh(abstract, _mesh())
     with caplog.at_level(logging.WARNING):
         with checkpointing.make_manager(str(tmp_path), config) as manager:
             restored, step = checkpointing.restore_latest(manager, abstract, _iterator())
@@ -189,7 +193,7 @@ def test_corrupt_latest_is_moved_aside_so_it_is_saved_again(tmp_path, caplog):
     config = _config(keep=3)
     _save_steps(tmp_path, {1: _state(seed=1), 2: _state(seed=2)}, config)
     _zero_files(tmp_path / "2" / "state")
-    abstract = checkpointing.abstract_on_mesh(jax.eval_shape(lambda: _state()), _mesh())
+    abstract = _abstract_on_mesh(jax.eval_shape(lambda: _state()), _mesh())
     with caplog.at_level(logging.WARNING):
         with checkpointing.make_manager(str(tmp_path), config) as manager:
             _, step = checkpointing.restore_latest(manager, abstract, _iterator())
@@ -209,9 +213,7 @@ def test_corrupt_latest_is_moved_aside_so_it_is_saved_again(tmp_path, caplog):
 def test_checkpoint_of_another_model_is_named_and_left_in_place(tmp_path):
     config = _config()
     _save_steps(tmp_path, {1: _state(kernel_shape=(3, 3))}, config)
-    abstract = checkpointing.abstract_on_mesh(
-        jax.eval_shape(lambda: _state(kernel_shape=(3, 4))), _mesh()
-    )
+    abstract = _abstract_on_mesh(jax.eval_shape(lambda: _state(kernel_shape=(3, 4))), _mesh())
     expected = (
         "checkpoint 1 was written by a different model: params/backbone/conv/kernel has "
         r"shape \(3, 3\), this config \(3, 4\)"

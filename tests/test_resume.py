@@ -228,7 +228,7 @@ def _assert_every_checkpoint_restores(workdir):
     """Every entry of checkpoints/ is a step whose state restores (nothing else left)."""
     import jax
 
-    from wsda_jax import checkpointing, config_presets, optim, parallel, train
+    from wsda_jax import checkpointing, config_presets, optim, parallel, train_state
     from wsda_jax.models import deeplab
 
     names = os.listdir(workdir / "checkpoints")
@@ -236,7 +236,14 @@ def _assert_every_checkpoint_restores(workdir):
     config = config_presets.synthetic(stage="adapt", weak_label="coarse", arg="tiny")
     mesh = parallel.make_mesh()
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
-    abstract = train.abstract_state(config, model, optim.make_optimizer(config), mesh)
+    abstract = train_state.create_train_state(
+        config,
+        model,
+        jax.random.PRNGKey(0),
+        optimizer=optim.make_optimizer(config),
+        mesh=mesh,
+        abstract=True,
+    )
     with checkpointing.make_manager(str(workdir / "checkpoints"), config) as manager:
         for step in sorted(int(name) for name in names):
             args = checkpointing.ocp.args.Composite(

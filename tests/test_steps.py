@@ -319,7 +319,9 @@ def test_other_weak_label_kinds_trace(weak_label):
     model = tiny_model(config)
     optimizer = optim.make_optimizer(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    abstract = train_state.abstract_train_state(config, model, (1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    abstract = train_state.create_train_state(
+        config, model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3), abstract=True
+    )
     step = parallel.shard_train_step(
         steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config
     )

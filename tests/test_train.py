@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 from test_imagenet_init import WIDTH, random_state_dict
 
-from wsda_jax import classes, config_lib, optim, parallel, steps, train
+from wsda_jax import classes, config_lib, optim, parallel, steps, train, train_state
 from wsda_jax.data import sources
 from wsda_jax.models import deeplab
 
@@ -187,7 +187,9 @@ def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
     config.data.crop_size = (32, 32)
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state = train.fresh_state(config, model, optim.make_optimizer(config), mesh)
+    state = train_state.create_train_state(
+        config, model, jax.random.PRNGKey(0), optimizer=optim.make_optimizer(config), mesh=mesh
+    )
     weights = random_state_dict(18, (1, 1, 1, 1), seed=3)
     path = str(tmp_path / "resnet18.npz")
     np.savez(path, **weights)

@@ -90,7 +90,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
     float32 presence; 'target' only for the 'adapt' stage."""
     batch = config.per_device_batch_size * mesh.size
     height, width = config.data.crop_size
-    sharding = jax.sharding.NamedSharding(mesh, parallel.P(parallel.AXIS))
+    sharding = parallel.split_over_data(mesh)
 
     def array(shape, dtype=jnp.uint8):
         return jax.ShapeDtypeStruct((batch, *shape), dtype, sharding=sharding)
@@ -108,11 +108,9 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
 
 def abstract_state(config, model, optimizer, mesh: jax.sharding.Mesh) -> train_state.TrainState:
     """ShapeDtypeStructs of the train state, replicated on `mesh` (nothing is allocated)."""
-    image_shape = (1, *config.data.crop_size, 3)
-    abstract = train_state.abstract_train_state(config, model, image_shape, optimizer)
-    sharding = jax.sharding.NamedSharding(mesh, parallel.P())
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+    key = jax.random.PRNGKey(config.seed)
+    return train_state.create_train_state(
+        config, model, key, optimizer=optimizer, mesh=mesh, abstract=True
     )
 
 

@@ -37,13 +37,12 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from wsda_jax import checkpoint_recovery, errors
+from wsda_jax import checkpoint_recovery, errors, parallel, train_state
 
 BEST_METRIC = "miou"
 
@@ -171,12 +170,6 @@ def _last_committed(manager: ocp.CheckpointManager) -> str:
     return f"step {max(steps)}" if steps else "none"
 
 
-def abstract_on_mesh(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """ShapeDtypeStructs of `tree`, replicated over `mesh` (the target of a restore)."""
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def restore_latest(
     manager: ocp.CheckpointManager,
     abstract_state: Any,
@@ -264,7 +257,9 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
                     raise DifferentModelError(
                         f"checkpoint {step} was written by a different model: {problem}"
                     )
-            target = abstract_on_mesh({name: metadata[name] for name in names}, mesh)
+            target = parallel.abstract_on(
+                {name: metadata[name] for name in names}, parallel.replicated(mesh)
+            )
             # A partial restore: only the variables are read from the stage-1 state.
             return manager.restore(
                 step,
@@ -284,7 +279,7 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
         if found is None:
             raise ValueError(f"config.init.init_from={path!r}: no checkpoint in {directory}")
         restored, step = found
-    state = with_student_and_teacher(state, restored["params"], restored["batch_stats"])
+    state = train_state.with_student_and_teacher(state, restored["params"], restored["batch_stats"])
     if "teacher_params" in restored:
         state = state.replace(
             teacher_params=restored["teacher_params"],
@@ -300,20 +295,6 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
         source,
     )
     return state
-
-
-def with_student_and_teacher(state: Any, params: Any, batch_stats: Any) -> Any:
-    """`state` with these variables for the student and a copy for the teacher.
-
-    The copy matters: the train step donates the state, and one buffer cannot be donated
-    twice.
-    """
-    return state.replace(
-        params=params,
-        batch_stats=batch_stats,
-        teacher_params=jax.tree.map(jnp.copy, params),
-        teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-    )
 
 
 def _restore_args(leaf: jax.ShapeDtypeStruct) -> ocp.ArrayRestoreArgs:

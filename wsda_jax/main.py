@@ -76,7 +76,7 @@ def _run(argv: list[str]) -> None:
     logging.info(
         "Process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices()
     )
-    workdir = os.path.expanduser(FLAGS.workdir)
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))  # The one normalisation.
     if FLAGS.mode == "predict":
         if not (FLAGS.input_dir and FLAGS.output_dir):
             raise ValueError("--mode=predict needs --input_dir and --output_dir")

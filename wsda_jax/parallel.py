@@ -92,12 +92,27 @@ def shard_eval_step(eval_fn: Callable, mesh: jax.sharding.Mesh, **static_kwargs:
     return jax.jit(mapped)
 
 
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The state's sharding: a full copy on every device of `mesh`."""
+    return jax.sharding.NamedSharding(mesh, P())
+
+
+def split_over_data(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """A batch's sharding: its leading axis split over the 'data' axis of `mesh`."""
+    return jax.sharding.NamedSharding(mesh, P(AXIS))
+
+
+def abstract_on(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves with `sharding` (a compile or restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def put_batch(batch: Any, mesh: jax.sharding.Mesh) -> Any:
     """Places this process's numpy batch as global arrays sharded P('data') on the mesh."""
-    sharding = jax.sharding.NamedSharding(mesh, P(AXIS))
+    sharding = split_over_data(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Replicates a pytree (the train state) on every device of the mesh."""
-    return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
+    return jax.device_put(tree, replicated(mesh))

@@ -50,33 +50,6 @@ def _process_kwargs() -> dict[str, int]:
     }
 
 
-def _init_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
-    return (1, *config.data.crop_size, 3)
-
-
-def fresh_state(
-    config: ml_collections.ConfigDict, model: Any, optimizer: Any, mesh: jax.sharding.Mesh
-) -> train_state.TrainState:
-    """A new state from `config.seed`, initialised directly on the mesh (replicated)."""
-    shape = _init_image_shape(config)
-    abstract = train_state.abstract_train_state(config, model, shape, optimizer)
-    shardings = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, parallel.P()), abstract)
-    init = jax.jit(
-        lambda key: train_state.create_train_state(config, model, key, shape, optimizer),
-        out_shardings=shardings,
-    )
-    return init(jax.random.PRNGKey(config.seed))
-
-
-def abstract_state(
-    config: ml_collections.ConfigDict, model: Any, optimizer: Any, mesh: jax.sharding.Mesh
-) -> train_state.TrainState:
-    """The state's shapes with the current mesh's shardings: the target of a restore."""
-    shape = _init_image_shape(config)
-    abstract = train_state.abstract_train_state(config, model, shape, optimizer)
-    return checkpointing.abstract_on_mesh(abstract, mesh)
-
-
 def _from_imagenet(
     state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
 ) -> train_state.TrainState:
@@ -91,7 +64,7 @@ def _from_imagenet(
         {"params": variables["params"], "batch_stats": variables["batch_stats"]}, mesh
     )
     logging.info("Initialised student and teacher backbones from ImageNet weights %s.", path)
-    return checkpointing.with_student_and_teacher(
+    return train_state.with_student_and_teacher(
         state, variables["params"], variables["batch_stats"]
     )
 
@@ -107,11 +80,15 @@ def initial_state(
     """The state to start from, and its step."""
     # Resume order:
     # (1) the latest readable checkpoint in the workdir (state and data position);
-    restored = _restore_latest(manager, abstract_state(config, model, optimizer, mesh), train_iter)
+    key = jax.random.PRNGKey(config.seed)
+    abstract = train_state.create_train_state(
+        config, model, key, optimizer=optimizer, mesh=mesh, abstract=True
+    )
+    restored = _restore_latest(manager, abstract, train_iter)
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
-    state = fresh_state(config, model, optimizer, mesh)
+    state = train_state.create_train_state(config, model, key, optimizer=optimizer, mesh=mesh)
     # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;
     if config.init.init_from:
         state = checkpointing.load_init_from(
@@ -219,7 +196,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stopped the run early."""
     config_lib.validate(config, jax.device_count())
     logging.info(config_lib.batch_summary(config, jax.device_count()))
-    workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
     eval_model = deeplab.build_model(config)
@@ -326,7 +302,14 @@ def _restore_for_inference(
     if not os.path.isdir(directory):
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
     with checkpointing.make_manager(directory, config, owner=set_aside) as manager:
-        abstract = abstract_state(config, model, optimizer, mesh)
+        abstract = train_state.create_train_state(
+            config,
+            model,
+            jax.random.PRNGKey(config.seed),
+            optimizer=optimizer,
+            mesh=mesh,
+            abstract=True,
+        )
         restored = _restore_latest(manager, abstract, set_aside=set_aside)
     if restored is None:
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
@@ -338,7 +321,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     DIR/eval/STEP_TAG.json when the eval settings differ from those the checkpoint was
     trained with (`evaluation.report_name`)."""
     config_lib.validate(config, jax.device_count())
-    workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     state, step = _restore_for_inference(config, workdir, mesh, set_aside=True)
     trained = checkpointing.saved_config(checkpointing.checkpoint_dir(workdir), step)
@@ -361,7 +343,6 @@ def predict_images(
     """Colourised predictions of the images in `input_dir` by the latest checkpoint
     (the EMA teacher when adapting, else the student); returns the written paths."""
     prediction.check_predict_dirs(input_dir, output_dir)  # Before any work.
-    workdir = os.path.abspath(os.path.expanduser(workdir))
     mesh = parallel.make_mesh()
     # Read only: predict writes nothing in the workdir (and takes no lock on it).
     state, _ = _restore_for_inference(config, workdir, mesh, set_aside=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from wsda_jax import optim
+from wsda_jax import optim, parallel
 
 
 @flax.struct.dataclass
@@ -48,29 +49,51 @@ class TrainState:
         return {"params": self.teacher_params, "batch_stats": self.teacher_batch_stats}
 
 
+def init_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int, int]:
+    """The dummy input batch that initialises the model: (1, crop height, crop width, 3)."""
+    return (1, *config.data.crop_size, 3)
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: nn.Module,
     key: jax.Array,
-    image_shape: tuple[int, ...],
+    image_shape: tuple[int, ...] | None = None,
     optimizer: optax.GradientTransformation | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    abstract: bool = False,
 ) -> TrainState:
     """Initialises the student from `key`; the teacher starts equal to the student.
+
+    One jitted program builds the whole state, replicated on `mesh` when given (placed
+    there directly, never on one device first). With `abstract=True` nothing is computed:
+    the result holds `jax.ShapeDtypeStruct`s (with the mesh's sharding), the target of a
+    checkpoint restore or of an ahead-of-time compile.
 
     Args:
       config: the run configuration (num_classes, model.proj_dim, optim).
       model: the `DeepLabV2` to initialise.
       key: uint32 [2] PRNG key (jax.random.PRNGKey); split into init and step keys.
-      image_shape: shape of a dummy input batch, (B, H, W, 3).
+      image_shape: shape of a dummy input batch, (B, H, W, 3); default
+        `init_image_shape(config)`.
       optimizer: defaults to `optim.make_optimizer(config)`.
     """
     if optimizer is None:
         optimizer = optim.make_optimizer(config)
-    # One compiled program instead of op-by-op dispatch of the whole network.
-    return jax.jit(lambda k: _init_state(config, model, k, image_shape, optimizer))(key)
+    if image_shape is None:
+        image_shape = init_image_shape(config)
+    init = jax.jit(
+        functools.partial(_init_state, config, model, image_shape=image_shape, optimizer=optimizer),
+        out_shardings=None if mesh is None else parallel.replicated(mesh),
+    )
+    if not abstract:
+        return init(key)
+    shapes = jax.eval_shape(init, key)
+    return shapes if mesh is None else parallel.abstract_on(shapes, parallel.replicated(mesh))
 
 
-def _init_state(config, model, key, image_shape, optimizer) -> TrainState:
+def _init_state(config, model, key, *, image_shape, optimizer) -> TrainState:
     init_key, step_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros(image_shape, jnp.float32), train=False)
     params = variables["params"]
@@ -90,14 +113,15 @@ def _init_state(config, model, key, image_shape, optimizer) -> TrainState:
     )
 
 
-def abstract_train_state(
-    config: ml_collections.ConfigDict,
-    model: nn.Module,
-    image_shape: tuple[int, ...],
-    optimizer: optax.GradientTransformation | None = None,
-) -> TrainState:
-    """The TrainState's shapes and dtypes (jax.ShapeDtypeStruct leaves), for checkpoint restore."""
-    return jax.eval_shape(
-        lambda key: create_train_state(config, model, key, image_shape, optimizer),
-        jax.random.PRNGKey(0),
+def with_student_and_teacher(state: TrainState, params: Any, batch_stats: Any) -> TrainState:
+    """`state` with these variables for the student and a copy for the teacher.
+
+    The copy matters: the train step donates the state, and one buffer cannot be donated
+    twice.
+    """
+    return state.replace(
+        params=params,
+        batch_stats=batch_stats,
+        teacher_params=jax.tree.map(jnp.copy, params),
+        teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
     )

@@ -251,7 +251,9 @@ def synthetic_row(dry_run: bool, num_steps: int) -> str:
         iterator = pipeline.make_train_iterator(
             config, data.source, data.target, num_local_devices=jax.local_device_count()
         )
-        state = train.fresh_state(config, model, optimizer, mesh)
+        state = train_state.create_train_state(
+            config, model, jax.random.PRNGKey(config.seed), optimizer=optimizer, mesh=mesh
+        )
         step_fn = train.make_train_step(config, model, optimizer, mesh)
         times, losses = [], []
         for step in range(num_steps):

@@ -158,8 +158,10 @@ def _host_random(tree, seed: int = 0):
 
 def random_state(config, model, optimizer) -> train_state.TrainState:
     """A TrainState with host-random weights (compiling model.init for ResNet-101 is slow)."""
-    size = config.data.crop_size[0]
-    abstract = train_state.abstract_train_state(config, model, (1, size, size, 3), optimizer)
+    key = jax.random.PRNGKey(config.seed)
+    abstract = train_state.create_train_state(
+        config, model, key, optimizer=optimizer, abstract=True
+    )
     params = _host_random(abstract.params)
     batch_stats = _host_random(abstract.batch_stats)
     prototypes = jnp.zeros((config.num_classes, config.model.proj_dim), jnp.float32)
@@ -190,22 +192,17 @@ def flops_of(compiled) -> float | None:
     return float(analysis["flops"])
 
 
-def _abstract(tree, sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def abstract_batch(config, mesh: jax.sharding.Mesh) -> dict:
     """ShapeDtypeStructs of `random_batch(config)`, sharded P('data') on `mesh`."""
-    return _abstract(
-        random_batch(config), jax.sharding.NamedSharding(mesh, parallel.P(parallel.AXIS))
-    )
+    return parallel.abstract_on(random_batch(config), parallel.split_over_data(mesh))
 
 
 def abstract_state(config, model, optimizer, mesh: jax.sharding.Mesh) -> train_state.TrainState:
     """ShapeDtypeStructs of the train state, replicated on `mesh`."""
-    size = config.data.crop_size[0]
-    abstract = train_state.abstract_train_state(config, model, (1, size, size, 3), optimizer)
-    return _abstract(abstract, jax.sharding.NamedSharding(mesh, parallel.P()))
+    key = jax.random.PRNGKey(config.seed)
+    return train_state.create_train_state(
+        config, model, key, optimizer=optimizer, mesh=mesh, abstract=True
+    )
 
 
 def make_step(config, mesh: jax.sharding.Mesh):
