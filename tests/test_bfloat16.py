@@ -21,7 +21,12 @@ def _run_steps(dtype: str, initial, batches):
     model = tiny_model(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
     step = parallel.shard_train_step(
-        steps.adapt_step, mesh, model=model, optimizer=optim.make_optimizer(config), config=config
+        steps.adapt_step,
+        mesh,
+        model=model,
+        optimizer=optim.make_optimizer(config),
+        config=config,
+        contrast_on=True,
     )
     state = parallel.replicate(initial, mesh)
     history = []

@@ -40,3 +40,30 @@ def test_program_before_contrast_start_has_no_anchor_sampling():
     }
     assert "top_k" in jaxprs[True] and "top_k" not in jaxprs[False]
     assert len(jaxprs[False]) < len(jaxprs[True])
+
+
+def test_both_programs_log_the_same_metrics():
+    """The metrics the program before contrast_start does not compute read 0 there
+    (`steps.contrast_off_metrics`), so both programs log the same keys."""
+    config = tiny_config("coarse")
+    model = tiny_model(config)
+    optimizer = optim.make_optimizer(config)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = train_state.abstract_train_state(config, model, (1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), synthetic_batch(0, 2, "coarse")
+    )
+    names = {}
+    for on in (False, True):
+        step = parallel.shard_train_step(
+            steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config, contrast_on=on
+        )
+        names[on] = set(jax.eval_shape(step, state, batch)[1])
+    assert names[False] == names[True]
+    off = steps.contrast_off_metrics(config)
+    assert set(off) == {"inter", "intra_src", "intra_tgt", "im_u", "im_proto"} | {
+        "anchors_inter",
+        "anchors_intra_src",
+        "anchors_intra_tgt",
+    }
+    assert all(float(value) == 0.0 for value in off.values())

@@ -66,3 +66,20 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="my_labels"):
         label_ops.check_label_values(jnp.array([0, 3, 255, 7]), 5, "my_labels")
     label_ops.check_label_values(jnp.array([0, 4, 255]), 5, "my_labels")
+
+
+def test_presence_on_host_and_device():
+    """The classes that label a pixel, 255 and out-of-range ids counting nothing: NumPy in,
+    NumPy out (data preparation), JAX in, JAX out (the step)."""
+    label = np.zeros((40, 60), np.uint8)  # road
+    label[:10] = 10  # sky
+    label[20:30, 10:40] = 13  # car
+    label[35:38, 50:53] = 5  # small pole (9 px)
+    label[:, :3] = 255
+    label[0, 5] = 19  # An id outside [0, C).
+    host = label_ops.presence(label[None], 19)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32 and host.shape == (1, 19)
+    np.testing.assert_array_equal(np.flatnonzero(host[0]), [0, 5, 10, 13])
+    device = jax.jit(label_ops.presence, static_argnums=1)(jnp.asarray(label[None], jnp.int32), 19)
+    assert isinstance(device, jax.Array)
+    np.testing.assert_array_equal(device, host)

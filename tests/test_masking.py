@@ -107,7 +107,7 @@ def _run_step(config, batch):
         config, model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3)
     )
     step = parallel.shard_train_step(
-        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config
+        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config, contrast_on=True
     )
     _, metrics = step(
         parallel.replicate(jax.device_get(state), mesh), parallel.put_batch(batch, mesh)

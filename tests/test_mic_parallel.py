@@ -1,6 +1,6 @@
 """Masked image consistency on 1 vs 4 devices: every device draws its own mask.
 
-Runs in a subprocess with 4 host CPU devices. The step's MIC key (`steps.mic_key`:
+Runs in a subprocess with 4 host CPU devices. The step's MIC key (`step_inputs.mic_key`:
 fold_in(fold_in(fold_in(rng, step), device), MIC_STREAM)) and `masking.masked_batch`
 run inside shard_map, as in `adapt_step`. On 4 devices, shard d must equal its images
 masked alone with device d's key, the 4 masks must differ, and on 1 device the whole
@@ -22,7 +22,7 @@ SCRIPT = r"""
 import functools, types
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import PartitionSpec as P
-from wsda_jax import config_lib, masking, parallel, steps
+from wsda_jax import config_lib, masking, parallel, step_inputs
 
 assert jax.device_count() == 4
 config = config_lib.base_config()
@@ -36,7 +36,7 @@ weights = jnp.ones((8, 16, 32), jnp.float32)
 
 def body(image, label, weight):
     state = types.SimpleNamespace(rng=rng, step=step)
-    out = masking.masked_batch(steps.mic_key(state, "data"), image, label, weight, config)
+    out = masking.masked_batch(step_inputs.mic_key(state, "data"), image, label, weight, config)
     return out.keep, out.image
 
 def run(n):
@@ -47,7 +47,7 @@ def run(n):
 
 def alone(device, rows):
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, step), device),
-                             steps.MIC_STREAM)
+                             step_inputs.MIC_STREAM)
     out = masking.masked_batch(key, images[rows], labels[rows], weights[rows], config)
     return np.asarray(out.keep), np.asarray(out.image)
 

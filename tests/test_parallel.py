@@ -58,7 +58,8 @@ result = {"params0": [np.asarray(x).tolist() for x in jax.tree.leaves(host_state
 for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
     step = parallel.shard_train_step(
-        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config)
+        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config,
+        contrast_on=True)
     state = parallel.replicate(host_state, mesh)
     totals = []
     for batch in batches:
@@ -77,7 +78,7 @@ for n in (1, 4):
 # ClassMix, strong augmentation, boundary and sampled contrastive losses on.
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from wsda_jax import augment, contrastive, pseudo_labels
+from wsda_jax import augment, contrastive, step_inputs
 from wsda_jax.models import deeplab
 stochastic = tiny_config("point", batch_size=4)
 stochastic.loss.intra_max_samples = stochastic.loss.inter_max_samples = 64
@@ -88,7 +89,8 @@ result["stochastic"] = {}
 for n in (1, 4):
     mesh = parallel.make_mesh(jax.devices()[:n])
     step = parallel.shard_train_step(
-        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=stochastic)
+        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=stochastic,
+        contrast_on=True)
     state = parallel.replicate(host_state, mesh)
     state, metrics = step(state, parallel.put_batch(batches[0], mesh))
     result["stochastic"][n] = {
@@ -101,8 +103,8 @@ mesh = parallel.make_mesh(jax.devices()[:4])
 # The step's own key on device i is fold_in(fold_in(rng, step), i).
 raw = lambda k: jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
 device_keys = jax.jit(jax.shard_map(
-    lambda s: raw(steps.step_key(s, "data"))[None], mesh=mesh, in_specs=P(), out_specs=P("data")
-))(parallel.replicate(host_state.replace(step=np.int32(3)), mesh))
+    lambda s: raw(step_inputs.step_key(s, "data"))[None], mesh=mesh, in_specs=P(),
+    out_specs=P("data")))(parallel.replicate(host_state.replace(step=np.int32(3)), mesh))
 step_3 = jax.random.fold_in(host_state.rng, 3)
 expected_keys = [raw(jax.random.fold_in(step_3, i)) for i in range(4)]
 result["device_keys_match"] = bool(np.array_equal(np.asarray(device_keys), np.stack(expected_keys)))
@@ -115,9 +117,8 @@ mix_inputs = (
     target["label"], rng.uniform(0, 1, target["label"].shape).astype(np.float32))
 
 def mix(key, source_image, source_label, target_image, pseudo_label, weight):
-    teacher = {"label": pseudo_label, "weight": weight}
-    mixed = pseudo_labels.mixed_batch(
-        key, source_image, source_label, target_image, teacher, stochastic)
+    mixed = augment.mixed_batch(
+        key, source_image, source_label, target_image, pseudo_label, weight, stochastic.classmix)
     return mixed.image, mixed.label, mixed.weight
 
 def device_key(key):
@@ -152,7 +153,8 @@ labels = (source["label"], target["weak_label"])
 def contrast(key, out_s, out_u, source_label, weak_label, teacher):  # As adapt_step's keys.
     keys = dict(zip(("inter", "intra_src", "intra_tgt"), jax.random.split(key, 3)))
     losses_, counts = contrastive.contrastive_losses(
-        keys, out_s, out_u, source_label, weak_label, teacher, protos[0], protos[1], stochastic)
+        keys, out_s, out_u, source_label, weak_label, teacher["features"],
+        teacher["masked_lowres"], teacher["lowres_confidence"], protos[0], protos[1], stochastic)
     return (jnp.stack([losses_[k] for k in sorted(losses_)])[None],
             jnp.stack([counts[k] for k in sorted(counts)])[None])
 

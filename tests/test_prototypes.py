@@ -98,3 +98,42 @@ def test_bad_inputs_raise():
         prototypes.update_prototypes(previous, features[..., :3], center, member)
     with pytest.raises(ValueError, match="center has values"):
         prototypes.update_prototypes(previous, features, np.full_like(center, 9), member)
+
+
+def test_source_and_target_label_choices_per_weak_label_kind():
+    """docs/method.md §7, written out with the NumPy reference: source: center = member =
+    the source labels at feature resolution; coarse: center = the weak map at feature
+    resolution, member = fuse(confident pseudo label, weak map); point: the same member,
+    the class means over the points of the upsampled features; image / none: center =
+    member = the confident pseudo label."""
+    previous, features, pseudo, _ = _inputs(2)
+    rng = np.random.default_rng(3)
+    source = rng.integers(0, C, size=(2, 32, 32)).astype(np.int32)
+    weak = np.full((2, 32, 32), 255, np.int32)
+    weak[:, :16, :16] = 3
+    weak[0, 5, 9], weak[1, 30, 2] = 0, 1
+    check = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    low = ref.resize_nearest(source, (8, 8))
+    got = jax.jit(prototypes.update_source_prototypes)(previous, features, source)
+    check(got, ref.update_prototypes(previous, features, low, low))
+    target = jax.jit(prototypes.update_target_prototypes, static_argnames="weak_label_kind")
+    member = ref.fuse(pseudo, weak)
+    expected = {
+        "coarse": ref.update_prototypes(
+            previous, features, ref.resize_nearest(weak, (8, 8)), member
+        ),
+        "point": ref.update_prototypes(
+            previous,
+            features,
+            weak,
+            member,
+            center_features=ref.bilinear_resize(features, 32, 32),
+        ),
+        "image": ref.update_prototypes(previous, features, pseudo, pseudo),
+        "none": ref.update_prototypes(previous, features, pseudo, pseudo),
+    }
+    for kind, want in expected.items():
+        got = target(previous, features, pseudo, weak, weak_label_kind=kind)
+        check(got, want, err_msg=kind)
+    assert not np.allclose(expected["coarse"], expected["point"])
+    assert not np.allclose(expected["coarse"], expected["image"])

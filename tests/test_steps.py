@@ -23,6 +23,7 @@ from wsda_jax import (
     parallel,
     prediction,
     pseudo_labels,
+    step_inputs,
     steps,
     train_state,
 )
@@ -54,6 +55,7 @@ class Runner:
             model=self.model,
             optimizer=self.optimizer,
             config=self.config,
+            contrast_on=True,
         )
 
     def state(self, host_state=None):
@@ -150,9 +152,9 @@ def test_teacher_ema_in_step(runner):
     # The teacher sees the target crop after the step's colour jitter (its key: the
     # step's key on device 0, split as in adapt_step).
     device_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
-    names = steps.ADAPT_KEYS
+    names = step_inputs.ADAPT_KEYS
     jitter_key = dict(zip(names, jax.random.split(device_key, len(names)), strict=True))["jitter_t"]
-    target_image = steps.input_images(
+    target_image = step_inputs.input_images(
         jitter_key, jnp.asarray(runner.batches[0]["target"]["image"]), runner.config
     )
     state, _ = runner.step(state, batch)
@@ -207,23 +209,29 @@ def test_pseudo_labels_weak_overwrite_and_masking():
     target = {"weak_label": jnp.asarray(weak), "presence": jnp.ones((2, NUM_CLASSES))}
     out = _fake_output(logits_full, logits_low)
     argmax = logits_full.argmax(-1)
-    result = pseudo_labels.pseudo_labels(out, target, config, None)
-    np.testing.assert_array_equal(result["label"], np.where(weak != 255, weak, argmax))
+    result = pseudo_labels.pseudo_labels(
+        out, target["weak_label"], target["presence"], config, None
+    )
+    np.testing.assert_array_equal(result.label, np.where(weak != 255, weak, argmax))
     low_prob = jax.nn.softmax(logits_low, axis=-1)
     masked = np.where(np.max(low_prob, -1) < 0.9, 255, logits_low.argmax(-1))
-    np.testing.assert_array_equal(result["masked_lowres"], masked)
+    np.testing.assert_array_equal(result.masked_lowres, masked)
     # 'image': the weak map is ignored; with filter_by_presence absent classes are dropped.
     config.weak_label = "image"
-    result = pseudo_labels.pseudo_labels(out, target, config, None)
-    np.testing.assert_array_equal(result["label"], argmax)
+    result = pseudo_labels.pseudo_labels(
+        out, target["weak_label"], target["presence"], config, None
+    )
+    np.testing.assert_array_equal(result.label, argmax)
     config.pseudo.filter_by_presence = True
     config.pseudo.proto_threshold = 0.0
     presence = np.zeros((2, NUM_CLASSES), np.float32)
     presence[:, 1] = 1.0
     target["presence"] = jnp.asarray(presence)
-    result = pseudo_labels.pseudo_labels(out, target, config, None)
+    result = pseudo_labels.pseudo_labels(
+        out, target["weak_label"], target["presence"], config, None
+    )
     low_argmax = logits_low.argmax(-1)
-    np.testing.assert_array_equal(result["masked_lowres"], np.where(low_argmax == 1, 1, 255))
+    np.testing.assert_array_equal(result.masked_lowres, np.where(low_argmax == 1, 1, 255))
 
 
 def test_pseudo_label_weight_fraction_and_rows():
@@ -252,9 +260,9 @@ def test_mixed_batch_classmix_rule():
     source_image = augment.normalize(batch["source"]["image"])
     target_image = augment.normalize(batch["target"]["image"])
     source_label = jnp.asarray(batch["source"]["label"])
-    teacher = {"label": jnp.full((2, 16, 16), 4, jnp.int32), "weight": jnp.full((2, 16, 16), 0.3)}
-    mix = jax.jit(lambda *args: pseudo_labels.mixed_batch(*args, config))
-    mixed = mix(jax.random.PRNGKey(0), source_image, source_label, target_image, teacher)
+    pseudo = (jnp.full((2, 16, 16), 4, jnp.int32), jnp.full((2, 16, 16), 0.3))
+    mix = jax.jit(lambda *args: augment.mixed_batch(*args, config.classmix))
+    mixed = mix(jax.random.PRNGKey(0), source_image, source_label, target_image, *pseudo)
     mask = np.asarray(mixed.mask)
     ids = np.unique(batch["source"]["label"])
     for i in range(2):
@@ -267,8 +275,8 @@ def test_mixed_batch_classmix_rule():
     np.testing.assert_allclose(mixed.image, expected, atol=1e-4)
     config.classmix.enabled = False
     # A new trace for the flag.
-    mix = jax.jit(lambda *args: pseudo_labels.mixed_batch(*args, config))
-    mixed = mix(jax.random.PRNGKey(0), source_image, source_label, target_image, teacher)
+    mix = jax.jit(lambda *args: augment.mixed_batch(*args, config.classmix))
+    mixed = mix(jax.random.PRNGKey(0), source_image, source_label, target_image, *pseudo)
     assert not np.asarray(mixed.mask).any()
     np.testing.assert_allclose(mixed.image, target_image, atol=1e-4)
 
@@ -323,7 +331,7 @@ def test_other_weak_label_kinds_trace(weak_label):
         config, model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3), abstract=True
     )
     step = parallel.shard_train_step(
-        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config
+        steps.adapt_step, mesh, model=model, optimizer=optimizer, config=config, contrast_on=True
     )
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), synthetic_batch(0, 2, weak_label)
@@ -503,12 +511,12 @@ def test_presence_comes_from_the_crop_of_the_weak_label():
     expected[0, 3] = expected[1, 0] = expected[1, 4] = 1.0
     for kind in ("coarse", "point", "image"):
         config.weak_label = kind
-        weak, presence = steps.target_weak_labels(target, config)
+        weak, presence = step_inputs.target_weak_labels(target, config)
         np.testing.assert_array_equal(presence, expected)
         # For image labels only the presence carries information: the map is all 255.
         np.testing.assert_array_equal(weak, crop if kind != "image" else np.full_like(crop, 255))
     config.presence = "image"  # True image-level tags: the record's vector.
-    _, presence = steps.target_weak_labels(target, config)
+    _, presence = step_inputs.target_weak_labels(target, config)
     np.testing.assert_array_equal(presence, np.ones((2, NUM_CLASSES)))
 
 
@@ -539,16 +547,12 @@ def test_inter_takes_plain_downsampled_source_labels():
         logits=jnp.zeros((batch, size, size, NUM_CLASSES)),
     )
     ignored = jnp.full((batch, size, size), 255, jnp.int32)
-    teacher = {
-        "features": features,
-        "masked_lowres": jnp.full((batch, h, w), 255, jnp.int32),
-        "lowres_confidence": jnp.ones((batch, h, w)),
-    }
+    teacher = (features, jnp.full((batch, h, w), 255, jnp.int32), jnp.ones((batch, h, w)))
     names = ("inter", "intra_src", "intra_tgt")
     keys = dict(zip(names, jax.random.split(jax.random.key(0), 3), strict=True))
     protos = jnp.ones((NUM_CLASSES, 4)) / 2.0
     _, counts = contrastive.contrastive_losses(
-        keys, out, out, ignored, ignored, teacher, protos, protos, config
+        keys, out, out, ignored, ignored, *teacher, protos, protos, config
     )
     assert int(counts["inter"]) == 0  # Fused labels would make every pixel a class-1 anchor.
     assert int(counts["intra_src"]) > 0

@@ -106,21 +106,31 @@ def test_total_is_the_sum_of_the_logged_terms(tiny_run):
 def test_weighted_terms_are_the_method_total():
     """docs/method.md §4.11 with the base config's weights, written out by hand: seg_mix +
     seg_s + seg_u + 10 edge_s + c (0.5 inter + 0.25 intra_tgt + 0.25 intra_src) +
-    i (im_u + im_proto), on distinct unweighted values."""
-    loss = config_lib.base_config().loss
+    i (im_u + im_proto), on distinct unweighted values; before contrast_start (c = i = 0)
+    the program computes only the terms outside `contrast_on_terms`."""
+    config = config_lib.base_config()
+    loss = config.loss
     raw = dict(zip(TERMS, (1.0, 2.0, 3.0, 5.0, 7.0, 13.0, 11.0, 17.0, 19.0), strict=True))
-    before = steps.weighted_terms(raw, loss, np.float32(0.0))
-    after = steps.weighted_terms(raw, loss, np.float32(1.0))
+    contrast_on_terms = steps.contrast_on_terms(config)
+    assert set(contrast_on_terms) == {"inter", "intra_src", "intra_tgt", "im_u", "im_proto"}
+    off = {name: value for name, value in raw.items() if name not in contrast_on_terms}
+    before = steps.weighted_terms(off, loss)
+    after = steps.weighted_terms(raw, loss)
     assert float(sum(before.values())) == pytest.approx(1 + 2 + 3 + 10 * 5)
     expected = 1 + 2 + 3 + 10 * 5 + 0.5 * 7 + 0.25 * 11 + 0.25 * 13 + 17 + 19
     assert float(sum(after.values())) == pytest.approx(expected)
     assert float(after["intra_tgt"]) == pytest.approx(0.25 * 11)
     assert float(after["inter"]) == pytest.approx(0.5 * 7)
+    # Plain UDA has no image-level terms; without use_contrast no contrastive ones.
+    config.weak_label = "none"
+    assert set(steps.contrast_on_terms(config)) == {"inter", "intra_src", "intra_tgt"}
+    config.weak_label, config.loss.use_contrast = "coarse", False
+    assert set(steps.contrast_on_terms(config)) == {"im_u", "im_proto"}
 
 
 def test_contrast_ramp_scales_only_the_contrastive_terms():
     """contrast_ramp_steps = 4 from contrast_start = 10: factors 0, 1/4, ..., 1; the
-    image-level terms stay at the plain gate."""
+    image-level terms keep their plain weight."""
     config = config_lib.base_config()
     config.loss.contrast_start = 10
     assert float(steps.contrast_ramp(jnp.int32(50), config)) == 1.0  # 0: the reference.
@@ -128,7 +138,7 @@ def test_contrast_ramp_scales_only_the_contrastive_terms():
     factors = [float(steps.contrast_ramp(jnp.int32(s), config)) for s in (9, 10, 11, 13, 20)]
     assert factors == [0.0, 0.25, 0.5, 1.0, 1.0]
     raw = dict(zip(TERMS, (1.0, 2.0, 3.0, 5.0, 7.0, 13.0, 11.0, 17.0, 19.0), strict=True))
-    ramped = steps.weighted_terms(raw, config.loss, np.float32(1.0), np.float32(0.25))
+    ramped = steps.weighted_terms(raw, config.loss, np.float32(0.25))
     assert float(ramped["inter"]) == pytest.approx(0.25 * 0.5 * 7)
     assert float(ramped["intra_tgt"]) == pytest.approx(0.25 * 0.25 * 11)
     assert float(ramped["im_u"]) == pytest.approx(1.0 * raw["im_u"])

@@ -1,4 +1,4 @@
-"""Tests of presence vectors, point labels and synthesised coarse labels."""
+"""Tests of point labels and synthesised coarse labels."""
 
 import hashlib
 
@@ -14,12 +14,6 @@ def _label():
     label[35:38, 50:53] = 5  # small pole (9 px)
     label[:, :3] = 255
     return label
-
-
-def test_presence_vector():
-    presence = weak_labels.presence_vector(_label(), 19)
-    assert presence.dtype == np.uint8 and presence.shape == (19,)
-    np.testing.assert_array_equal(np.flatnonzero(presence), [0, 5, 10, 13])
 
 
 def test_point_labels_k_per_class_on_class_pixels():

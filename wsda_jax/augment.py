@@ -1,5 +1,5 @@
 """On-device image operations of the train step: colour jitter, normalisation, ClassMix,
-strong augmentation.
+strong augmentation, and the student's mixed input built from them (`mixed_batch`).
 
 Everything here is jittable with fixed shapes (docs/method.md §1, 10 and 12), so the
 photometric part of the data augmentation and the whole ClassMix + augmentation
@@ -16,6 +16,7 @@ from typing import NamedTuple
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -290,3 +291,57 @@ def strong_augment(
     keys = jax.random.split(k_images, batch)
     augmented = jax.vmap(one)(keys, images.astype(jnp.float32), apply_jitter, apply_blur)
     return jnp.clip(augmented, 0.0, 1.0)
+
+
+def strong_augment_normalized(
+    key: jax.Array, images: jax.Array, classmix_config: ml_collections.ConfigDict
+) -> jax.Array:
+    """`strong_augment` with the settings of `config.classmix`, on ImageNet-normalised float32
+    [B, H, W, 3] images in and out (the ClassMix input and the masked MIC input)."""
+    augmented = strong_augment(
+        key,
+        denormalize(images),
+        jitter_prob=classmix_config.jitter_prob,
+        jitter_strength=classmix_config.jitter_strength,
+        blur_prob=classmix_config.blur_prob,
+        blur_sigma=tuple(classmix_config.blur_sigma),
+        per_image_decisions=classmix_config.per_image_augment,
+    )
+    return normalize(augmented * 255.0)
+
+
+def mixed_batch(
+    key: jax.Array,
+    source_image: jax.Array,
+    source_label: jax.Array,
+    target_image: jax.Array,
+    pseudo_label: jax.Array,
+    pseudo_weight: jax.Array,
+    classmix_config: ml_collections.ConfigDict,
+) -> MixedBatch:
+    """The student's mixed input (§10): ClassMix (or, with `classmix_config.enabled` off,
+    the target alone), then strong augmentation.
+
+    Images are float32 [B, H, W, 3] normalised; labels int32 [B, H, W]; pseudo_weight
+    float32 [B, H, W] (the teacher's ClassMix weight). Returns the normalised mixed
+    image, its int32 label (source / pseudo label) and float32 pixel weight.
+    """
+    mix_key, aug_key = jax.random.split(key)
+    if classmix_config.enabled:
+        mixed = classmix(
+            mix_key,
+            source_image,
+            source_label,
+            target_image,
+            pseudo_label,
+            pseudo_weight,
+            per_image=classmix_config.per_image,
+        )
+    else:
+        mixed = MixedBatch(
+            image=target_image,
+            label=pseudo_label,
+            weight=pseudo_weight,
+            mask=jnp.zeros(pseudo_label.shape, bool),
+        )
+    return mixed._replace(image=strong_augment_normalized(aug_key, mixed.image, classmix_config))

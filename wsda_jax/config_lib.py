@@ -14,12 +14,20 @@ import ml_collections
 IMAGE_FORMATS = ("npy", "png")
 
 WEAK_LABEL_KINDS = ("none", "image", "point", "coarse")
+# The kinds whose weak label is a label map of pixels (the others: a presence vector, or none).
+LABEL_MAP_KINDS = ("point", "coarse")
 STAGES = ("source_only", "adapt", "oracle")
 DEPTHS = (18, 34, 50, 101)
 REMAT_MODES = ("none", "blocks", "conv_outputs")  # As models.resnet.REMAT_MODES.
 PRESENCE_SOURCES = ("crop", "image")
 TEACHER_INITS = ("ema", "student")
 BOUNDARY_MAX = ("device", "global")
+
+
+def has_label_map(weak_label: str) -> bool:
+    """Whether the weak-label kind labels pixels ('point', 'coarse'): its map then overwrites
+    the pseudo labels, trains `seg_u` and centres the target prototypes (docs/method.md §4)."""
+    return weak_label in LABEL_MAP_KINDS
 
 
 def base_config() -> ml_collections.ConfigDict:

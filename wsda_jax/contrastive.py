@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from wsda_jax import label_ops, losses, pseudo_labels
+from wsda_jax import label_ops, losses
 from wsda_jax.models import deeplab
 
 CONTRAST_TERMS = ("inter", "intra_src", "intra_tgt")
@@ -55,7 +55,7 @@ def intra_source_loss(
     Args: source_label int32 [B, H, W]; source_protos float32 [C, D].
     Returns (float32 [] loss, int32 [] sampled anchors on this device).
     """
-    src_pred, src_prob = pseudo_labels.prediction(out_s.lowres_logits)
+    src_pred, src_prob = label_ops.prediction(out_s.lowres_logits)
     source_domain = jnp.zeros(source_label.shape[0], jnp.int32)
     return _contrastive(
         key,
@@ -76,7 +76,9 @@ def contrastive_losses(
     out_u: deeplab.SegmentationOutput,
     source_label: jax.Array,
     weak_label: jax.Array,
-    teacher: dict[str, jax.Array],
+    teacher_features: jax.Array,
+    teacher_label: jax.Array,
+    teacher_confidence: jax.Array,
     source_protos: jax.Array,
     target_protos: jax.Array,
     config: ml_collections.ConfigDict,
@@ -87,18 +89,19 @@ def contrastive_losses(
       keys: PRNG keys 'inter', 'intra_src', 'intra_tgt' for the anchor sampling.
       out_s, out_u: the student's outputs on the source and target batches.
       source_label: int32 [B, H, W]; weak_label: int32 [B, H, W] (255 where unlabelled).
-      teacher: `pseudo_labels` of the teacher ('features', 'masked_lowres',
-        'lowres_confidence').
+      teacher_features: float32 [B, h, w, D]; teacher_label: int32 [B, h, w], its confident
+        low-resolution pseudo label (255 elsewhere); teacher_confidence: float32 [B, h, w]
+        (`pseudo_labels.PseudoLabels` features, masked_lowres, lowres_confidence).
       source_protos, target_protos: float32 [C, D], this step's prototypes.
     Returns:
       ({'inter', 'intra_src', 'intra_tgt'}: float32 [] losses,
        the same keys: number of sampled anchors on this device).
     """
-    src_pred, src_prob = pseudo_labels.prediction(out_s.lowres_logits)
+    src_pred, src_prob = label_ops.prediction(out_s.lowres_logits)
     # `inter` takes the source labels plainly downsampled (no fusion), as the reference.
     src_plain = label_ops.resize_nearest(source_label, src_pred.shape[1:3])
-    tgt_label = label_ops.fuse(teacher["masked_lowres"], weak_label)
-    u_pred, u_prob = pseudo_labels.prediction(out_u.lowres_logits)
+    tgt_label = label_ops.fuse(teacher_label, weak_label)
+    u_pred, u_prob = label_ops.prediction(out_u.lowres_logits)
     batch_size = source_label.shape[0]
     source_domain = jnp.zeros(batch_size, jnp.int32)
     target_domain = jnp.ones(batch_size, jnp.int32)
@@ -106,10 +109,10 @@ def contrastive_losses(
     inputs = {
         # Source student and target teacher anchors against the target prototypes.
         "inter": (
-            cat(out_s.features, teacher["features"]),
+            cat(out_s.features, teacher_features),
             cat(src_plain, tgt_label),
-            cat(src_pred, teacher["masked_lowres"]),
-            cat(src_prob, teacher["lowres_confidence"]),
+            cat(src_pred, teacher_label),
+            cat(src_prob, teacher_confidence),
             cat(source_domain, target_domain),
             target_protos,
         ),
@@ -132,36 +135,4 @@ def contrastive_losses(
     return (
         {name: loss for name, (loss, _) in results.items()},
         {name: count for name, (_, count) in results.items()},
-    )
-
-
-def contrastive_terms(
-    keys: dict[str, jax.Array],
-    out_s: deeplab.SegmentationOutput,
-    out_u: deeplab.SegmentationOutput,
-    source_label: jax.Array,
-    weak_label: jax.Array,
-    teacher: pseudo_labels.PseudoLabels,
-    source_protos: jax.Array,
-    target_protos: jax.Array,
-    config: ml_collections.ConfigDict,
-    contrast_on: bool,
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """Section 4.9: (unweighted contrastive losses, sampled anchors per device), or
-    zeros before contrast_start, or nothing when config.loss.use_contrast is off."""
-    if not config.loss.use_contrast:
-        return {}, {}
-    if not contrast_on:
-        zeros = {name: jnp.zeros((), jnp.float32) for name in CONTRAST_TERMS}
-        return zeros, {name: jnp.zeros((), jnp.int32) for name in CONTRAST_TERMS}
-    return contrastive_losses(
-        keys,
-        out_s,
-        out_u,
-        source_label,
-        weak_label,
-        teacher,
-        source_protos,
-        target_protos,
-        config,
     )

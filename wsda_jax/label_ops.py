@@ -1,4 +1,4 @@
-"""Nearest-neighbour label resizing and prediction/label fusion (docs/method.md §5).
+"""Label maps: nearest resizing, prediction/label fusion (docs/method.md §5), presence, argmax.
 
 Label maps are int `[B, H, W]` with 255 = ignore. Resizing follows PyTorch's
 `interpolate(mode='nearest')`: output pixel `i` reads source pixel
@@ -100,18 +100,23 @@ def fuse(pred_lowres: jax.Array, label_fullres: jax.Array) -> jax.Array:
     return jnp.where(label != classes.IGNORE_LABEL, label, pred)
 
 
-def presence(labels: jax.Array, num_classes: int) -> jax.Array:
+def presence(labels, num_classes: int):
     """Class-presence vector of each label map: float32 `[B, C]`, 1 where class c labels a pixel.
 
     The image-level losses' targets (docs/method.md §4): computed per step from the
-    augmented crop of the weak label map, as the reference does. Values outside
-    [0, C) (255 = ignore) count nothing. Works on NumPy and JAX arrays alike (the batch
-    browser calls it on host batches).
+    augmented crop of the weak label map, as the reference does, and stored with each
+    prepared target record (its whole-image presence). Values outside [0, C) (255 =
+    ignore) count nothing. A NumPy `labels` gives a NumPy result (data preparation, the
+    batch browser; no device involved), a JAX one a JAX result (the step).
     """
     _check_rank3(labels, "labels")
-    batch = labels.shape[0]
-    flat = labels.reshape(batch, -1).astype(jnp.int32)
-    ids = jnp.where((flat >= 0) & (flat < num_classes), flat, num_classes)
-    rows = jnp.arange(batch)[:, None]
-    hits = jnp.zeros((batch, num_classes + 1), jnp.float32).at[rows, ids].set(1.0)
-    return hits[:, :num_classes]
+    xp = np if isinstance(labels, np.ndarray) else jnp
+    flat = labels.reshape(labels.shape[0], -1)
+    hits = flat[:, :, None] == xp.arange(num_classes)  # [B, H*W, C]
+    return xp.any(hits, axis=1).astype(xp.float32)
+
+
+def prediction(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., C] logits -> (int32 argmax [...], float32 max softmax [...]), no gradient."""
+    probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+    return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)

@@ -275,3 +275,13 @@ def sampled_contrastive_loss(
         cross_domain=cross_domain,
     )
     return loss, jnp.sum(sample.valid, dtype=jnp.int32)
+
+
+def prototype_image_loss(
+    features: jax.Array, prototypes: jax.Array, presence: jax.Array
+) -> jax.Array:
+    """`im_proto` (docs/method.md §4.8): `image_level_loss` of the prototype logits
+    `features . prototypes^T`; features float32 [B, h, w, D], prototypes [C, D] (no
+    gradient), presence float32 [B, C]."""
+    logits = jnp.einsum("bhwd,cd->bhwc", features, jax.lax.stop_gradient(prototypes))
+    return image_level_loss(logits, presence)

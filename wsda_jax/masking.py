@@ -83,16 +83,8 @@ def masked_batch(
       the pseudo label and weight unchanged.
     """
     aug_key, mask_key = jax.random.split(key)
-    augmented = augment.strong_augment(
-        aug_key,
-        augment.denormalize(target_image),
-        jitter_prob=config.classmix.jitter_prob,
-        jitter_strength=config.classmix.jitter_strength,
-        blur_prob=config.classmix.blur_prob,
-        blur_sigma=tuple(config.classmix.blur_sigma),
-        per_image_decisions=config.classmix.per_image_augment,
-    )
+    augmented = augment.strong_augment_normalized(aug_key, target_image, config.classmix)
     batch, height, width, _ = target_image.shape
     keep = block_mask(mask_key, batch, height, width, config.mic.block_size, config.mic.mask_ratio)
-    image = augment.normalize(augmented * 255.0) * keep[..., None].astype(jnp.float32)
+    image = augmented * keep[..., None].astype(jnp.float32)
     return MaskedBatch(image=image, label=pseudo_label, weight=pseudo_weight, keep=keep)

@@ -6,6 +6,10 @@ to sum to 1 and `P_c = sum_i w_i F_i`. Classes absent from `center` keep their
 previous prototype. All per-class sums are one-hot matmuls (no loop over classes)
 and, with `axis_name`, are `psum`-ed before any division, so every device holds the
 prototypes of the global batch (never an average of per-device means).
+
+Which pixels centre and which join each prototype is chosen here too:
+`update_source_prototypes` (the source labels) and `update_target_prototypes` (the
+teacher's confident pseudo labels and the weak label map, per weak-label kind).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from wsda_jax import label_ops
+from wsda_jax import config_lib, label_ops
 
 
 def _class_sums(
@@ -108,3 +112,54 @@ def update_prototypes(
     new = weighted_sum / jnp.where(update, weight_total, 1.0)[:, None]
     result = jnp.where(update[:, None], new, prototypes.astype(jnp.float32))
     return jax.lax.stop_gradient(result)
+
+
+def update_source_prototypes(
+    prototypes: jax.Array,
+    features: jax.Array,
+    source_label: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Source prototypes `[C, D]` (§4.7): center = member = the int `[B, H, W]` source
+    labels at the resolution of the float `[B, h, w, D]` features (nearest)."""
+    low = label_ops.resize_nearest(source_label, features.shape[1:3])
+    return update_prototypes(prototypes, features, low, low, axis_name=axis_name)
+
+
+def update_target_prototypes(
+    prototypes: jax.Array,
+    features: jax.Array,
+    pseudo_label: jax.Array,
+    weak_label: jax.Array,
+    *,
+    weak_label_kind: str,
+    axis_name: str | None = None,
+) -> jax.Array:
+    """Target prototypes `[C, D]` from the teacher's features, per weak-label kind (§7).
+
+    Args:
+      features: float `[B, h, w, D]`, the teacher's target features.
+      pseudo_label: int `[B, h, w]`, the teacher's low-resolution pseudo label, 255 where
+        it is not confident (`pseudo_labels.PseudoLabels.masked_lowres`).
+      weak_label: int `[B, H, W]`, the weak label map (255 where unlabelled).
+      weak_label_kind: static `config.weak_label`.
+
+    coarse: center = weak label at feature resolution, member = fuse(pseudo, weak).
+    point: as coarse, but the class means use the features bilinearly upsampled to
+      label resolution at the point pixels.
+    image / none: center = member = the confident pseudo label.
+    """
+    if not config_lib.has_label_map(weak_label_kind):
+        return update_prototypes(
+            prototypes, features, pseudo_label, pseudo_label, axis_name=axis_name
+        )
+    member = label_ops.fuse(pseudo_label, weak_label)
+    # Points would vanish at feature resolution: a label-resolution `center` makes
+    # `update_prototypes` take the class means of the bilinearly upsampled features
+    # (without materialising them).
+    if weak_label_kind == "point":
+        center = weak_label
+    else:
+        center = label_ops.resize_nearest(weak_label, features.shape[1:3])
+    return update_prototypes(prototypes, features, center, member, axis_name=axis_name)

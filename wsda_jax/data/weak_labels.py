@@ -19,12 +19,6 @@ from wsda_jax import classes
 _SQUARE = np.ones((3, 3), bool)  # 8-neighbourhood: erosion by r pixels = Chebyshev distance r.
 
 
-def presence_vector(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """uint8 (num_classes,): 1 for every class that labels at least one pixel."""
-    counts = np.bincount(np.asarray(label, np.intp).ravel(), minlength=256)
-    return (counts[:num_classes] > 0).astype(np.uint8)
-
-
 def stable_seed(name_or_index: str | int) -> int:
     """A 63-bit integer from the image's name (or index), identical in every process."""
     digest = hashlib.sha256(str(name_or_index).encode("utf-8")).digest()

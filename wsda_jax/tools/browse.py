@@ -14,7 +14,7 @@ target weak label, with the presence vector's class names as a caption) and
    "presence": [class ids the image-level losses see],
    "weak_label_classes": [class ids present in the weak label crop]}
 
-The presence vector is computed by the step's own function (`steps.target_weak_labels`),
+The presence vector is computed by the step's own function (`step_inputs.target_weak_labels`),
 so what is shown is what the losses see. Stage-1 and oracle configs read no target
 stream: their panels show the source pair only, with "target_shape": null.
 """
@@ -67,11 +67,11 @@ def panel(
 
 def describe_batch(batch: dict, config, batch_index: int) -> list[dict]:
     """The batches.json entries of one host batch (see the module docstring)."""
-    from wsda_jax import steps  # JAX only when a batch is described.
+    from wsda_jax import step_inputs  # JAX only when a batch is described.
 
     target = batch.get("target")
     if target is not None:
-        presence = np.asarray(steps.target_weak_labels(target, config)[1])
+        presence = np.asarray(step_inputs.target_weak_labels(target, config)[1])
     entries = []
     for j in range(batch["source"]["image"].shape[0]):
         entry = {

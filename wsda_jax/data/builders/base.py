@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from wsda_jax import classes
+from wsda_jax import classes, label_ops
 from wsda_jax.data import records, weak_labels
 from wsda_jax.data.builders import layout
 from wsda_jax.data.builders.image_io import (
@@ -157,7 +157,8 @@ def finish_example(
             name_or_index=name,
             margin=weak.point_margin,
         )
-        example["presence"] = weak_labels.presence_vector(label, classes.NUM_CLASSES)
+        presence = label_ops.presence(label[None], classes.NUM_CLASSES)[0]
+        example["presence"] = presence.astype(np.uint8)
     return example, counts
 
 

@@ -102,35 +102,45 @@ def _outputs(x: dict, domain: str) -> deeplab.SegmentationOutput:
     return deeplab.SegmentationOutput(features=features, lowres_logits=lowres, logits=x["logits_u"])
 
 
-def _teacher(x: dict) -> dict:
+def _teacher(x: dict) -> pseudo_labels.PseudoLabels:
     """The teacher's pseudo labels, exactly as the adaptation step derives them."""
-    target = {"weak_label": x["weak_label"], "presence": x["presence"]}
     teacher = jax.lax.stop_gradient(_outputs(x, "teacher"))
-    return pseudo_labels.pseudo_labels(teacher, target, _config(), axis_name=None)
+    return pseudo_labels.pseudo_labels(
+        teacher, x["weak_label"], x["presence"], _config(), axis_name=None
+    )
 
 
 def target_prototypes(x: dict) -> jax.Array:
-    return pseudo_labels.update_target_prototypes(
-        x["target_protos"], _teacher(x), x["weak_label"], _config(), axis_name=None
+    teacher = _teacher(x)
+    return prototypes.update_target_prototypes(
+        x["target_protos"],
+        teacher.features,
+        teacher.masked_lowres,
+        x["weak_label"],
+        weak_label_kind=_config().weak_label,
     )
 
 
 def source_prototypes(x: dict) -> jax.Array:
-    source_low = label_ops.resize_nearest(x["source_label"], (FEATURE_SIZE, FEATURE_SIZE))
-    return prototypes.update_prototypes(x["source_protos"], x["features_s"], source_low, source_low)
+    return prototypes.update_source_prototypes(
+        x["source_protos"], x["features_s"], x["source_label"]
+    )
 
 
 def contrastive_losses(x: dict, source_protos=None, target_protos=None) -> dict[str, jax.Array]:
     """The step's three contrastive losses (unweighted), given or stored prototypes."""
     names = ("inter", "intra_src", "intra_tgt")
     keys = dict(zip(names, jax.random.split(x["key"], len(names)), strict=True))
+    teacher = _teacher(x)
     loss_values, _ = contrastive.contrastive_losses(
         keys,
         _outputs(x, "s"),
         _outputs(x, "u"),
         x["source_label"],
         x["weak_label"],
-        _teacher(x),
+        teacher.features,
+        teacher.masked_lowres,
+        teacher.lowres_confidence,
         x["source_protos"] if source_protos is None else source_protos,
         x["target_protos"] if target_protos is None else target_protos,
         _config(),
@@ -140,9 +150,8 @@ def contrastive_losses(x: dict, source_protos=None, target_protos=None) -> dict[
 
 def image_losses(x: dict, protos: jax.Array | None = None) -> jax.Array:
     protos = x["target_protos"] if protos is None else protos
-    proto_logits = jnp.einsum("bhwd,cd->bhwc", x["features_u"], jax.lax.stop_gradient(protos))
-    return losses.image_level_loss(x["logits_u"], x["presence"]) + losses.image_level_loss(
-        proto_logits, x["presence"]
+    return losses.image_level_loss(x["logits_u"], x["presence"]) + losses.prototype_image_loss(
+        x["features_u"], protos, x["presence"]
     )
 
 
@@ -154,8 +163,7 @@ def all_losses(x: dict, *, full_res_image_loss: bool = True) -> jax.Array:
     total = sum(weights[name] * loss for name, loss in contrast.items())
     if full_res_image_loss:
         return total + image_losses(x, tgt)
-    proto_logits = jnp.einsum("bhwd,cd->bhwc", x["features_u"], tgt)
-    return total + losses.image_level_loss(proto_logits, x["presence"])
+    return total + losses.prototype_image_loss(x["features_u"], tgt, x["presence"])
 
 
 def all_losses_grad(x: dict, *, full_res_image_loss: bool = True) -> dict:

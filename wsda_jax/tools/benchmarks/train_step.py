@@ -66,7 +66,7 @@ _IMAGES = flags.DEFINE_integer(
 # The name of earlier commands (README "Benchmarks"), the same on one device.
 flags.DEFINE_alias("batch", "images_per_device")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_WEAK = flags.DEFINE_enum("weak_label", "coarse", ["none", "image", "point", "coarse"], "Kind.")
+_WEAK = flags.DEFINE_enum("weak_label", "coarse", list(config_lib.WEAK_LABEL_KINDS), "Kind.")
 _REMAT = flags.DEFINE_enum("remat", "none", list(config_lib.REMAT_MODES), "config.model.remat.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up step.")
 _BEFORE_CONTRAST = flags.DEFINE_bool(
