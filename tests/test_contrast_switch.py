@@ -49,7 +49,9 @@ def test_both_programs_log_the_same_metrics():
     model = tiny_model(config)
     optimizer = optim.make_optimizer(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
-    state = train_state.abstract_train_state(config, model, (1, IMAGE_SIZE, IMAGE_SIZE, 3))
+    state = train_state.create_train_state(
+        config, model, jax.random.PRNGKey(0), (1, IMAGE_SIZE, IMAGE_SIZE, 3), abstract=True
+    )
     batch = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), synthetic_batch(0, 2, "coarse")
     )
