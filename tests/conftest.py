@@ -1,13 +1,20 @@
-"""Shared tiny configurations, models and batches for the step tests (CPU-sized)."""
+"""Shared tiny configurations, models and batches for the step tests (CPU-sized), the JAX
+settings of the test process, and the session's one CLI training run."""
 
 import threading
 
 import jax
 import numpy as np
 import pytest
+import subprocesses
 
 from wsda_jax import config_lib
 from wsda_jax.models import deeplab
+
+# The tests' nets are tiny: XLA's optimisation passes cost more than they save. Set once
+# for the whole test process (subprocesses get JAX_DISABLE_MOST_OPTIMIZATIONS from
+# subprocesses.jax_env).
+jax.config.update("jax_disable_most_optimizations", True)
 
 NUM_CLASSES = 5
 IMAGE_SIZE = 32
@@ -76,6 +83,19 @@ def synthetic_batch(seed: int, batch_size: int, weak_label: str, size: int = IMA
             "label": target_label,
         },
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory):
+    """The workdir of one `python -m wsda_jax.main` run of configs/synthetic_coarse.py:tiny
+    (4 steps, checkpoints 2 and 4, evaluation at step 4), shared by the CLI tests
+    (test_main, test_faults, test_resume). Read-only: a test that changes a workdir works
+    on `subprocesses.copy_workdir` of it."""
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("tiny_cli") / "run"
+    result = subprocesses.run_main(base, subprocesses.TINY, f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 Each `make_*_tree(root)` writes a few small images and labels and returns a
 `FixtureTree` with the expected train-id label of every example, so tests can
-compare prepared records pixel for pixel. Other modules' tests import these.
+compare prepared records pixel for pixel. Other modules' tests import these, and
+`config_data` / `prepare` to prepare them in process.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from wsda_jax import classes
+from wsda_jax import classes, config_lib
+from wsda_jax.data import builders
 
 HEIGHT, WIDTH = 32, 64
 OUT_OF_MAP_ID = 250  # Not a Cityscapes labelId nor a SYNTHIA id.
@@ -250,3 +252,26 @@ def make_folder_tree(root: str, num_images: int = 2, first: int = 0) -> FixtureT
         labels[name], images[name] = train, image
     id_map = {0: 255, **{k + 1: k for k in range(classes.NUM_CLASSES)}}
     return FixtureTree(root, labels, images, {"id_map": id_map})
+
+
+def config_data(data_dir, manual_dir="", pre_resize=False):
+    """config.data for the tiny fixture trees; the reference pre-resize (which would blow
+    32x64 fixtures up to 1280x720) only where a test asks for it."""
+    config_data = config_lib.base_config().data
+    config_data.data_dir = str(data_dir)
+    config_data.manual_dir = str(manual_dir)
+    config_data.pre_resize = pre_resize
+    config_data.num_workers = 1
+    config_data.points_per_class = 2
+    config_data.synthetic.height = 32
+    config_data.synthetic.width = 64
+    config_data.synthetic.num_source = 2
+    config_data.synthetic.num_target_train = 3
+    config_data.synthetic.num_target_val = 2
+    return config_data
+
+
+def prepare(dataset, data_dir, manual_dir, pre_resize=False, **kwargs):
+    """Prepares `dataset` from the tree at `manual_dir` into `data_dir` (in process)."""
+    config_data_ = config_data(data_dir, manual_dir, pre_resize)
+    return builders.prepare(builders.make_builder(dataset, config_data_, **kwargs))

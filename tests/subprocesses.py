@@ -1,6 +1,12 @@
-"""Environment for tests that run `python -m wsda_jax...` in a subprocess."""
+"""Environment and helpers for tests that run `python -m wsda_jax...` in a subprocess."""
 
 import os
+import shutil
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--config=configs/synthetic_coarse.py:tiny"
 
 
 def jax_env(base, devices: int | None = None) -> dict[str, str]:
@@ -16,3 +22,30 @@ def jax_env(base, devices: int | None = None) -> dict[str, str]:
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
+
+
+def run_main(base, *args, timeout=600):
+    """Runs `python -m wsda_jax.main ARGS` with the compilation cache and (for a synthetic
+    config) the generated dataset under `base`; returns the CompletedProcess."""
+    command = [sys.executable, "-m", "wsda_jax.main", *args]
+    if any(a.startswith("--config=") and "synthetic" in a for a in args):
+        command.append(f"--config.data.data_dir={base / 'data'}")
+    return subprocess.run(
+        command, cwd=ROOT, env=jax_env(base), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_one_line_error(result, expected):
+    """Exit status 1, no traceback, one `error: ` line on stderr that contains `expected`."""
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-4000:]
+    assert expected in errors[0]
+
+
+def copy_workdir(workdir, tmp_path):
+    """A copy of a shared run's workdir under `tmp_path`, for a test that changes it."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    return copy

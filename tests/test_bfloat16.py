@@ -9,8 +9,6 @@ from conftest import IMAGE_SIZE, synthetic_batch, tiny_config, tiny_model
 from wsda_jax import optim, parallel, steps, train_state
 from wsda_jax.models import deeplab
 
-jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
-
 NUM_STEPS = 4
 
 

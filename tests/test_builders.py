@@ -10,35 +10,15 @@ import fixture_trees
 import numpy as np
 import pytest
 
-from wsda_jax import classes, config_lib
+from wsda_jax import classes
 from wsda_jax.data import builders, records, sources
 from wsda_jax.data.builders import image_io, layout
 
 
-def _config_data(data_dir, manual_dir="", pre_resize=False):
-    """config.data for the tiny fixture trees; the reference pre-resize (which would blow
-    32x64 fixtures up to 1280x720) only where a test asks for it."""
-    config_data = config_lib.base_config().data
-    config_data.data_dir = str(data_dir)
-    config_data.manual_dir = str(manual_dir)
-    config_data.pre_resize = pre_resize
-    config_data.num_workers = 1
-    config_data.points_per_class = 2
-    config_data.synthetic.height = 32
-    config_data.synthetic.width = 64
-    config_data.synthetic.num_source = 2
-    config_data.synthetic.num_target_train = 3
-    config_data.synthetic.num_target_val = 2
-    return config_data
-
-
-def _prepare(dataset, data_dir, manual_dir, pre_resize=False, **kwargs):
-    config_data = _config_data(data_dir, manual_dir, pre_resize)
-    return builders.prepare(builders.make_builder(dataset, config_data, **kwargs))
-
-
 def _read(dataset, split, data_dir, pre_resize=False):
-    source = sources.open_split(dataset, split, _config_data(data_dir, pre_resize=pre_resize))
+    source = sources.open_split(
+        dataset, split, fixture_trees.config_data(data_dir, pre_resize=pre_resize)
+    )
     examples = [records.decode_example(source[i]) for i in range(len(source))]
     return {example["name"]: example for example in examples}
 
@@ -59,11 +39,13 @@ def data_dir(tmp_path_factory, trees):
     """One data_dir with every real-layout dataset prepared once; summaries by dataset."""
     data_dir = tmp_path_factory.mktemp("prepared")
     summaries = {
-        "gta5": _prepare("gta5", data_dir, trees["gta5"].root),
-        "gta5/skip": _prepare("gta5/skip", data_dir, trees["gta5"].root),
-        "synthia": _prepare("synthia", data_dir, trees["synthia"].root),
-        "cityscapes_weak": _prepare("cityscapes_weak", data_dir, trees["cityscapes"].root),
-        "folder_pairs/mine": _prepare(
+        "gta5": fixture_trees.prepare("gta5", data_dir, trees["gta5"].root),
+        "gta5/skip": fixture_trees.prepare("gta5/skip", data_dir, trees["gta5"].root),
+        "synthia": fixture_trees.prepare("synthia", data_dir, trees["synthia"].root),
+        "cityscapes_weak": fixture_trees.prepare(
+            "cityscapes_weak", data_dir, trees["cityscapes"].root
+        ),
+        "folder_pairs/mine": fixture_trees.prepare(
             "folder_pairs/mine",
             data_dir,
             trees["folder"].root,
@@ -182,7 +164,7 @@ def test_cityscapes_weak(trees, data_dir):
 
 def test_point_labels_identical_across_preparations(trees, data_dir, tmp_path):
     data_dir, _ = data_dir
-    _prepare("cityscapes_weak", tmp_path, trees["cityscapes"].root, num_workers=2)
+    fixture_trees.prepare("cityscapes_weak", tmp_path, trees["cityscapes"].root, num_workers=2)
     first, second = (
         _read("cityscapes_weak", "train", data_dir),
         _read("cityscapes_weak", "train", tmp_path),
@@ -201,7 +183,9 @@ def test_folder_pairs(trees, data_dir):
         np.testing.assert_array_equal(example["label"], tree.labels[name])
     assert summaries["folder_pairs/mine"]["splits"]["train"]["out_of_map_pixels"] == 0
     with pytest.raises(ValueError, match="prepared with options"):
-        _prepare("folder_pairs/mine", data_dir, tree.root, options={"image_glob": "img/*.png"})
+        fixture_trees.prepare(
+            "folder_pairs/mine", data_dir, tree.root, options={"image_glob": "img/*.png"}
+        )
 
 
 def test_folder_pairs_val_split(tmp_path):
@@ -216,7 +200,7 @@ def test_folder_pairs_val_split(tmp_path):
         "weak_labels": True,
     }
     data_dir = tmp_path / "prepared"
-    summary = _prepare("folder_pairs/split", data_dir, train.root, options=options)
+    summary = fixture_trees.prepare("folder_pairs/split", data_dir, train.root, options=options)
     assert sorted(summary["splits"]) == ["train", "val"]
     for split, tree in (("train", train), ("val", val)):
         examples = _read("folder_pairs/split", split, data_dir)
@@ -225,13 +209,13 @@ def test_folder_pairs_val_split(tmp_path):
             np.testing.assert_array_equal(example["label"], tree.labels[name])
             assert example["coarse_label"].shape == tree.labels[name].shape
     with pytest.raises(ValueError, match="both val_image_glob and val_label_glob"):
-        _prepare(
+        fixture_trees.prepare(
             "folder_pairs/half", data_dir, train.root, options={**options, "val_label_glob": ""}
         )
 
 
 def test_synthetic_prepared_on_first_use(tmp_path):
-    config_data = _config_data(tmp_path)
+    config_data = fixture_trees.config_data(tmp_path)
     source = sources.open_split("synthetic_target", "val", config_data)
     assert len(source) == 2
     example = records.decode_example(source[0])
@@ -245,7 +229,7 @@ def test_synthetic_prepared_on_first_use(tmp_path):
 
 
 def test_unprepared_dataset_error_shows_command(tmp_path):
-    config_data = _config_data(tmp_path, "/data/cityscapes")
+    config_data = fixture_trees.config_data(tmp_path, "/data/cityscapes")
     with pytest.raises(sources.DatasetNotPreparedError) as error:
         sources.open_split("cityscapes_weak", "train", config_data)
     command = (
@@ -257,7 +241,7 @@ def test_unprepared_dataset_error_shows_command(tmp_path):
 
 def test_missing_manual_dir_lists_expected_paths(tmp_path):
     with pytest.raises(layout.LayoutError) as error:
-        _prepare("gta5", tmp_path / "data", tmp_path / "nowhere")
+        fixture_trees.prepare("gta5", tmp_path / "data", tmp_path / "nowhere")
     assert "images/*.png" in str(error.value) and "labels/*.png" in str(error.value)
     assert "does not exist" in str(error.value)
 
@@ -265,7 +249,7 @@ def test_missing_manual_dir_lists_expected_paths(tmp_path):
 def test_wrong_layout_lists_expected_and_found(trees, tmp_path):
     # A SYNTHIA tree given as GTA5.
     with pytest.raises(layout.LayoutError) as error:
-        _prepare("gta5", tmp_path / "data", trees["synthia"].root)
+        fixture_trees.prepare("gta5", tmp_path / "data", trees["synthia"].root)
     message = str(error.value)
     assert "images/*.png" in message and "RGB/" in message and "GT/" in message
     assert not os.path.exists(tmp_path / "data" / "gta5" / "resize_npy" / "1.0.0")
@@ -277,8 +261,8 @@ def test_corrupt_png_is_named(trees, tmp_path):
     bad = raw / "labels" / "00003.png"
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(image_io.PreparationError, match="00003.png"):
-        _prepare("gta5", tmp_path / "data", raw)
-    builder = builders.make_builder("gta5", _config_data(tmp_path / "data", raw))
+        fixture_trees.prepare("gta5", tmp_path / "data", raw)
+    builder = builders.make_builder("gta5", fixture_trees.config_data(tmp_path / "data", raw))
     assert not builder.is_prepared()
     # The temp folder is removed (the preparation lock file stays).
     assert os.listdir(tmp_path / "data" / "gta5" / "resize_npy") == [".prepare.lock"]
@@ -291,7 +275,7 @@ def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
         f"""
         import os, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import test_builders
+        import fixture_trees
         from wsda_jax.data.builders import base
         original, seen = base.finish_example, []
         def crash(*args, **kwargs):
@@ -300,7 +284,7 @@ def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
                 os._exit(3)  # Like a kill: no exception handling, no cleanup.
             return original(*args, **kwargs)
         base.finish_example = crash
-        test_builders._prepare("cityscapes_weak", {str(data_dir)!r}, {trees["cityscapes"].root!r})
+        fixture_trees.prepare("cityscapes_weak", {str(data_dir)!r}, {trees["cityscapes"].root!r})
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
@@ -309,9 +293,13 @@ def test_interrupted_preparation_leaves_nothing_complete(trees, tmp_path):
     left = [p for p in os.listdir(variant) if p != ".prepare.lock"]
     assert [p.startswith("incomplete.") for p in left] == [True]
     with pytest.raises(sources.DatasetNotPreparedError):
-        sources.open_split("cityscapes_weak", "train", _config_data(data_dir))
-    _prepare("cityscapes_weak", data_dir, trees["cityscapes"].root)  # A rerun completes...
-    assert len(sources.open_split("cityscapes_weak", "val", _config_data(data_dir))) == 2
+        sources.open_split("cityscapes_weak", "train", fixture_trees.config_data(data_dir))
+    fixture_trees.prepare(
+        "cityscapes_weak", data_dir, trees["cityscapes"].root
+    )  # A rerun completes...
+    assert (
+        len(sources.open_split("cityscapes_weak", "val", fixture_trees.config_data(data_dir))) == 2
+    )
     assert not (variant / left[0]).exists()  # ...and removes the killed run's leftovers.
 
 
@@ -331,14 +319,14 @@ def test_pre_resize_to_the_reference_working_sizes(trees, tmp_path):
     """GTA5 to 1280x720 and Cityscapes train to 1024x512 at preparation (val untouched);
     points drawn at that size; the size is part of the dataset's name."""
     data_dir = tmp_path / "data"
-    gta5_summary = _prepare("gta5", data_dir, trees["gta5"].root, pre_resize=True)
+    gta5_summary = fixture_trees.prepare("gta5", data_dir, trees["gta5"].root, pre_resize=True)
     assert gta5_summary["splits"]["train"]["pre_resized"] == 3
     assert os.path.isdir(data_dir / "gta5" / "resize_1280x720_npy")
     for example in _read("gta5", "train", data_dir, pre_resize=True).values():
         assert example["image"].shape == (720, 1280, 3) and example["label"].shape == (720, 1280)
 
     tree = trees["cityscapes"]
-    summary = _prepare("cityscapes_weak", data_dir, tree.root, pre_resize=True)
+    summary = fixture_trees.prepare("cityscapes_weak", data_dir, tree.root, pre_resize=True)
     assert summary["splits"]["train"]["pre_resized"] == 4
     assert "pre_resized" not in summary["splits"]["val"]
     assert os.path.isdir(data_dir / "cityscapes_weak" / "points2_train1024x512_npy")
@@ -360,8 +348,10 @@ def test_dataset_prepared_without_pre_resize_is_not_reused(trees, data_dir, tmp_
     data_dir, _ = data_dir  # Holds gta5 and cityscapes_weak prepared without pre-resize.
     for dataset in ("gta5", "cityscapes_weak"):
         with pytest.raises(sources.DatasetNotPreparedError, match="--dataset=" + dataset):
-            sources.open_split(dataset, "train", _config_data(data_dir, pre_resize=True))
-    message = sources.prepare_command("gta5", _config_data(data_dir, pre_resize=False))
+            sources.open_split(
+                dataset, "train", fixture_trees.config_data(data_dir, pre_resize=True)
+            )
+    message = sources.prepare_command("gta5", fixture_trees.config_data(data_dir, pre_resize=False))
     assert "--nopre_resize" in message
 
 
@@ -371,7 +361,7 @@ def test_image_format_npy_and_png_hold_the_same_pixels(trees, tmp_path):
     data_dir = tmp_path / "data"
     examples = {}
     for image_format in ("npy", "png"):
-        config_data = _config_data(data_dir, trees["gta5"].root)
+        config_data = fixture_trees.config_data(data_dir, trees["gta5"].root)
         config_data.image_format = image_format
         builders.prepare(builders.make_builder("gta5", config_data))
         split = sources.open_split("gta5", "train", config_data)
@@ -384,7 +374,7 @@ def test_image_format_npy_and_png_hold_the_same_pixels(trees, tmp_path):
         assert npy["name"] == png["name"]
         np.testing.assert_array_equal(npy["image"], png["image"])
         np.testing.assert_array_equal(npy["label"], png["label"])
-    config_data = _config_data(tmp_path / "other", trees["gta5"].root)
+    config_data = fixture_trees.config_data(tmp_path / "other", trees["gta5"].root)
     config_data.image_format = "png"
     with pytest.raises(sources.DatasetNotPreparedError, match="--image_format=png"):
         sources.open_split("gta5", "train", config_data)

@@ -35,8 +35,24 @@ def test_names_palette_and_subsets():
     np.testing.assert_array_equal(classes.PALETTE[13], (0, 0, 142))
     np.testing.assert_array_equal(classes.PALETTE[255], (0, 0, 0))
     assert len({tuple(c) for c in classes.PALETTE[:19]}) == 19
-    assert classes.SYNTHIA_16 == (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
-    assert classes.SYNTHIA_13 == (0, 1, 2, 6, 7, 8, 10, 11, 12, 13, 15, 17, 18)
+
+    def names(subset):
+        return [classes.CLASS_NAMES[c] for c in subset]
+
+    # docs/method.md §1: SYNTHIA's 16 classes leave out terrain, truck and train; the
+    # 13 also wall, fence and pole. Both in train-id order.
+    assert [n for n in classes.CLASS_NAMES if n not in names(classes.SYNTHIA_16)] == [
+        "terrain",
+        "truck",
+        "train",
+    ]
+    assert [n for n in names(classes.SYNTHIA_16) if n not in names(classes.SYNTHIA_13)] == [
+        "wall",
+        "fence",
+        "pole",
+    ]
+    assert list(classes.SYNTHIA_16) == sorted(classes.SYNTHIA_16)
+    assert list(classes.SYNTHIA_13) == sorted(classes.SYNTHIA_13)
 
 
 def test_map_labels_counts_out_of_map_ids():

@@ -8,8 +8,6 @@ from conftest import IMAGE_SIZE, synthetic_batch, tiny_config, tiny_model
 
 from wsda_jax import optim, parallel, steps, train_state
 
-jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
-
 
 def test_program_before_contrast_start_has_no_anchor_sampling():
     config = tiny_config("coarse")

@@ -11,19 +11,33 @@ from wsda_jax.tools.benchmarks import device_check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def test_every_peak_row_is_found_by_its_name_inside_a_device_kind():
+    """Rows match in order on a substring of device_kind: no earlier row may shadow a later
+    one (e.g. 'H100' before 'H100 PCIe'), and the dtype picks the column."""
+    for name, bfloat16, float32 in device_check.PEAK_TFLOPS:
+        kind = f"Vendor {name.upper()} 80GB"
+        assert device_check.peak_tflops(kind, "bfloat16") == bfloat16, name
+        assert device_check.peak_tflops(kind, "float32") == float32, name
+
+
 @pytest.mark.parametrize(
-    ("kind", "dtype", "expected"),
+    ("kind", "row"),
     [
-        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
-        ("NVIDIA H100 PCIe", "float32", 378.0),
-        ("NVIDIA A100-SXM4-40GB", "bfloat16", 312.0),
-        ("TPU v5 lite", "bfloat16", 197.0),
-        ("TPU v5p", "float32", 459.0),
-        ("cpu", "float32", None),
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA A100-SXM4-40GB", "A100"),
+        ("TPU v5 lite", "TPU v5 lite"),
+        ("TPU v5p", "TPU v5p"),
     ],
 )
-def test_peak_table_matches_device_kind(kind, dtype, expected):
-    assert device_check.peak_tflops(kind, dtype) == expected
+def test_real_device_kinds_find_their_row(kind, row):
+    (entry,) = [entry for entry in device_check.PEAK_TFLOPS if entry[0] == row]
+    assert device_check.peak_tflops(kind, "bfloat16") == entry[1]
+    assert device_check.peak_tflops(kind, "float32") == entry[2]
+
+
+def test_unknown_device_has_no_peak():
+    assert device_check.peak_tflops("cpu", "float32") is None
 
 
 @pytest.mark.slow  # The launch script in a fresh process.

@@ -7,8 +7,6 @@ from conftest import IMAGE_SIZE, NUM_CLASSES, CountingRecords, tiny_config, tiny
 from wsda_jax import evaluation, parallel, train, train_state
 from wsda_jax.data import eval_pipeline, records
 
-jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
-
 
 def test_one_decode_pass_evaluates_student_and_teacher(tmp_path):
     config = tiny_config("coarse")

@@ -1,9 +1,9 @@
 """Faults met through the CLI, on the tiny synthetic config: each ends with the run going
 on with nothing lost, or with one clear line on stderr and nothing damaged.
 
-One training run (module fixture: checkpoints 2 and 4) is copied by the tests that
-damage a workdir. Subprocesses share the JAX compilation cache and the tiny dataset
-with tests/test_main.py under pytest's base temp directory.
+The session's one CLI training run (`tiny_cli_run` in conftest.py: checkpoints 2 and 4) is
+copied by the tests that change a workdir. Subprocesses share the JAX compilation cache
+and the tiny dataset with the other CLI tests under pytest's base temp directory.
 """
 
 import json
@@ -19,30 +19,20 @@ import numpy as np
 import PIL.Image
 import pytest
 import subprocesses
-from test_main import ROOT, TINY, _assert_one_line_error, run_main
+from subprocesses import ROOT, TINY, assert_one_line_error, copy_workdir, run_main
 
 # A fresh process is the point here (see pyproject's `slow` marker).
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    workdir = tmp_path_factory.mktemp("faults") / "run"
-    result = run_main(base, TINY, f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
+@pytest.fixture
+def trained(tiny_cli_run):
+    return tiny_cli_run
 
 
 @pytest.fixture
 def base(tmp_path_factory):
     return tmp_path_factory.getbasetemp()
-
-
-def _copy(trained, tmp_path):
-    workdir = tmp_path / "run"
-    shutil.copytree(trained, workdir)
-    return workdir
 
 
 def _truncate_arrays(workdir, step):
@@ -76,7 +66,7 @@ def _dead_pid():
 
 
 def test_corrupt_latest_checkpoint_is_moved_aside_and_rewritten(trained, tmp_path, base):
-    workdir = _copy(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     _truncate_arrays(workdir, 4)
     # A lock left by a run that was killed: stale, so this run takes over.
     lock = {"host": socket.gethostname(), "pid": _dead_pid(), "started": 0}
@@ -102,7 +92,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_rewritten(trained, tmp_pat
 
 
 def test_eval_mode_falls_back_to_the_previous_checkpoint(trained, tmp_path, base):
-    workdir = _copy(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     _truncate_arrays(workdir, 4)
     shutil.rmtree(workdir / "eval")
     result = run_main(base, TINY, f"--workdir={workdir}", "--mode=eval")
@@ -120,23 +110,24 @@ def test_eval_mode_falls_back_to_the_previous_checkpoint(trained, tmp_path, base
     assert os.listdir(workdir / "checkpoints" / "corrupt") == ["4"]
 
 
-def test_checkpoint_of_another_model_is_named_and_kept(trained, base):
-    result = run_main(base, TINY, f"--workdir={trained}", "--config.model.width=16")
-    _assert_one_line_error(result, "checkpoint 4 was written by a different model: ")
+def test_checkpoint_of_another_model_is_named_and_kept(trained, tmp_path, base):
+    workdir = copy_workdir(trained, tmp_path)
+    result = run_main(base, TINY, f"--workdir={workdir}", "--config.model.width=16")
+    assert_one_line_error(result, "checkpoint 4 was written by a different model: ")
     assert "has shape (8,), this config (16,)" in result.stderr
     assert "strict=False" not in result.stderr and "Event loop" not in result.stderr
-    assert _steps(trained) == [2, 4]
-    assert not (trained / "checkpoints" / "corrupt").exists()
-    assert not (trained / "lock").exists()
+    assert _steps(workdir) == [2, 4]
+    assert not (workdir / "checkpoints" / "corrupt").exists()
+    assert not (workdir / "lock").exists()
 
 
 def test_second_run_in_a_workdir_is_refused(trained, tmp_path, base):
-    workdir = _copy(trained, tmp_path)
+    workdir = copy_workdir(trained, tmp_path)
     lock = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0})
     (workdir / "lock").write_text(lock)  # This live process "runs" there.
     lines_before = (workdir / "metrics.jsonl").read_text()
     result = run_main(base, TINY, f"--workdir={workdir}")
-    _assert_one_line_error(result, f"is in use by another run (pid {os.getpid()} on ")
+    assert_one_line_error(result, f"is in use by another run (pid {os.getpid()} on ")
     assert (workdir / "lock").read_text() == lock
     assert (workdir / "metrics.jsonl").read_text() == lines_before
 
@@ -155,7 +146,7 @@ def test_second_run_in_a_workdir_is_refused(trained, tmp_path, base):
 )
 def test_out_of_range_config_value_is_one_line(override, message, tmp_path):
     result = run_main(tmp_path, TINY, f"--config.{override}", f"--workdir={tmp_path / 'w'}")
-    _assert_one_line_error(result, message)
+    assert_one_line_error(result, message)
     # Before JAX starts (main logs the devices right after), data or compilation.
     assert "devices:" not in result.stderr
     assert not (tmp_path / "w").exists()
@@ -167,7 +158,7 @@ def test_garbage_imagenet_file_is_named(tmp_path, base):
     result = run_main(
         base, TINY, f"--config.init.imagenet={weights}", f"--workdir={tmp_path / 'w'}"
     )
-    _assert_one_line_error(result, f"config.init.imagenet='{weights}'")
+    assert_one_line_error(result, f"config.init.imagenet='{weights}'")
     assert "is not a weight file" in result.stderr
     assert "allow_pickle" not in result.stderr
 
@@ -198,7 +189,7 @@ def test_predict_skips_unreadable_files_and_keeps_names_distinct(trained, tmp_pa
     assert "Skipped 1 of 4 images" in result.stderr
     assert "Wrote 3 predictions" in result.stderr
 
-    _assert_one_line_error(predict(inputs), "is the input folder")
+    assert_one_line_error(predict(inputs), "is the input folder")
     assert {name: (inputs / name).read_bytes() for name in os.listdir(inputs)} == before
 
 
@@ -246,7 +237,7 @@ def test_unwritable_checkpoint_directory_fails_fast(tmp_path, base):
             pytest.fail("the run hung after its checkpoint directory became unwritable")
     finally:
         _chattr(checkpoints, "-i")
-    _assert_one_line_error(
+    assert_one_line_error(
         subprocess.CompletedProcess(command, process.returncode, "", stderr),
         f"cannot write checkpoints to {checkpoints}",
     )

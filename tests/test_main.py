@@ -1,61 +1,43 @@
 """End to end on the CPU: `python -m wsda_jax.main` trains, evaluates and predicts on the
 tiny synthetic config, and bad input gets one line and exit status 1.
 
-One training run (module fixture) is shared by the assertions. Subprocesses share a JAX
-compilation cache and the generated tiny dataset under pytest's base temp directory.
+The session's one CLI training run (`tiny_cli_run` in conftest.py) is shared by the
+assertions. Subprocesses share a JAX compilation cache and the generated tiny dataset
+under pytest's base temp directory.
 """
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
-import subprocesses
-import test_train
+import tiny_runs
+from subprocesses import TINY, assert_one_line_error, copy_workdir, run_main
 
 from wsda_jax import classes
 
 # A fresh process is the point here (see pyproject's `slow` marker).
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = "--config=configs/synthetic_coarse.py:tiny"
 
-
-def run_main(base, *args, timeout=600):
-    """Runs the entry point in a subprocess with the shared cache and data dir."""
-    env = subprocesses.jax_env(base)
-    command = [sys.executable, "-m", "wsda_jax.main", *args]
-    if any(a.startswith("--config=") and "synthetic" in a for a in args):
-        command.append(f"--config.data.data_dir={base / 'data'}")
-    return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    workdir = tmp_path_factory.mktemp("main") / "run"
-    result = run_main(base, TINY, f"--workdir={workdir}")
-    assert result.returncode == 0, result.stderr[-4000:]
-    return workdir
+@pytest.fixture
+def trained(tiny_cli_run):
+    return tiny_cli_run
 
 
 def test_train_writes_metrics_checkpoints_and_eval(trained):
     """The CLI run leaves what the in-process run does (tests/test_train.py)."""
-    test_train.assert_tiny_run_outputs(trained)
+    tiny_runs.assert_tiny_run_outputs(trained)
 
 
-def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path_factory):
+def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path, tmp_path_factory):
     during_training = json.load(open(trained / "eval" / "4.json"))
-    os.remove(trained / "eval" / "4.json")
-    result = run_main(tmp_path_factory.getbasetemp(), TINY, f"--workdir={trained}", "--mode=eval")
+    workdir = copy_workdir(trained, tmp_path)
+    os.remove(workdir / "eval" / "4.json")
+    result = run_main(tmp_path_factory.getbasetemp(), TINY, f"--workdir={workdir}", "--mode=eval")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert json.load(open(trained / "eval" / "4.json")) == during_training
+    assert json.load(open(workdir / "eval" / "4.json")) == during_training
 
 
 def test_eval_mode_with_other_settings_writes_its_own_file(trained, tmp_path_factory):
@@ -103,14 +85,6 @@ def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory
         assert {tuple(c) for c in prediction.reshape(-1, 3)} <= palette
 
 
-def _assert_one_line_error(result, expected):
-    assert result.returncode == 1, result.stderr[-4000:]
-    assert "Traceback" not in result.stderr, result.stderr[-4000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-4000:]
-    assert expected in errors[0]
-
-
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -129,13 +103,13 @@ def test_bad_input_is_one_line(args, expected, tmp_path):
     if args[0].startswith("--config=configs/gta"):
         args = [*args, f"--config.data.data_dir={tmp_path / 'empty'}"]
     result = run_main(tmp_path, *args, f"--workdir={tmp_path / 'w'}")
-    _assert_one_line_error(result, expected)
+    assert_one_line_error(result, expected)
 
 
 def test_unwritable_workdir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     result = run_main(tmp_path, TINY, f"--workdir={tmp_path / 'file' / 'w'}")
-    _assert_one_line_error(result, "cannot be written")
+    assert_one_line_error(result, "cannot be written")
 
 
 def test_init_from_shape_mismatch_is_one_line(trained, tmp_path, tmp_path_factory):
@@ -146,7 +120,7 @@ def test_init_from_shape_mismatch_is_one_line(trained, tmp_path, tmp_path_factor
         f"--config.init.init_from={trained}",
         f"--workdir={tmp_path / 'stage2'}",
     )
-    _assert_one_line_error(result, "was written by a different model: params/backbone/")
+    assert_one_line_error(result, "was written by a different model: params/backbone/")
     assert ", this config (" in result.stderr
 
 

@@ -8,8 +8,6 @@ from conftest import IMAGE_SIZE, synthetic_batch, tiny_config, tiny_model
 
 from wsda_jax import augment, config_lib, masking, optim, parallel, steps, train_state
 
-jax.config.update("jax_disable_most_optimizations", True)
-
 
 def _reference_mask(cells: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour upsampling written per pixel: pixel (y, x) of an H x W image

@@ -5,70 +5,23 @@ import time
 
 import numpy as np
 import pytest
+from pipeline_records import (
+    SOURCE,
+    TARGET,
+    C,
+    H,
+    W,
+    assert_batches_equal,
+    make_records,
+    pipeline_config,
+    take,
+)
 
-from wsda_jax import config_lib
 from wsda_jax.data import eval_pipeline, pipeline, records
-
-H, W, C = 32, 64, 19
-
-
-def _records(num, *, target, first=0, image_format="png", noise=False):
-    """Records whose image is the constant `first + i + 1` (plus, with `noise`, a fixed
-    random pattern), so a pixel traces the record."""
-    out = []
-    for i in range(first, first + num):
-        example = {
-            "image": np.full((H, W, 3), i + 1, np.uint8)
-            + (np.random.default_rng(i).integers(0, 100, (H, W, 3), np.uint8) if noise else 0),
-            "label": np.full((H, W), 3, np.uint8),
-            "name": f"record_{i}",
-        }
-        if target:
-            example["coarse_label"] = (
-                np.where(np.arange(W) < W // 2, 1, 255).astype(np.uint8)[None].repeat(H, 0)
-            )
-            example["point_label"] = np.full((H, W), 255, np.uint8)
-            example["point_label"][5, 7] = 2
-            example["presence"] = (np.arange(C) % 3 == i % 3).astype(np.uint8)
-        out.append(records.encode_example(example, image_format))
-    return out
-
-
-def _config(*, augment=False, weak_label="coarse", batch_size=2, seed=0, num_workers=0):
-    config = config_lib.base_config()
-    config.seed = seed
-    config.per_device_batch_size = batch_size
-    config.weak_label = weak_label
-    config.data.num_workers = num_workers
-    config.data.prefetch_buffer_size = 2
-    config.eval.per_device_batch_size = 2
-    if augment:
-        config.data.crop_size = (24, 40)
-        config.data.scale_range = (0.5, 2.0)
-    else:  # identity transforms so that pixels trace records
-        config.data.crop_size = (H, W)
-        config.data.scale_range = (1.0, 1.0)
-        config.data.flip = False
-    return config
-
-
-SOURCE = _records(5, target=False)
-TARGET = _records(7, target=True, first=100)
-
-
-def _take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    for x, y in zip(a, b, strict=True):
-        for domain in ("source", "target"):
-            for key in x[domain]:
-                np.testing.assert_array_equal(x[domain][key], y[domain][key])
 
 
 def test_train_batch_shapes_and_dtypes():
-    iterator = pipeline.make_train_iterator(_config(augment=True), SOURCE, TARGET)
+    iterator = pipeline.make_train_iterator(pipeline_config(augment=True), SOURCE, TARGET)
     batch = next(iterator)
     assert set(batch) == {"source", "target"}
     assert set(batch["source"]) == {"image", "label"}
@@ -88,10 +41,10 @@ def test_train_batch_shapes_and_dtypes():
 
 
 def test_same_seed_same_batches_other_seed_differs():
-    a = _take(pipeline.make_train_iterator(_config(augment=True), SOURCE, TARGET), 3)
-    b = _take(pipeline.make_train_iterator(_config(augment=True), SOURCE, TARGET), 3)
-    _assert_batches_equal(a, b)
-    c = _take(pipeline.make_train_iterator(_config(augment=True, seed=1), SOURCE, TARGET), 3)
+    a = take(pipeline.make_train_iterator(pipeline_config(augment=True), SOURCE, TARGET), 3)
+    b = take(pipeline.make_train_iterator(pipeline_config(augment=True), SOURCE, TARGET), 3)
+    assert_batches_equal(a, b)
+    c = take(pipeline.make_train_iterator(pipeline_config(augment=True, seed=1), SOURCE, TARGET), 3)
     assert any(
         not np.array_equal(x["target"]["image"], y["target"]["image"])
         for x, y in zip(a, c, strict=True)
@@ -99,8 +52,8 @@ def test_same_seed_same_batches_other_seed_differs():
 
 
 def test_epochs_are_reshuffled_and_cover_the_data():
-    iterator = pipeline.make_train_iterator(_config(batch_size=1), SOURCE, TARGET)
-    ids = [int(b["source"]["image"][0, 0, 0, 0]) - 1 for b in _take(iterator, 15)]
+    iterator = pipeline.make_train_iterator(pipeline_config(batch_size=1), SOURCE, TARGET)
+    ids = [int(b["source"]["image"][0, 0, 0, 0]) - 1 for b in take(iterator, 15)]
     epochs = [ids[0:5], ids[5:10], ids[10:15]]
     assert all(sorted(e) == list(range(5)) for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1
@@ -109,14 +62,14 @@ def test_epochs_are_reshuffled_and_cover_the_data():
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_restored_state_replays_the_next_batches(num_workers):
     start = time.perf_counter()
-    config = _config(augment=True, num_workers=num_workers)
+    config = pipeline_config(augment=True, num_workers=num_workers)
     iterator = pipeline.make_train_iterator(config, SOURCE, TARGET)
-    _take(iterator, 2)
+    take(iterator, 2)
     state = iterator.get_state()
-    expected = _take(iterator, 3)
+    expected = take(iterator, 3)
     restored = pipeline.make_train_iterator(config, SOURCE, TARGET)
     restored.set_state(state)
-    _assert_batches_equal(_take(restored, 3), expected)
+    assert_batches_equal(take(restored, 3), expected)
     if num_workers:
         iterator.close()
         restored.close()
@@ -126,19 +79,19 @@ def test_restored_state_replays_the_next_batches(num_workers):
 def test_batches_and_state_do_not_depend_on_the_worker_count():
     """Batch k is the same examples read by 0 or 2 worker processes, and a state saved
     with 2 workers resumes with none (a new host with other cores) at the same batch."""
-    config = _config(augment=True)
-    expected = _take(pipeline.make_train_iterator(config, SOURCE, TARGET), 6)
+    config = pipeline_config(augment=True)
+    expected = take(pipeline.make_train_iterator(config, SOURCE, TARGET), 6)
     config.data.num_workers = 2
     iterator = pipeline.make_train_iterator(config, SOURCE, TARGET)
     try:
-        _assert_batches_equal(_take(iterator, 3), expected[:3])
+        assert_batches_equal(take(iterator, 3), expected[:3])
         state = iterator.get_state()
     finally:
         iterator.close()
     config.data.num_workers = 0
     restored = pipeline.make_train_iterator(config, SOURCE, TARGET)
     restored.set_state(state)
-    _assert_batches_equal(_take(restored, 3), expected[3:])
+    assert_batches_equal(take(restored, 3), expected[3:])
 
 
 def test_saved_iterator_states_resume_at_their_batch():
@@ -156,27 +109,27 @@ def test_orbax_checkpoint_of_the_iterator(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     import grain
 
-    config = _config(augment=True)
+    config = pipeline_config(augment=True)
     iterator = pipeline.make_train_iterator(config, SOURCE, TARGET)
-    _take(iterator, 2)
+    take(iterator, 2)
     with ocp.CheckpointManager(tmp_path) as manager:
         manager.save(2, args=ocp.args.Composite(it=grain.checkpoint.CheckpointSave(iterator)))
         manager.wait_until_finished()
-        expected = _take(iterator, 2)
+        expected = take(iterator, 2)
         restored = pipeline.make_train_iterator(config, SOURCE, TARGET)
         manager.restore(2, args=ocp.args.Composite(it=grain.checkpoint.CheckpointRestore(restored)))
-    _assert_batches_equal(_take(restored, 2), expected)
+    assert_batches_equal(take(restored, 2), expected)
 
 
 def test_two_hosts_get_disjoint_shards_covering_the_data():
-    config = _config(batch_size=1)  # 1 image per host (one device each) and domain
+    config = pipeline_config(batch_size=1)  # 1 image per host (one device each) and domain
     seen = {"source": [], "target": []}
     for process_index in range(2):
         iterator = pipeline.make_train_iterator(
             config, SOURCE, TARGET, process_index=process_index, process_count=2
         )
         shard = {"source": len(SOURCE[process_index::2]), "target": len(TARGET[process_index::2])}
-        batches = _take(iterator, max(shard.values()))
+        batches = take(iterator, max(shard.values()))
         for domain, records_in_shard in shard.items():
             ids = [int(b[domain]["image"][0, 0, 0, 0]) - 1 for b in batches[:records_in_shard]]
             assert len(set(ids)) == records_in_shard  # one epoch of this host's shard
@@ -189,12 +142,14 @@ def test_two_hosts_get_disjoint_shards_covering_the_data():
 
 def test_host_batch_is_per_device_size_times_local_devices():
     iterator = pipeline.make_train_iterator(
-        _config(batch_size=3), SOURCE, TARGET, process_count=2, num_local_devices=2
+        pipeline_config(batch_size=3), SOURCE, TARGET, process_count=2, num_local_devices=2
     )
     batch = next(iterator)
     assert batch["source"]["image"].shape[0] == 6
     assert batch["target"]["weak_label"].shape[0] == 6
-    evaluated = next(eval_pipeline.make_eval_iterator(_config(), SOURCE, num_local_devices=3))
+    evaluated = next(
+        eval_pipeline.make_eval_iterator(pipeline_config(), SOURCE, num_local_devices=3)
+    )
     assert evaluated["image"].shape[0] == 6  # eval.per_device_batch_size=2 x 3 devices.
 
 
@@ -210,7 +165,7 @@ def test_host_batch_is_per_device_size_times_local_devices():
     ],
 )
 def test_weak_label_selection(weak_label, presence, expected):
-    config = _config(weak_label=weak_label)
+    config = pipeline_config(weak_label=weak_label)
     config.presence = presence
     batch = next(pipeline.make_train_iterator(config, SOURCE, TARGET))
     weak = batch["target"]["weak_label"]
@@ -229,14 +184,14 @@ def test_target_without_fine_label_gets_ignore():
     target = [dict(r) for r in TARGET]
     for record in target:
         del record["label"]
-    batch = next(pipeline.make_train_iterator(_config(weak_label="none"), SOURCE, target))
+    batch = next(pipeline.make_train_iterator(pipeline_config(weak_label="none"), SOURCE, target))
     assert (batch["target"]["label"] == 255).all()
     assert (batch["target"]["weak_label"] == 255).all()
 
 
 @pytest.mark.parametrize("num_records", [5, 4, 1])
 def test_eval_covers_every_record_once_across_hosts(num_records):
-    config = _config()
+    config = pipeline_config()
     evaluated = []
     num_batches = []
     for process_index in range(2):
@@ -262,7 +217,7 @@ def test_eval_covers_every_record_once_across_hosts(num_records):
 
 
 def test_eval_resize_and_max_images():
-    config = _config()
+    config = pipeline_config()
     config.data.eval_resize = (16, 24)
     config.eval.max_images = 3
     batches = list(eval_pipeline.make_eval_iterator(config, SOURCE))
@@ -274,12 +229,12 @@ def test_eval_resize_and_max_images():
 
 def test_npy_records_give_the_same_batches_as_png():
     """The image format is lossless and changes no random draw: bit-equal batches."""
-    config = _config(augment=True)
+    config = pipeline_config(augment=True)
     batches = {}
     for image_format in ("png", "npy"):
-        source = _records(5, target=False, image_format=image_format, noise=True)
-        target = _records(7, target=True, first=100, image_format=image_format, noise=True)
-        batches[image_format] = _take(pipeline.make_train_iterator(config, source, target), 3)
+        source = make_records(5, target=False, image_format=image_format, noise=True)
+        target = make_records(7, target=True, first=100, image_format=image_format, noise=True)
+        batches[image_format] = take(pipeline.make_train_iterator(config, source, target), 3)
     for png, npy in zip(batches["png"], batches["npy"], strict=True):
         for domain in ("source", "target"):
             for key, value in png[domain].items():
@@ -306,9 +261,9 @@ def test_npy_image_round_trip_and_a_bad_array_is_refused():
 def test_batches_are_not_colour_jittered_on_the_host():
     """The colour jitter runs in the train step: with identity geometry a batch holds the
     records' exact pixels although config.data.jitter > 0."""
-    config = _config()
+    config = pipeline_config()
     assert config.data.jitter > 0
-    source = _records(5, target=False, noise=True)
+    source = make_records(5, target=False, noise=True)
     batch = next(pipeline.make_train_iterator(config, source, TARGET))
     images = {records.decode_example(r)["image"].tobytes() for r in source}
     assert all(image.tobytes() in images for image in batch["source"]["image"])
@@ -318,7 +273,7 @@ def test_batches_are_not_colour_jittered_on_the_host():
     "cores, devices, expected", [(2, 1, 0), (3, 8, 0), (4, 1, 2), (16, 1, 3), (96, 8, 24)]
 )
 def test_automatic_worker_count(monkeypatch, cores, devices, expected):
-    config = _config()
+    config = pipeline_config()
     config.data.num_workers = -1
     monkeypatch.setattr(pipeline.base, "available_cores", lambda: cores)
     assert pipeline.num_workers(config.data, devices) == expected

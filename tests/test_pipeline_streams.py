@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 from conftest import CountingRecords
-from test_pipeline import SOURCE, TARGET, _config
+from pipeline_records import SOURCE, TARGET, pipeline_config
 
 from wsda_jax.data import pipeline
 
 
 @pytest.mark.parametrize("stage", ["source_only", "oracle"])
 def test_non_adapt_stages_read_no_target(stage):
-    config = _config(augment=True)
+    config = pipeline_config(augment=True)
     config.stage = stage
     source, target = CountingRecords(SOURCE), CountingRecords(TARGET)
     iterator = pipeline.make_train_iterator(config, source, target)
@@ -23,7 +23,7 @@ def test_non_adapt_stages_read_no_target(stage):
 
 
 def test_adapt_reads_both_streams_with_uint8_labels():
-    config = _config(augment=True)
+    config = pipeline_config(augment=True)
     source, target = CountingRecords(SOURCE), CountingRecords(TARGET)
     batch = next(pipeline.make_train_iterator(config, source, target))
     assert source.reads >= 2 and target.reads >= 2

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from test_pipeline import TARGET, _assert_batches_equal, _config, _take
+from pipeline_records import TARGET, assert_batches_equal, pipeline_config, take
 
 from wsda_jax.data import pipeline, rare_class_sampling, records
 
@@ -123,7 +123,7 @@ def test_statistics_are_written_once_and_a_corrupt_file_is_one_line(tmp_path):
 
 
 def _rcs_config(seed=0):
-    config = _config(seed=seed)
+    config = pipeline_config(seed=seed)
     config.data.rare_class_sampling.enabled = True
     config.data.rare_class_sampling.temperature = 0.01
     config.data.rare_class_sampling.min_pixels = 15
@@ -136,14 +136,14 @@ def test_pipeline_draws_only_qualifying_images_and_resumes_exactly():
     pixels = rare_class_sampling.class_pixel_counts(SOURCE, 19)
     config = _rcs_config()
     iterator = pipeline.make_train_iterator(config, SOURCE, TARGET, source_class_pixels=pixels)
-    batches = _take(iterator, 6)
+    batches = take(iterator, 6)
     seen = np.concatenate([b["source"]["image"][:, 0, 0, 0] for b in batches]) - 1
     assert set(seen.tolist()) <= {2, 3, 4}, seen
     restarted = pipeline.make_train_iterator(config, SOURCE, TARGET, source_class_pixels=pixels)
-    _assert_batches_equal(_take(restarted, 6), batches)
+    assert_batches_equal(take(restarted, 6), batches)
     resumed = pipeline.make_train_iterator(config, SOURCE, TARGET, source_class_pixels=pixels)
     resumed.set_state(json.dumps({"batches": 3, "batch_size": 2}).encode())
-    _assert_batches_equal(_take(resumed, 3), batches[3:])
+    assert_batches_equal(take(resumed, 3), batches[3:])
 
 
 def test_pipeline_without_the_statistics_refuses():

@@ -7,9 +7,15 @@ Raw trees: GTA5 at 1914x1052 (one image/label size mismatch), SYNTHIA at 1280x76
 `python -m wsda_jax.data.prepare` (pre-resize on: GTA5 to 1280x720, Cityscapes train to
 1024x512, val at 2048x1024). Then `python -m wsda_jax.main` runs the real configs
 with the reference's per-device batch (4 + 4) and eval batch (8), overriding only the
-model size, the step counts and the crop size (128x128, for the CPU). On 4 devices
-every listed config runs; on 1 device the GTA5 chain (stage 1, coarse stage 2,
-predict), to keep the suite's time.
+model size, the step counts, the crop size (128x128, for the CPU) and the step where the
+contrastive terms start. Every listed config runs: the GTA5 stage 1 once on 4 devices
+(shared by both device counts), the coarse and image stage 2 and the SYNTHIA chain on
+4 devices, the point stage 2 on 1 device from the 4-device stage 1; predict on both.
+
+Time goes into compiling the train step (one program per device count and weak label,
+two where the contrastive terms switch on mid-run), so only gta2cs_coarse switches them
+on at step 2 (`CONTRAST_SWITCH`); the other stage-2 runs have them on from step 1 and
+compile one program (the switch is also tested in test_train and test_contrast_switch).
 """
 
 import json
@@ -34,7 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 2
 CROP = 128
 SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
-# Model size, step counts and crop size: nothing else differs from the real configs.
+# Model size, step counts and crop size (and contrast_start, per run): nothing else differs
+# from the real configs.
 OVERRIDES = (
     "--config.model.depth=18",
     "--config.model.stage_sizes=(1,1,1,1)",
@@ -42,11 +49,12 @@ OVERRIDES = (
     "--config.model.proj_dim=16",
     f"--config.num_steps={NUM_STEPS}",
     "--config.optim.warmup_steps=1",
-    "--config.loss.contrast_start=1",  # The contrastive and image terms act at step 2.
     "--config.log_every_steps=1",
     f"--config.data.crop_size=({CROP},{CROP})",
     "--config.data.num_workers=0",
 )
+CONTRAST_SWITCH = "--config.loss.contrast_start=1"  # The contrastive and image terms at step 2.
+CONTRAST_ON = "--config.loss.contrast_start=0"  # From step 1: one compiled program.
 
 
 def _prepare(dataset, manual_dir, data_dir, env):
@@ -162,49 +170,46 @@ def _check_eval(prepared, workdir, step, models, subsets=("miou",)):
         assert report[model]["pixels"] == labelled
 
 
-@pytest.mark.parametrize("devices", [4, 1])
-def test_real_configs_stage1_stage2_eval_predict(prepared, devices, tmp_path):
-    runs = tmp_path / f"devices{devices}"
-    stage1 = runs / "gta_source_only"
-    result = _main(prepared, devices, "gta_source_only", stage1)
-    assert f"x {devices} device(s) = {4 * devices} per domain" in result.stderr
-    assert [line["step"] for line in _train_lines(stage1)] == [1, 2]
-    _check_eval(prepared, stage1, NUM_STEPS, ["student"])
+@pytest.fixture(scope="module")
+def gta_stage_one(prepared, tmp_path_factory):
+    """configs/gta_source_only.py on 4 devices: (workdir, stderr); the stage 1 that the
+    stage 2 of both device counts starts from."""
+    workdir = tmp_path_factory.mktemp("stage1") / "gta_source_only"
+    result = _main(prepared, 4, "gta_source_only", workdir)
+    return workdir, result.stderr
 
-    adapted = ("gta2cs_coarse", "gta2cs_image", "gta2cs_point") if devices == 4 else ()
-    for config in adapted or ("gta2cs_coarse",):
-        workdir = runs / config
-        _main(prepared, devices, config, workdir, f"--config.init.init_from={stage1}")
-        lines = _train_lines(workdir)
-        assert [line["step"] for line in lines] == [1, 2]
-        terms = {"seg_s", "edge_s", "seg_mix", "im_u", "im_proto", "inter", "intra_src"}
-        for line in lines:
-            assert terms <= set(line) and all(math.isfinite(line[t]) for t in terms), line
-        # Switched on at contrast_start=1. The source side always has anchors; the
-        # cross-domain `inter` term needs target anchors too, which (from a 2-step stage 1,
-        # no confident pseudo labels) only the large gtCoarse regions provide.
+
+def _stage_two(prepared, devices, config, workdir, stage1, contrast):
+    """Stage 2 of `config` from `stage1`; checks its metrics and evaluations; returns the
+    run. `contrast` is CONTRAST_SWITCH (checks the switch at step 2) or CONTRAST_ON."""
+    init_from = f"--config.init.init_from={stage1}"
+    result = _main(prepared, devices, config, workdir, init_from, contrast)
+    lines = _train_lines(workdir)
+    assert [line["step"] for line in lines] == [1, 2]
+    terms = {"seg_s", "edge_s", "seg_mix", "im_u", "im_proto", "inter", "intra_src"}
+    for line in lines:
+        assert terms <= set(line) and all(math.isfinite(line[t]) for t in terms), line
+    # The source side always has anchors; the cross-domain `inter` term needs target
+    # anchors too, which (from a 2-step stage 1, no confident pseudo labels) only the large
+    # gtCoarse regions provide.
+    if contrast == CONTRAST_SWITCH:
         assert lines[-1]["intra_src"] != 0.0 and lines[0]["intra_src"] == 0.0
-        if config == "gta2cs_coarse":
-            assert lines[-1]["inter"] != 0.0
-        _check_eval(prepared, workdir, 0, ["student", "teacher"])  # The stage-1 starting point.
-        _check_eval(prepared, workdir, NUM_STEPS, ["student", "teacher"])
+    else:
+        assert all(line["intra_src"] != 0.0 for line in lines), lines
+    if config.endswith("_coarse"):
+        assert lines[-1]["inter"] != 0.0
+    _check_eval(prepared, workdir, 0, ["student", "teacher"])  # The stage-1 starting point.
+    _check_eval(prepared, workdir, NUM_STEPS, ["student", "teacher"])
+    return result
 
-    if devices == 4:
-        synthia = runs / "synthia_source_only"
-        _main(prepared, devices, "synthia_source_only", synthia)
-        _check_eval(prepared, synthia, NUM_STEPS, ["student"], ("miou", "miou_16", "miou_13"))
-        workdir = runs / "synthia2cs_coarse"
-        _main(prepared, devices, "synthia2cs_coarse", workdir, f"--config.init.init_from={synthia}")
-        _check_eval(
-            prepared, workdir, NUM_STEPS, ["student", "teacher"], ("miou", "miou_16", "miou_13")
-        )
 
-    out = runs / "predictions"
+def _check_predict(prepared, devices, config, workdir, out):
+    """`--mode=predict` with the run in `workdir`: one palette PNG per input at full size."""
     _main(
         prepared,
         devices,
-        "gta2cs_coarse",
-        runs / "gta2cs_coarse",
+        config,
+        workdir,
         "--mode=predict",
         f"--input_dir={prepared['predict_dir']}",
         f"--output_dir={out}",
@@ -215,7 +220,49 @@ def test_real_configs_stage1_stage2_eval_predict(prepared, devices, tmp_path):
     assert prediction.shape == (1024, 2048, 3)
     palette = {tuple(c) for c in classes.PALETTE[: classes.NUM_CLASSES]}
     assert {tuple(c) for c in prediction.reshape(-1, 3)[::4099]} <= palette
-    shutil.rmtree(runs)  # Checkpoints of both device counts would fill the disk otherwise.
+
+
+def test_four_devices_stage1_stage2_eval_predict(prepared, gta_stage_one, tmp_path):
+    stage1, stderr = gta_stage_one
+    assert "x 4 device(s) = 16 per domain" in stderr
+    assert [line["step"] for line in _train_lines(stage1)] == [1, 2]
+    _check_eval(prepared, stage1, NUM_STEPS, ["student"])
+
+    runs = tmp_path / "devices4"
+    _stage_two(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", stage1, CONTRAST_SWITCH)
+    _stage_two(prepared, 4, "gta2cs_image", runs / "gta2cs_image", stage1, CONTRAST_ON)
+
+    synthia = runs / "synthia_source_only"
+    _main(prepared, 4, "synthia_source_only", synthia)
+    _check_eval(prepared, synthia, NUM_STEPS, ["student"], ("miou", "miou_16", "miou_13"))
+    workdir = runs / "synthia2cs_coarse"
+    # The same programs as gta2cs_coarse (from the compilation cache).
+    _main(
+        prepared,
+        4,
+        "synthia2cs_coarse",
+        workdir,
+        f"--config.init.init_from={synthia}",
+        CONTRAST_SWITCH,
+    )
+    _check_eval(
+        prepared, workdir, NUM_STEPS, ["student", "teacher"], ("miou", "miou_16", "miou_13")
+    )
+
+    _check_predict(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", runs / "predictions")
+    shutil.rmtree(runs)  # Checkpoints of every run would fill the disk otherwise.
+
+
+def test_one_device_stage2_from_the_four_device_stage1_and_predict(
+    prepared, gta_stage_one, tmp_path
+):
+    """The 4-device stage-1 checkpoint initialises a 1-device stage 2 (gta2cs_point)."""
+    stage1, _ = gta_stage_one
+    runs = tmp_path / "devices1"
+    result = _stage_two(prepared, 1, "gta2cs_point", runs / "gta2cs_point", stage1, CONTRAST_ON)
+    assert "x 1 device(s) = 4 per domain" in result.stderr
+    _check_predict(prepared, 1, "gta2cs_point", runs / "gta2cs_point", runs / "predictions")
+    shutil.rmtree(runs)
 
 
 def _browse(prepared, config, out, *overrides):

@@ -29,8 +29,6 @@ from wsda_jax import (
 )
 from wsda_jax.models import deeplab
 
-jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
-
 
 class Runner:
     """A compiled adapt step on a 1-device mesh, its initial state and a fixed batch pair."""

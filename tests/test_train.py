@@ -8,7 +8,6 @@ under pytest's base temp directory (shared with the subprocess tests).
 
 import importlib.util
 import json
-import math
 import os
 
 import jax
@@ -16,13 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
-from test_imagenet_init import WIDTH, random_state_dict
+import tiny_runs
+from torchvision_weights import WIDTH, random_state_dict
 
 from wsda_jax import classes, config_lib, optim, parallel, steps, train, train_state
 from wsda_jax.data import sources
 from wsda_jax.models import deeplab
-
-jax.config.update("jax_disable_most_optimizations", True)  # Faster compiles of the tiny nets.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TERMS = ("seg_mix", "seg_s", "seg_u", "edge_s", "inter", "intra_src", "intra_tgt")
@@ -40,11 +38,6 @@ def tiny_config(name, base):
     return config
 
 
-def _train_lines(workdir):
-    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    return [line for line in lines if "total" in line]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """(config, workdir, report) of 4 steps with contrast_start = 2."""
@@ -54,31 +47,9 @@ def tiny_run(tmp_path_factory):
     return config, workdir, report
 
 
-def assert_tiny_run_outputs(workdir):
-    """What 4 steps of configs/synthetic_coarse.py:tiny leave in `workdir` (also the CLI's,
-    tests/test_main.py); returns the final report."""
-    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    train_lines = _train_lines(workdir)
-    assert [line["step"] for line in train_lines] == [1, 2, 3, 4]
-    for line in train_lines:
-        assert math.isfinite(line["total"]) and line["images_per_sec"] > 0
-        assert line["skipped_steps"] == 0 and "learning_rate" in line
-    assert any("eval/teacher_miou" in line for line in lines)
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]  # keep_checkpoints=2
-    report = json.load(open(workdir / "eval" / "4.json"))
-    for name in ("student", "teacher"):
-        assert 0.0 <= report[name]["miou"] <= 1.0
-        assert set(report[name]["iou"]) == set(classes.CLASS_NAMES)
-        assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel, no padding.
-        for kind in ("panels", "confusion"):
-            assert os.path.getsize(workdir / "eval" / f"4_{name}_{kind}.png") > 0
-    assert os.listdir(workdir / "tensorboard")
-    return report
-
-
 def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
     _, workdir, report = tiny_run
-    assert assert_tiny_run_outputs(workdir) == report
+    assert tiny_runs.assert_tiny_run_outputs(workdir) == report
     assert "step 4" in train.progress_summary(str(workdir))
 
 
@@ -87,7 +58,7 @@ def test_contrast_start_gate_in_the_train_loop(tiny_run):
     image-level terms (and their anchors) are 0 at steps 1-2 and non-zero from step 3."""
     config, workdir, _ = tiny_run
     assert config.loss.contrast_start == 2
-    for line in _train_lines(workdir):
+    for line in tiny_runs.train_lines(workdir):
         for name in ("inter", "intra_src", "im_u", "im_proto", "anchors_inter"):
             if line["step"] <= config.loss.contrast_start:
                 assert line[name] == 0.0, (line["step"], name)
@@ -98,7 +69,7 @@ def test_contrast_start_gate_in_the_train_loop(tiny_run):
 def test_total_is_the_sum_of_the_logged_terms(tiny_run):
     """The logged total is the sum of exactly the method's (weighted) terms."""
     _, workdir, _ = tiny_run
-    for line in _train_lines(workdir):
+    for line in tiny_runs.train_lines(workdir):
         assert {name for name in TERMS if name in line} == set(TERMS)
         np.testing.assert_allclose(line["total"], sum(line[name] for name in TERMS), rtol=1e-5)
 
@@ -183,7 +154,7 @@ def test_oracle_stage_trains_on_the_target_fine_labels(tmp_path_factory):
     report = train.train_and_evaluate(config, str(workdir))
     assert set(report) == {"step", "settings", "student"}
     assert 0.0 <= report["student"]["miou"] <= 1.0
-    (line,) = _train_lines(workdir)
+    (line,) = tiny_runs.train_lines(workdir)
     assert set(line) >= {"seg_s", "edge_s"} and "seg_mix" not in line
 
 
