@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import subprocesses
 
-from wsda_jax import config_lib
+from wsda_jax import config_presets
 from wsda_jax.models import deeplab
 
 # The tests' nets are tiny: XLA's optimisation passes cost more than they save. Set once
@@ -21,28 +21,10 @@ IMAGE_SIZE = 32
 
 
 def tiny_config(weak_label: str = "coarse", batch_size: int = 2):
-    """A ResNet-18 (one block per stage, width 4), 5 classes, 32x32 crops, all terms on."""
-    config = config_lib.base_config()
-    config.num_classes = NUM_CLASSES
-    config.weak_label = weak_label
-    config.per_device_batch_size = batch_size
-    config.num_steps = 100
-    config.model.depth = 18
-    config.model.width = 4
-    config.model.stage_sizes = (1, 1, 1, 1)
-    config.model.proj_dim = 16
-    config.model.aspp_dilations = (1, 2)
-    config.data.crop_size = (IMAGE_SIZE, IMAGE_SIZE)
-    config.loss.contrast_start = 0
-    config.loss.max_views = 2
-    config.loss.inter_max_samples = 32
-    config.loss.intra_max_samples = 16
-    config.pseudo.threshold = 0.2
-    config.pseudo.proto_threshold = 0.2
-    config.pseudo.ignore_top = 2
-    config.pseudo.ignore_bottom = 4
-    config.optim.warmup_steps = 0
-    config.optim.lr = 1e-2
+    """`config_presets.tiny_step`: ResNet-18 (one block per stage, width 4), 5 classes,
+    32x32 crops, all terms on."""
+    config = config_presets.tiny_step(weak_label, batch_size)
+    assert config.num_classes == NUM_CLASSES and config.data.crop_size == (IMAGE_SIZE,) * 2
     return config
 
 

@@ -127,3 +127,32 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.keep_checkpoints = 2
+
+
+def tiny_step(weak_label: str = "coarse", batch_size: int = 2) -> ml_collections.ConfigDict:
+    """The smallest adaptation step with every term on: ResNet-18 (one block per stage,
+    width 4), 5 classes, 32x32 crops, contrastive terms from step 0 and thresholds low
+    enough that a random teacher is confident. The unit tests and the device check's
+    accelerator-vs-CPU comparison run it."""
+    config = config_lib.base_config()
+    config.num_classes = 5
+    config.weak_label = weak_label
+    config.per_device_batch_size = batch_size
+    config.num_steps = 100
+    config.model.depth = 18
+    config.model.width = 4
+    config.model.stage_sizes = (1, 1, 1, 1)
+    config.model.proj_dim = 16
+    config.model.aspp_dilations = (1, 2)
+    config.data.crop_size = (32, 32)
+    config.loss.contrast_start = 0
+    config.loss.max_views = 2
+    config.loss.inter_max_samples = 32
+    config.loss.intra_max_samples = 16
+    config.pseudo.threshold = 0.2
+    config.pseudo.proto_threshold = 0.2
+    config.pseudo.ignore_top = 2
+    config.pseudo.ignore_bottom = 4
+    config.optim.warmup_steps = 0
+    config.optim.lr = 1e-2
+    return config

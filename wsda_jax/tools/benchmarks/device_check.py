@@ -97,21 +97,8 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 
 def tiny_config():
-    """The test suite's tiny adaptation setting (ResNet-18, 1 block/stage, 32x32, 2 + 2)."""
-    config = bench.make_config(18, 4, 32, 2, "float32", "coarse")
-    config.num_classes = 5
-    config.model.stage_sizes = (1, 1, 1, 1)
-    config.model.proj_dim = 16
-    config.model.aspp_dilations = (1, 2)
-    config.loss.max_views = 2
-    config.loss.inter_max_samples = 32
-    config.loss.intra_max_samples = 16
-    config.pseudo.threshold = 0.2
-    config.pseudo.proto_threshold = 0.2
-    config.pseudo.ignore_top = 2
-    config.pseudo.ignore_bottom = 4
-    config.optim.warmup_steps = 0
-    return config
+    """The test suite's tiny adaptation step (`config_presets.tiny_step`)."""
+    return config_presets.tiny_step()
 
 
 def _tiny_losses(config, mesh: jax.sharding.Mesh, step, state, batch) -> list[float]:
