@@ -17,33 +17,13 @@ import numpy as np
 import pytest
 import subprocesses
 from conftest import tiny_config, tiny_model
+from reference_layout import reference_state_dict
 
 from wsda_jax import evaluation
 from wsda_jax.models import convert
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "configs/synthetic_coarse.py:tiny"
-
-
-def _torch_layout(leaf: np.ndarray) -> np.ndarray:
-    """HWIO -> OIHW; a Dense kernel (I, O) -> (O, I, 1, 1); vectors unchanged."""
-    if leaf.ndim == 4:
-        return leaf.transpose(3, 2, 0, 1)
-    if leaf.ndim == 2:
-        return leaf.T[:, :, None, None]
-    return leaf
-
-
-def reference_state_dict(variables, prefix: str = "module.") -> dict[str, np.ndarray]:
-    """Our variables under the reference's keys and layouts (DDP's `module.` prefix)."""
-    out = {}
-    for collection in ("params", "batch_stats"):
-        for path, leaf in flax.traverse_util.flatten_dict(variables[collection]).items():
-            key = prefix + convert.reference_key(collection, path)
-            out[key] = _torch_layout(np.asarray(leaf))
-            if key.endswith("running_var"):
-                out[key.replace("running_var", "num_batches_tracked")] = np.asarray(3)
-    return out
 
 
 def _random_variables(config, seed: int):

@@ -34,6 +34,8 @@ SOURCE = os.environ.get("WDASS_SOURCE", "")
 if not SOURCE:
     pytest.skip("WDASS_SOURCE (a reference checkout) is not set", allow_module_level=True)
 
+from reference_layout import torch_layout  # noqa: E402
+
 from configs import gta2cs_coarse  # noqa: E402
 from wsda_jax import optim  # noqa: E402
 from wsda_jax.models import convert, deeplab  # noqa: E402
@@ -356,23 +358,14 @@ def test_train_mode_and_one_sgd_step_match(reference, converted):
     assert set(our_updates) == set(after)
     worst, worst_key = 0.0, None
     for key, update in our_updates.items():
-        reference_update = after[key] - _torch_layout(before[key])
-        relative = _max_diff(_torch_layout(update), reference_update) / max(
+        reference_update = after[key] - torch_layout(before[key])
+        relative = _max_diff(torch_layout(update), reference_update) / max(
             float(np.abs(reference_update).max()), 1e-30
         )
         if relative > worst:
             worst, worst_key = relative, key
     print(f"one SGD step: worst relative update diff {worst:.2e} at {worst_key}")
     assert worst <= UPDATE_TOLERANCE, (worst, worst_key)
-
-
-def _torch_layout(leaf: np.ndarray) -> np.ndarray:
-    """One of our params in torch layout: HWIO -> OIHW, Dense (I, O) -> (O, I, 1, 1)."""
-    if leaf.ndim == 4:
-        return leaf.transpose(3, 2, 0, 1)
-    if leaf.ndim == 2:
-        return leaf.T[:, :, None, None]
-    return leaf
 
 
 def test_reference_optimizer_settings_are_ours(reference):

@@ -28,6 +28,7 @@ import sys
 import fixture_trees
 import numpy as np
 import pytest
+import reference_layout
 import subprocesses
 from PIL import Image
 
@@ -321,7 +322,6 @@ def test_eval_of_a_converted_reference_checkpoint(prepared, tmp_path):
     -> `wsda_jax.models.convert` -> `--mode=eval` on the full-size Cityscapes val; the
     JSON names its settings, and other settings write their own file."""
     import jax
-    import test_convert
 
     from configs import gta2cs_coarse
     from wsda_jax.models import deeplab
@@ -332,7 +332,7 @@ def test_eval_of_a_converted_reference_checkpoint(prepared, tmp_path):
     variables = deeplab.build_model(config).init(
         jax.random.PRNGKey(0), np.zeros((1, 64, 64, 3), np.float32), train=False
     )
-    state_dict = test_convert.reference_state_dict(jax.device_get(variables))
+    state_dict = reference_layout.reference_state_dict(jax.device_get(variables))
     checkpoint = tmp_path / "wdass.npz"
     np.savez(checkpoint, **{f"state_dict/{k}": v for k, v in state_dict.items()})
     workdir = tmp_path / "converted"
