@@ -1,5 +1,6 @@
 """Shared tiny configurations, models and batches for the step tests (CPU-sized), the JAX
-settings of the test process, and the session's one CLI training run."""
+settings of the test process, the session's one CLI training run, and how the tests are
+grouped and ordered for two xdist workers."""
 
 import threading
 
@@ -15,6 +16,32 @@ from wsda_jax.models import deeplab
 # for the whole test process (subprocesses get JAX_DISABLE_MOST_OPTIMIZATIONS from
 # subprocesses.jax_env).
 jax.config.update("jax_disable_most_optimizations", True)
+
+# Test modules that share the session's CLI run (`tiny_cli_run`): one xdist worker runs
+# them all, so the run is made once.
+CLI_MODULES = ("test_main", "test_faults", "test_resume")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups the tests for pytest-xdist (`--dist loadgroup`: a group runs on one worker,
+    so module fixtures are built once) and orders them longest first: the full-size
+    rehearsal, then the other `slow` groups (fresh processes), then the rest in file
+    order; with two workers that keeps both busy to the end."""
+    del config
+
+    def group(item):
+        module = item.path.stem
+        return "cli" if module in CLI_MODULES else module
+
+    def rank(item):
+        if item.path.stem == "test_rehearsal":
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=rank)  # Stable: file order within a rank.
+
 
 NUM_CLASSES = 5
 IMAGE_SIZE = 32
