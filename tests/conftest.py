@@ -94,6 +94,16 @@ def synthetic_batch(seed: int, batch_size: int, weak_label: str, size: int = IMA
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The test process compiles through the persistent compilation cache that its
+    subprocesses use (`subprocesses.jax_env`): a program compiled once, here or in a CLI
+    run, is read back wherever it recurs. Set before the session's first compile."""
+    base = tmp_path_factory.getbasetemp()
+    jax.config.update("jax_compilation_cache_dir", str(base / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 @pytest.fixture(scope="session")
 def tiny_cli_run(tmp_path_factory):
     """The workdir of one `python -m wsda_jax.main` run of configs/synthetic_coarse.py:tiny
