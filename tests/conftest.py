@@ -20,17 +20,13 @@ jax.config.update("jax_disable_most_optimizations", True)
 # Test modules that share the session's CLI run (`tiny_cli_run`): one xdist worker runs
 # them all, so the run is made once.
 CLI_MODULES = ("test_main", "test_faults", "test_resume")
-# The in-process modules that take longest (about 40-120 s each on 2 cores): scheduled
-# before the short ones, so that no long group is left to one worker at the end.
-LONG_IN_PROCESS = ("test_steps", "test_masking", "test_train", "test_bfloat16")
 
 
 def pytest_collection_modifyitems(config, items):
     """Groups the tests for pytest-xdist (`--dist loadgroup`: a group runs on one worker,
     so module fixtures are built once) and orders them longest first: the full-size
-    rehearsal, then the other `slow` groups (fresh processes), then the long in-process
-    modules, then the rest in file order; with two workers that keeps both busy to the
-    end."""
+    rehearsal, then the other `slow` groups (fresh processes), then the rest in file
+    order; with two workers that keeps both busy to the end."""
     del config
 
     def group(item):
@@ -40,9 +36,7 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         if item.path.stem == "test_rehearsal":
             return 0
-        if item.get_closest_marker("slow"):
-            return 1
-        return 2 if item.path.stem in LONG_IN_PROCESS else 3
+        return 1 if item.get_closest_marker("slow") else 2
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(group(item)))
