@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import subprocesses
 
-from wsda_jax import config_presets
+from wsda_jax import config_presets, cpu_flags
 from wsda_jax.models import deeplab
 
 # The tests' nets are tiny: XLA's optimisation passes cost more than they save. Set once
-# for the whole test process (subprocesses get JAX_DISABLE_MOST_OPTIMIZATIONS from
-# subprocesses.jax_env).
+# for the whole test process, before JAX initialises its backend (subprocesses get the
+# same settings from subprocesses.jax_env).
 jax.config.update("jax_disable_most_optimizations", True)
+cpu_flags.apply_cpu_defaults(subprocesses.FAST_COMPILE_FLAGS)  # Appended to XLA_FLAGS.
 
 # Test modules that share the session's CLI run (`tiny_cli_run`): one xdist worker runs
 # them all, so the run is made once.

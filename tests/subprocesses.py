@@ -7,20 +7,33 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/synthetic_coarse.py:tiny"
+# XLA:CPU's fast-compile preset, without its fusion emitters: the tests' tiny programs
+# compile in about half the CPU time (the tiny adapt step: 9.2 s -> 5.1 s; docs/testing.md).
+FAST_COMPILE_FLAGS = (
+    "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
+    "--xla_cpu_use_fusion_emitters=false",
+)
+
+
+def xla_flags(devices: int | None = None) -> str:
+    """The tests' XLA_FLAGS: the fast-compile flags and, if given, `devices` simulated
+    CPU devices."""
+    count = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
+    return " ".join([*FAST_COMPILE_FLAGS, *count])
 
 
 def jax_env(base, devices: int | None = None) -> dict[str, str]:
     """CPU-only JAX sharing one compilation cache under pytest's base temp directory
-    (`base`), with most XLA optimisations off: tiny models compile much faster."""
+    (`base`), with most XLA optimisations off and the fast-compile flags: tiny models
+    compile much faster."""
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
         JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+        XLA_FLAGS=xla_flags(devices),
     )
-    if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+import subprocesses
 
 from wsda_jax import losses, sampling
 
@@ -308,7 +309,7 @@ def test_boundary_loss_global_maximum_over_devices(tmp_path):
     """loss.boundary_max='global': the magnitudes of every device share one maximum, so
     4 devices x 1 image equal 1 device x 4 images; the default is per device (DDP)."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=subprocesses.xla_flags(4))
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=f"{os.path.dirname(tests_dir)}:{tests_dir}")
     result = subprocess.run(
         [sys.executable, "-c", _GLOBAL_MAX_SCRIPT],

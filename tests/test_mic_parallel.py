@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import subprocesses
 
 pytestmark = pytest.mark.slow  # A fresh process with 4 devices.
 
@@ -66,7 +67,7 @@ print("OK")
 
 def test_mic_masks_are_drawn_per_device():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = subprocesses.xla_flags(4)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
     proc = subprocess.run(

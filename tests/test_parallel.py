@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 import pytest
+import subprocesses
 
 # A fresh process is the point here (see pyproject's `slow` marker).
 pytestmark = pytest.mark.slow
@@ -183,7 +184,7 @@ def _relative_error(a, b):
 
 def test_one_vs_four_devices_match():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = subprocesses.xla_flags(4)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
     proc = subprocess.run(
