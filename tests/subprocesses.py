@@ -8,7 +8,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--config=configs/synthetic_coarse.py:tiny"
 # XLA:CPU's fast-compile preset, without its fusion emitters: the tests' tiny programs
-# compile in about half the CPU time (the tiny adapt step: 9.2 s -> 5.1 s; docs/testing.md).
+# compile faster (measured in docs/testing.md).
 FAST_COMPILE_FLAGS = (
     "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE",
     "--xla_cpu_use_fusion_emitters=false",

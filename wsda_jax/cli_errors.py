@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from wsda_jax import errors
 
@@ -91,3 +91,10 @@ def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> N
             file=sys.stderr,
         )
         sys.exit(128 + error.signum)
+
+
+def run_tool(main: Callable[[list[str]], None]) -> None:
+    """`app.run(main)` for a command-line tool: a bad flag or bad input (a ValueError of
+    an impossible setting, a missing file) ends the process with one `error:` line and
+    status 1, not a traceback."""
+    app.run(lambda argv: run_reporting_errors(main, argv), flags_parser=parse_flags)

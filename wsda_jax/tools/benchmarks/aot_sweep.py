@@ -24,9 +24,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 
-from wsda_jax import gpu_flags
+from wsda_jax import cli_errors, gpu_flags
 from wsda_jax.aot_targets import TARGETS
 
 CONFIGS = ("gta2cs_coarse", "gta_source_only")
@@ -170,4 +170,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

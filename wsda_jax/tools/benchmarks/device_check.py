@@ -23,7 +23,7 @@ Designed to take < 8 minutes on one H100, compilation included.
 
 from __future__ import annotations
 
-from wsda_jax import cpu_flags, gpu_flags
+from wsda_jax import cli_errors, cpu_flags, gpu_flags
 
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
 gpu_flags.apply_gpu_defaults()  # On a GPU host: what main sets for training.
@@ -39,7 +39,7 @@ from collections.abc import Sequence  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from wsda_jax import config_presets, optim, parallel, train, train_state  # noqa: E402
 from wsda_jax.data import pipeline, sources  # noqa: E402
@@ -288,4 +288,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

@@ -29,7 +29,7 @@ import psutil
 from absl import app, flags
 from PIL import Image
 
-from wsda_jax import config_lib
+from wsda_jax import cli_errors, config_lib
 from wsda_jax.data import pipeline, records, synthetic
 
 SOURCE_SIZE = (720, 1280)  # GTA5 after the pre-resize (docs/method.md §12).
@@ -147,4 +147,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

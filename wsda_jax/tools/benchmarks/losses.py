@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from wsda_jax import config_lib, contrastive, label_ops, losses, prototypes, pseudo_labels
+from wsda_jax import (
+    cli_errors,
+    config_lib,
+    contrastive,
+    label_ops,
+    losses,
+    prototypes,
+    pseudo_labels,
+)
 from wsda_jax.models import deeplab
 
 BATCH, SIZE, FEATURE_SIZE, DIM, C = 4, 512, 64, 256, 19
@@ -241,4 +249,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

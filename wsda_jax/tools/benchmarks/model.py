@@ -11,7 +11,7 @@ reference (TORCH_REFERENCE_S below; none measured at other sizes).
 
 from __future__ import annotations
 
-from wsda_jax import cpu_flags
+from wsda_jax import cli_errors, cpu_flags
 
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
 
@@ -24,7 +24,7 @@ import flax.traverse_util  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from wsda_jax.models import deeplab  # noqa: E402
 
@@ -188,4 +188,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

@@ -36,7 +36,7 @@ estimate of the step time. `--json_out=PATH` also writes them as JSON.
 
 from __future__ import annotations
 
-from wsda_jax import cpu_flags, gpu_flags
+from wsda_jax import cli_errors, cpu_flags, gpu_flags
 
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
 gpu_flags.apply_gpu_defaults()  # On a GPU host; --target=<a GPU> adds them in main().
@@ -50,7 +50,7 @@ from collections.abc import Sequence  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from wsda_jax import aot, config_lib, optim, parallel, steps, train_state  # noqa: E402
 from wsda_jax.aot import memory_of  # noqa: E402
@@ -377,4 +377,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

@@ -19,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from wsda_jax import classes
+from wsda_jax import classes, cli_errors
 from wsda_jax.data import records, sources
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config whose target is read.")
@@ -87,4 +87,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)
