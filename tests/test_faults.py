@@ -243,3 +243,25 @@ def test_unwritable_checkpoint_directory_fails_fast(tmp_path, base):
     )
     assert "the last good checkpoint is step" in stderr
     assert 1 in _steps(workdir)
+
+
+def test_tool_with_an_impossible_setting_is_one_line(base):
+    """The tools report bad input like the entry point (`cli_errors.run_tool`): 32-px
+    crops leave 4x4 features, fewer pixels than the contrastive loss samples views."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wsda_jax.tools.benchmarks.train_step",
+            "--depth=18",
+            "--width=4",
+            "--crop=32",
+            "--compile_only",
+        ],
+        cwd=ROOT,
+        env=subprocesses.jax_env(base),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(result, "max_views=20 must be in [1, h * w = 16]")
