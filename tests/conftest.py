@@ -23,12 +23,11 @@ cpu_flags.apply_cpu_defaults(subprocesses.FAST_COMPILE_FLAGS)  # Appended to XLA
 CLI_MODULES = ("test_main", "test_faults", "test_resume")
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_collection_modifyitems(items):
     """Groups the tests for pytest-xdist (`--dist loadgroup`: a group runs on one worker,
     so module fixtures are built once) and orders them longest first: the full-size
     rehearsal, then the other `slow` groups (fresh processes), then the rest in file
     order; with two workers that keeps both busy to the end."""
-    del config
 
     def group(item):
         module = item.path.stem
