@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import CountingRecords
 from pipeline_records import (
     SOURCE,
     TARGET,
@@ -225,6 +226,20 @@ def test_eval_resize_and_max_images():
     assert batches[0]["image"].shape == (2, 16, 24, 3) and batches[0]["label"].shape == (2, 16, 24)
     assert batches[1]["mask"].tolist() == [True, False]
     assert [int(i) for b in batches for i in b["index"]] == [0, 1, 2, -1]
+
+
+def test_eval_padding_decodes_record_zero_once():
+    """One record in a batch of 8: the seven padding entries repeat record 0's image
+    (label 255, mask False) from one decode, not seven."""
+    config = pipeline_config()
+    config.eval.per_device_batch_size = 8
+    counting = CountingRecords(SOURCE[:1])
+    (batch,) = list(eval_pipeline.make_eval_iterator(config, counting))
+    assert counting.reads == 2  # The record itself and the padding image.
+    assert batch["mask"].tolist() == [True] + [False] * 7
+    assert batch["index"].tolist() == [0] + [-1] * 7
+    assert (batch["image"] == batch["image"][:1]).all()
+    assert (batch["label"][1:] == 255).all() and (batch["label"][0] == 3).all()
 
 
 def test_npy_records_give_the_same_batches_as_png():

@@ -19,6 +19,17 @@ from wsda_jax.data import transforms
 from wsda_jax.data.pipeline import READ_THREADS, host_batch_size
 
 
+def _decode(records: Sequence[Any], index: int, resize: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Record `index` as {'image' uint8 [H, W, 3], 'label' int32 [H, W]}, resized to
+    `resize` (height, width) if given."""
+    record = records[index]
+    example = records_lib.decode_example({k: record[k] for k in ("image", "label")})
+    example = {"image": example["image"], "label": example["label"]}
+    if resize:
+        example = transforms.resize(example, *resize)
+    return {"image": example["image"], "label": example["label"].astype(np.int32)}
+
+
 class _EvalExample(grain.transforms.Map):
     """Host-local position k -> the k-th record of this host's shard, or masked padding."""
 
@@ -29,25 +40,23 @@ class _EvalExample(grain.transforms.Map):
         process_index: int,
         process_count: int,
         resize: Sequence[int],
+        padding_image: np.ndarray | None,
     ):
         self.records, self.num_records = records, num_records
         self.process_index, self.process_count = process_index, process_count
         self.resize = tuple(resize)
+        self.padding_image = padding_image
 
     def map(self, position: int) -> dict[str, np.ndarray]:
         index = self.process_index + position * self.process_count
-        valid = index < self.num_records
-        record = self.records[index if valid else 0]
-        example = records_lib.decode_example({k: record[k] for k in ("image", "label")})
-        example = {"image": example["image"], "label": example["label"]}
-        if self.resize:
-            example = transforms.resize(example, *self.resize)
-        label = example["label"].astype(np.int32)
+        if index < self.num_records:
+            example = _decode(self.records, index, self.resize)
+            return {**example, "mask": np.asarray(True), "index": np.asarray(index, np.int32)}
         return {
-            "image": example["image"],
-            "label": label if valid else np.full_like(label, IGNORE_LABEL),
-            "mask": np.asarray(valid),
-            "index": np.asarray(index if valid else -1, np.int32),
+            "image": self.padding_image,
+            "label": np.full(self.padding_image.shape[:2], IGNORE_LABEL, np.int32),
+            "mask": np.asarray(False),
+            "index": np.asarray(-1, np.int32),
         }
 
 
@@ -78,8 +87,13 @@ def make_eval_iterator(
         num_records = min(num_records, config.eval.max_images)
     b = host_batch_size(config.eval.per_device_batch_size, num_local_devices)
     total = num_eval_batches(num_records, b, process_count) * b
+    resize = tuple(config.data.eval_resize)
+    # Padding repeats record 0's image, decoded once here rather than once per entry
+    # (a small val set in a large batch is mostly padding).
+    last_index = process_index + (total - 1) * process_count
+    padding_image = _decode(records, 0, resize)["image"] if last_index >= num_records else None
     ds = grain.MapDataset.range(total).map(
-        _EvalExample(records, num_records, process_index, process_count, config.data.eval_resize)
+        _EvalExample(records, num_records, process_index, process_count, resize, padding_image)
     )
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * b))
     return iter(ds.batch(b, drop_remainder=True))
