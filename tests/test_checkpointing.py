@@ -1,5 +1,6 @@
 """Checkpoint round trips, retention, corrupt-checkpoint fallback and init_from checks."""
 
+import json
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wsda_jax import checkpoint_recovery, checkpointing, errors, parallel
+from wsda_jax import checkpoint_recovery, checkpointing, config_lib, errors, parallel
 
 
 @flax.struct.dataclass
@@ -271,3 +272,19 @@ def test_save_to_an_unwritable_directory_fails_at_once(tmp_path):
         (tmp_path / "checkpoints").write_text("")  # Now a file: nothing can be created in it.
         with pytest.raises(errors.CheckpointWriteError, match="cannot write checkpoints"):
             checkpointing.save(manager, 2, _state(), _iterator(), config)
+
+
+def test_run_difference_names_identity_keys_and_defaults_absent_ones():
+    config = config_lib.base_config()
+    saved = json.loads(config.to_json())
+    assert checkpoint_recovery.run_difference(config, saved) == {}
+    saved["stage"] = "source_only"
+    saved["model"]["remat"] = "blocks"  # How the model is computed: not compared.
+    saved["optim"]["lr"] = 1.0  # Not an identity setting.
+    assert checkpoint_recovery.run_difference(config, saved) == {"stage": ("adapt", "source_only")}
+    # A key the saved config lacks (older checkpoint) counts as its default.
+    saved = json.loads(config.to_json())
+    del saved["model"]["depth"]
+    assert checkpoint_recovery.run_difference(config, saved) == {}
+    config.model.depth = 50
+    assert checkpoint_recovery.run_difference(config, saved) == {"model.depth": (50, 101)}

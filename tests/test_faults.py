@@ -110,14 +110,49 @@ def test_eval_mode_falls_back_to_the_previous_checkpoint(trained, tmp_path, base
     assert os.listdir(workdir / "checkpoints" / "corrupt") == ["4"]
 
 
+def _tree_bytes(directory):
+    """{relative path: bytes} of every file under `directory`."""
+    return {
+        os.path.relpath(os.path.join(folder, name), directory): open(
+            os.path.join(folder, name), "rb"
+        ).read()
+        for folder, _, names in os.walk(directory)
+        for name in names
+    }
+
+
+def test_stage_one_workdir_resumed_with_a_stage_two_config_is_refused(trained, tmp_path, base):
+    """A stage-1 workdir (its saved configs say stage 'source_only', weak label 'none':
+    written here into a copy of the session's run) resumed with the stage-2 config: the
+    run would train on from the stage-1 step and rotate its checkpoints away."""
+    workdir = copy_workdir(trained, tmp_path)
+    for step in _steps(workdir):
+        path = workdir / "checkpoints" / str(step) / "config" / "metadata"
+        saved = json.loads(path.read_text())
+        saved.update(stage="source_only", weak_label="none")
+        path.write_text(json.dumps(saved))
+    before = _tree_bytes(workdir)
+    result = run_main(base, TINY, f"--workdir={workdir}", "--config.num_steps=8")
+    assert_one_line_error(
+        result,
+        f"--workdir={workdir} holds another run: its checkpoint 4 was saved with "
+        "stage='source_only', weak_label='none', this config has stage='adapt', "
+        f"weak_label='coarse'; nothing was changed (to start stage 2 from it, use a new "
+        f"--workdir with --config.init.init_from={workdir})",
+    )
+    assert _tree_bytes(workdir) == before  # Checkpoints, metrics, evaluations: untouched.
+
+
 def test_checkpoint_of_another_model_is_named_and_kept(trained, tmp_path, base):
     workdir = copy_workdir(trained, tmp_path)
+    before = _tree_bytes(workdir)
     result = run_main(base, TINY, f"--workdir={workdir}", "--config.model.width=16")
-    assert_one_line_error(result, "checkpoint 4 was written by a different model: ")
-    assert "has shape (8,), this config (16,)" in result.stderr
-    assert "strict=False" not in result.stderr and "Event loop" not in result.stderr
-    assert _steps(workdir) == [2, 4]
-    assert not (workdir / "checkpoints" / "corrupt").exists()
+    assert_one_line_error(
+        result, "its checkpoint 4 was saved with model.width=8, this config has model.width=16"
+    )
+    assert "use another --workdir" in result.stderr
+    assert "Event loop" not in result.stderr
+    assert _tree_bytes(workdir) == before
     assert not (workdir / "lock").exists()
 
 

@@ -1,4 +1,9 @@
-"""Faults of reading checkpoints: unreadable steps, another model's checkpoints, noise.
+"""Faults of reading checkpoints: another run's, unreadable steps, another model's, noise.
+
+`check_same_run` compares the settings that define a run (`IDENTITY`: stage, weak label,
+datasets, model architecture) with those saved beside each checkpoint of a workdir,
+before anything there is written or rotated: resuming a stage-1 workdir with a stage-2
+config would otherwise train on from the stage-1 step and rotate its checkpoints away.
 
 `newest_readable` tries the steps of a manager from the newest and skips (with one
 warning each) the ones that cannot be read, moving them to `checkpoints/corrupt/STEP`
@@ -12,6 +17,7 @@ terminal; `quiet_failed_restore` filters exactly those.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as std_logging
 import os
 import sys
@@ -23,8 +29,15 @@ import flax.traverse_util
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from wsda_jax import config_lib
 
 CORRUPT_DIR = "corrupt"
+# The settings that make a run what it is (a key names a value or a whole subtree): a
+# checkpoint saved under other values belongs to another run.
+IDENTITY = ("stage", "weak_label", "data.source", "data.target", "model")
+NOT_IDENTITY = ("model.remat",)  # How the model is computed, not what it is.
 
 
 class DifferentModelError(ValueError):
@@ -77,6 +90,75 @@ def first_mismatch(expected: Any, found: Any, prefix: str) -> str | None:
         {f"{prefix}/{name}": shape for name, shape in leaf_shapes(expected).items()},
         {f"{prefix}/{name}": shape for name, shape in leaf_shapes(found).items()},
     )
+
+
+def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
+    """{'model.depth': 18, 'stage': 'adapt', ...}: the IDENTITY keys of a config as JSON
+    values (tuples as lists, as the saved configs hold them)."""
+    flat = flax.traverse_util.flatten_dict(dict(config), sep=".")
+    return {
+        key: value
+        for key, value in flat.items()
+        if any(key == k or key.startswith(k + ".") for k in IDENTITY) and key not in NOT_IDENTITY
+    }
+
+
+def saved_run_configs(directory: str) -> dict[int, dict[str, Any]]:
+    """{step: the config saved with it} for the readable configs of the checkpoints in
+    `directory` (an unreadable one is left to `newest_readable`); read directly, without
+    a manager, so that nothing in the folder is touched."""
+    configs = {}
+    steps = [name for name in os.listdir(directory) if name.isdigit()]
+    for step in sorted(steps, key=int):
+        try:
+            config = ocp.JsonCheckpointHandler().restore(epath.Path(directory) / step / "config")
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict):
+            configs[int(step)] = dict(config)
+    return configs
+
+
+def run_difference(config: Any, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (this config's value, the saved one)} of the IDENTITY keys that differ. A key
+    that the saved config lacks (written before the key existed) counts as its default
+    in `config_lib.base_config()`; a key without a default there is not compared."""
+    ours = _identity(json.loads(config.to_json()))
+    theirs = _identity(saved)
+    defaults = _identity(json.loads(config_lib.base_config().to_json()))
+    differences = {}
+    for key, value in ours.items():
+        if key in theirs:
+            if theirs[key] != value:
+                differences[key] = (value, theirs[key])
+        elif key in defaults and defaults[key] != value:
+            differences[key] = (value, defaults[key])
+    return differences
+
+
+def check_same_run(config: Any, workdir: str, directory: str) -> None:
+    """Raises a one-line ValueError when a checkpoint in `directory` (of `workdir`) was
+    saved by a run whose IDENTITY settings differ from `config`'s, naming the difference
+    and what was likely meant; nothing is read beyond the saved configs."""
+    if not os.path.isdir(directory):
+        return
+    for step, saved in sorted(saved_run_configs(directory).items(), reverse=True):
+        differences = run_difference(config, saved)
+        if not differences:
+            continue
+        ours = ", ".join(f"{key}={value[0]!r}" for key, value in differences.items())
+        theirs = ", ".join(f"{key}={value[1]!r}" for key, value in differences.items())
+        if saved.get("stage") in ("source_only", "oracle") and config.stage == "adapt":
+            intent = (
+                f"to start stage 2 from it, use a new --workdir with "
+                f"--config.init.init_from={workdir}"
+            )
+        else:
+            intent = "to continue it, use its config; for this config, use another --workdir"
+        raise ValueError(
+            f"--workdir={workdir} holds another run: its checkpoint {step} was saved with "
+            f"{theirs}, this config has {ours}; nothing was changed ({intent})"
+        )
 
 
 def newest_readable(

@@ -59,6 +59,12 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
     return float(metrics[BEST_METRIC])
 
 
+def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses (one-line ValueError) a workdir whose checkpoints were saved by another run
+    (`checkpoint_recovery.check_same_run`); call before the manager is made."""
+    checkpoint_recovery.check_same_run(config, workdir, checkpoint_dir(workdir))
+
+
 def make_manager(
     directory: str, config: ml_collections.ConfigDict, *, owner: bool = True
 ) -> ocp.CheckpointManager:

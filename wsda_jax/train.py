@@ -195,6 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     final evaluation report. Raises `errors.Interrupted` after saving when SIGTERM or SIGINT
     stopped the run early."""
     config_lib.validate(config, jax.device_count())
+    checkpointing.check_same_run(config, workdir)  # Before anything there is touched.
     logging.info(config_lib.batch_summary(config, jax.device_count()))
     mesh = parallel.make_mesh()
     model = deeplab.build_model(config, bn_axis_name=parallel.AXIS)
@@ -301,6 +302,7 @@ def _restore_for_inference(
     directory = checkpointing.checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
+    checkpointing.check_same_run(config, workdir)
     with checkpointing.make_manager(directory, config, owner=set_aside) as manager:
         abstract = train_state.create_train_state(
             config,
