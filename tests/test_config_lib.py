@@ -37,6 +37,9 @@ def test_reference_defaults_validate():
         ({"data__crop_size": (100, 64)}, 1, "multiples of the output stride 8"),
         ({"compute_dtype": "float16"}, 1, "config.compute_dtype='float16'"),
         ({"model__remat": "all"}, 1, "config.model.remat='all': expected one of"),
+        ({"optim__name": "lamb"}, 1, "config.optim.name='lamb': expected one of"),
+        ({"optim__betas": (0.9, 1.0)}, 1, "config.optim.betas=(0.9, 1.0) must be two numbers"),
+        ({"optim__warmup_ratio": 2.0}, 1, "config.optim.warmup_ratio=2.0 must be in"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):
