@@ -152,7 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     # image with random blocks masked (`masking.py`, docs/beyond_reference.md).
     c.mic = ml_collections.ConfigDict()
     c.mic.enabled = False
-    c.mic.block_size = 64  # Pixels; MIC's 64 at 512x512 crops.
+    # Pixels: MIC's 32 at 512x512 crops of half-resolution images (MIC's 64 is for its
+    # full-resolution 1024x1024 crops; docs/beyond_reference.md "Block size").
+    c.mic.block_size = 32
     c.mic.mask_ratio = 0.7  # Fraction of blocks masked.
 
     c.pseudo = ml_collections.ConfigDict()
