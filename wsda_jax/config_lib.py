@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Pixels at the prepared resolution: DAFormer's 3000 of GTA5's 1914x1052 label maps,
     # scaled by area to the 1280x720 prepared images.
     c.data.rare_class_sampling.min_pixels = 1372
+    # The crop of a drawn image is re-drawn (up to 10 times) until it holds more than
+    # min_pixels * min_crop_ratio pixels of the class; 0 = no re-draw. DAFormer's 0.5.
+    c.data.rare_class_sampling.min_crop_ratio = 0.5
 
     c.loss = ml_collections.ConfigDict()
     c.loss.seg_mix = 1.0
@@ -241,6 +244,7 @@ NUMERIC_RANGES = (
     ("mic.block_size", 1, None, _INTEGER),
     ("mic.mask_ratio", 0.0, 1.0, _REAL),
     ("data.rare_class_sampling.min_pixels", 0, None, _INTEGER),
+    ("data.rare_class_sampling.min_crop_ratio", 0.0, None, _REAL),
     ("loss.inter", 0.0, None, _REAL),
     ("loss.intra_tgt", 0.0, None, _REAL),
     ("loss.intra_src", 0.0, None, _REAL),
