@@ -14,25 +14,29 @@ RNG = jax.random.PRNGKey(11)
 STEP = 5
 
 
-def _extra_stream_functions():
-    """step_inputs' `*_key(state, axis_name)` functions beyond `step_key` (mic_key, ...)."""
+def _stream_functions():
+    """step_inputs' `*_key` / `*_keys(state, axis_name)` functions (adapt_keys, mic_key, ...):
+    every stream of the step but `step_key`, their parent."""
     return {
         name: fn
         for name, fn in inspect.getmembers(step_inputs, inspect.isfunction)
-        if name.endswith("_key")
+        if name.endswith(("_key", "_keys"))
         and name != "step_key"
         and list(inspect.signature(fn).parameters) == ["state", "axis_name"]
     }
 
 
 def _streams(num_devices: int) -> dict[tuple[str, int], tuple[int, ...]]:
-    """(stream, device) -> key data, each device an entry of a vmapped 'data' axis."""
+    """(stream, device) -> key data, each device an entry of a vmapped 'data' axis; a
+    function returning a dict of keys gives one stream per entry."""
     state = types.SimpleNamespace(rng=RNG, step=jnp.int32(STEP))
-    extra = _extra_stream_functions()
+    functions = _stream_functions()
 
     def body(_):
-        keys = dict(step_inputs.adapt_keys(state, "data"))
-        keys.update({name: fn(state, "data") for name, fn in extra.items()})
+        keys = {}
+        for name, fn in functions.items():
+            out = fn(state, "data")
+            keys.update(out if isinstance(out, dict) else {name: out})
         return keys
 
     keys = jax.vmap(body, axis_name="data")(jnp.arange(num_devices))
@@ -44,10 +48,10 @@ def _streams(num_devices: int) -> dict[tuple[str, int], tuple[int, ...]]:
 
 
 def test_every_stream_is_its_own():
-    """All adapt-step streams (ADAPT_KEYS and every `*_key` function), on two devices,
+    """All streams (ADAPT_KEYS and every `*_key` / `*_keys` function), on two devices,
     pairwise different."""
     streams = _streams(2)
-    assert ("mic_key", 0) in streams
+    assert ("mic_key", 0) in streams and ("jitter_t", 1) in streams
     for (a, key_a), (b, key_b) in itertools.combinations(streams.items(), 2):
         assert key_a != key_b, f"streams {a} and {b} draw the same key"
 
