@@ -52,6 +52,9 @@ def test_daformer_with_tiny_mit_validates():
         ({"model__arch": "daformer", "model__remat": "conv_outputs"}, 1, "arch 'daformer'"),
         ({"model__drop_path_rate": 1.5}, 1, "config.model.drop_path_rate=1.5"),
         ({"model__decoder_dim": 0}, 1, "config.model.decoder_dim=0"),
+        ({"optim__name": "lamb"}, 1, "config.optim.name='lamb': expected one of"),
+        ({"optim__betas": (0.9, 1.0)}, 1, "config.optim.betas=(0.9, 1.0) must be two numbers"),
+        ({"optim__warmup_ratio": 2.0}, 1, "config.optim.warmup_ratio=2.0 must be in"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

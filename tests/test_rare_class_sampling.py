@@ -3,12 +3,13 @@ and the statistics file kept beside the prepared dataset."""
 
 import json
 import math
+import types
 
 import numpy as np
 import pytest
 from pipeline_records import TARGET, assert_batches_equal, pipeline_config, take
 
-from wsda_jax.data import pipeline, rare_class_sampling, records
+from wsda_jax.data import pipeline, rare_class_sampling, records, transforms
 
 # Per-image class pixel counts of a 6-image, 4-class fixture (class 3 never occurs).
 PIXELS = np.asarray(
@@ -29,6 +30,7 @@ class _Rcs:
     enabled = True
     temperature = TEMPERATURE
     min_pixels = MIN_PIXELS
+    min_crop_ratio = 0.5
 
 
 def _expected_image_probabilities():
@@ -59,7 +61,7 @@ def test_sampled_image_frequencies_match_the_formula():
     """20,000 draws: each image's count is within 5 binomial standard deviations."""
     ds = rare_class_sampling.rare_class_dataset(range(len(PIXELS)), PIXELS, _Rcs, seed=7)
     draws = 20_000
-    counts = np.bincount([ds[k] for k in range(draws)], minlength=len(PIXELS))
+    counts = np.bincount([ds[k][0] for k in range(draws)], minlength=len(PIXELS))
     expected = _expected_image_probabilities()
     # Image 2's 4 px of class 1 are not more than 4: only the common class 0 draws it.
     assert expected[2] < 1e-6 and counts[2] == 0
@@ -70,6 +72,8 @@ def test_sampled_image_frequencies_match_the_formula():
 def test_draws_are_a_function_of_seed_and_index():
     make = lambda seed: rare_class_sampling.rare_class_dataset(range(6), PIXELS, _Rcs, seed)
     first, again, other = make(1), make(1), make(2)
+    # The pair's class is the drawn class: the image qualifies for it.
+    assert all(PIXELS[first[k][0], first[k][1]] > MIN_PIXELS for k in range(200))
     sequence = [first[k] for k in range(200)]
     assert [again[k] for k in range(200)] == sequence
     assert [again[k] for k in range(150, 200)] == sequence[150:]  # Any index, any order.
@@ -149,3 +153,62 @@ def test_pipeline_draws_only_qualifying_images_and_resumes_exactly():
 def test_pipeline_without_the_statistics_refuses():
     with pytest.raises(ValueError, match="class pixel counts"):
         pipeline.make_train_iterator(_rcs_config(), SOURCE, TARGET)
+
+
+def _block_example(top=20, left=40, size=12):
+    """A 32x64 decoded source example: class 3 everywhere, a size x size block of class 1."""
+    label = np.full((32, 64), 3, np.uint8)
+    label[top : top + size, left : left + size] = 1
+    return {"image": np.zeros((32, 64, 3), np.uint8), "label": label}
+
+
+def test_crop_is_redrawn_until_it_holds_the_class():
+    """Against the rule written out: with the same generator, the kept crop is the first of
+    at most 11 plain scale-and-crop draws that holds more than min_pixels * 0.5 pixels of
+    the drawn class, else the 11th. The re-draw raises the share of qualifying crops."""
+    bound = 15 * 0.5
+    crop = rare_class_sampling.RareClassCrop((0.75, 1.25), (16, 32), bound)
+    plain = transforms.RandomScaleCrop((0.75, 1.25), (16, 32))
+    example = _block_example()
+    kept_ok = first_ok = redrawn = 0
+    for seed in range(200):
+        got = crop.random_map((example, 1), np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        draws = [plain.random_map(example, rng)]
+        while np.count_nonzero(draws[-1]["label"] == 1) <= bound and len(draws) < 11:
+            draws.append(plain.random_map(example, rng))
+        np.testing.assert_array_equal(got["label"], draws[-1]["label"])
+        kept_ok += np.count_nonzero(got["label"] == 1) > bound
+        first_ok += np.count_nonzero(draws[0]["label"] == 1) > bound
+        redrawn += len(draws) > 1
+    assert redrawn > 50 and first_ok < 150 and kept_ok >= 195, (redrawn, first_ok, kept_ok)
+    # Ratio 0: DAFormer keeps the first crop.
+    config = types.SimpleNamespace(min_pixels=15, min_crop_ratio=0.0)
+    assert rare_class_sampling.min_crop_pixels(config) is None
+    config.min_crop_ratio = 0.5
+    assert rare_class_sampling.min_crop_pixels(config) == bound
+
+
+def test_pipeline_crops_hold_the_rare_class():
+    """Through the train pipeline: nearly every draw is for the rare class 1 (T = 0.01);
+    each source crop holds more than min_pixels * min_crop_ratio of it, which most plain
+    crops do not (min_crop_ratio 0); and a resumed iterator replays the same crops."""
+    source = [
+        records.encode_example({**_block_example(top=4 * i, left=8 * i), "name": f"s{i}"})
+        for i in range(5)
+    ]
+    pixels = rare_class_sampling.class_pixel_counts(source, 19)
+
+    def crops(ratio, skip=0):
+        config = _rcs_config()
+        config.data.crop_size, config.data.scale_range = (16, 32), (1.0, 1.0)
+        config.data.rare_class_sampling.min_crop_ratio = ratio
+        iterator = pipeline.make_train_iterator(config, source, TARGET, source_class_pixels=pixels)
+        iterator.set_state(json.dumps({"batches": skip, "batch_size": 2}).encode())
+        batches = take(iterator, 8 - skip)
+        return np.concatenate([(b["source"]["label"] == 1).sum(axis=(1, 2)) for b in batches])
+
+    with_rule = crops(0.5)
+    assert np.all(with_rule > 15 * 0.5), with_rule
+    assert np.mean(crops(0.0) > 15 * 0.5) < 0.75
+    np.testing.assert_array_equal(crops(0.5, skip=5), with_rule[10:])

@@ -22,6 +22,7 @@ STAGES = ("source_only", "adapt", "oracle")
 PRESENCE_SOURCES = ("crop", "image")
 TEACHER_INITS = ("ema", "student")
 BOUNDARY_MAX = ("device", "global")
+OPTIMIZERS = ("sgd", "adamw")  # `optim.make_optimizer`
 
 
 def has_label_map(weak_label: str) -> bool:
@@ -125,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Pixels at the prepared resolution: DAFormer's 3000 of GTA5's 1914x1052 label maps,
     # scaled by area to the 1280x720 prepared images.
     c.data.rare_class_sampling.min_pixels = 1372
+    # The crop of a drawn image is re-drawn (up to 10 times) until it holds more than
+    # min_pixels * min_crop_ratio pixels of the class; 0 = no re-draw. DAFormer's 0.5.
+    c.data.rare_class_sampling.min_crop_ratio = 0.5
 
     c.loss = ml_collections.ConfigDict()
     c.loss.seg_mix = 1.0
@@ -162,7 +166,9 @@ def base_config() -> ml_collections.ConfigDict:
     # image with random blocks masked (`masking.py`, docs/beyond_reference.md).
     c.mic = ml_collections.ConfigDict()
     c.mic.enabled = False
-    c.mic.block_size = 64  # Pixels; MIC's 64 at 512x512 crops.
+    # Pixels: MIC's 32 at 512x512 crops of half-resolution images (MIC's 64 is for its
+    # full-resolution 1024x1024 crops; docs/beyond_reference.md "Block size").
+    c.mic.block_size = 32
     c.mic.mask_ratio = 0.7  # Fraction of blocks masked.
 
     c.pseudo = ml_collections.ConfigDict()
@@ -190,12 +196,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.classmix.per_image_augment = False
 
     c.optim = ml_collections.ConfigDict()
+    # 'sgd': the reference's SGD and warm-up/poly schedule (docs/method.md §11); 'adamw':
+    # DAFormer's AdamW with mmcv's poly schedule and warm-up (docs/daformer.md).
+    c.optim.name = "sgd"
     c.optim.lr = 2.5e-3
     c.optim.head_lr_mult = 10.0
     c.optim.momentum = 0.9
     c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 1500
     c.optim.power = 0.9
+    c.optim.betas = (0.9, 0.999)  # 'adamw' only.
+    # 'adamw' only: mmcv's linear warm-up starts at warmup_ratio times the decayed rate.
+    c.optim.warmup_ratio = 1e-6
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 5000
@@ -245,6 +257,7 @@ NUMERIC_RANGES = (
     ("mic.block_size", 1, None, _INTEGER),
     ("mic.mask_ratio", 0.0, 1.0, _REAL),
     ("data.rare_class_sampling.min_pixels", 0, None, _INTEGER),
+    ("data.rare_class_sampling.min_crop_ratio", 0.0, None, _REAL),
     ("loss.inter", 0.0, None, _REAL),
     ("loss.intra_tgt", 0.0, None, _REAL),
     ("loss.intra_src", 0.0, None, _REAL),
@@ -269,6 +282,7 @@ NUMERIC_RANGES = (
     ("optim.weight_decay", 0.0, None, _REAL),
     ("optim.warmup_steps", 0, None, _INTEGER),
     ("optim.power", 0.0, None, _REAL),
+    ("optim.warmup_ratio", 0.0, 1.0, _REAL),
     ("eval.every_steps", 1, None, _INTEGER),
     ("eval.num_panels", 0, None, _INTEGER),
     ("eval.max_images", 0, None, _INTEGER),
@@ -319,6 +333,11 @@ def validate_ranges(config: ml_collections.ConfigDict) -> None:
         present, value = _lookup(config, key)
         if present and not (_is_number(value, _REAL) and value > 0):
             raise ValueError(f"config.{key}={value!r} must be > 0")
+    present, betas = _lookup(config, "optim.betas")
+    if present and not (
+        len(betas) == 2 and all(_is_number(b, _REAL) and 0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(f"config.optim.betas={tuple(betas)!r} must be two numbers in [0, 1)")
     for key, low in (("data.scale_range", 0.0), ("classmix.blur_sigma", 0.0)):
         present, pair = _lookup(config, key)
         if present and not (
@@ -364,6 +383,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         ("init.teacher", TEACHER_INITS),
         ("loss.boundary_max", BOUNDARY_MAX),
         ("data.image_format", IMAGE_FORMATS),
+        ("optim.name", OPTIMIZERS),
     ):
         value = config
         for part in key.split("."):

@@ -16,11 +16,12 @@ from wsda_jax import config_lib
 # Reference crops are 512 rows high; the pseudo-label masks of the top 15 and bottom 120
 # rows of a crop (docs/method.md §4.6) are scaled to the crop height of smaller configs.
 _REFERENCE_CROP_HEIGHT = 512
-# Options beyond the reference, scaled the same way. MIC masks 64-px blocks of 512-px
-# crops (1/8 of the crop height). DAFormer's rare class sampling counts 3000 pixels of
-# a class in GTA5's 1914x1052 label maps (0.149% of the image); SYNTHIA's are 1280x760,
-# where DAFormer keeps 3000.
-_MIC_BLOCK_SIZE = 64
+# Options beyond the reference, scaled the same way. MIC masks 32-px blocks of 512-px
+# crops of half-resolution images (1/16 of the crop height; its 64 px are for 1024-px
+# crops at full resolution, MIC `seg/experiments.py`). DAFormer's rare class sampling
+# counts 3000 pixels of a class in GTA5's 1914x1052 label maps (0.149% of the image);
+# SYNTHIA's are 1280x760, where DAFormer keeps 3000.
+_MIC_BLOCK_SIZE = 32
 _RCS_MIN_PIXELS, _RCS_IMAGE_AREA = 3000, 1914 * 1052
 
 
@@ -79,7 +80,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.optim.warmup_steps = 50
     config.pseudo.ignore_top = _scaled_rows(config.pseudo.ignore_top, 96)
     config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
-    config.mic.block_size = _scaled_block_size(96)  # 12 px: an 8 x 16 grid on 96x192 crops.
+    config.mic.block_size = _scaled_block_size(96)  # 6 px: a 16 x 32 grid on 96x192 crops.
     config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(128, 256)  # 49 px.
 
     config.eval.every_steps = 200
@@ -117,7 +118,7 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.optim.warmup_steps = 1
     config.pseudo.ignore_top = _scaled_rows(15, 32)
     config.pseudo.ignore_bottom = _scaled_rows(120, 32)
-    config.mic.block_size = _scaled_block_size(32)  # 4 px.
+    config.mic.block_size = _scaled_block_size(32)  # 2 px.
     config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(32, 64)  # 3 px.
 
     config.eval.every_steps = 4

@@ -24,12 +24,14 @@ from wsda_jax.train_state import TrainState
 Batch = dict[str, Any]
 # The adapt step's random streams, split in this order from `step_key`.
 ADAPT_KEYS = ("jitter_s", "jitter_t", "edge", "inter", "intra_src", "intra_tgt", "mix")
-# Masked image consistency's key is fold_in(step key, MIC_STREAM), not an eighth split,
-# so switching it on leaves the other streams (and the reference's runs) unchanged.
-MIC_STREAM = 1
+# Streams beyond ADAPT_KEYS are fold_in(step key, n) with n >= len(ADAPT_KEYS), so that
+# switching one on leaves the others (and the reference's runs) unchanged. n must not be
+# below len(ADAPT_KEYS): under JAX's partitionable threefry (the default),
+# fold_in(key, n) equals split(key, m)[n] for every m > n, the stream ADAPT_KEYS[n].
+MIC_STREAM = len(ADAPT_KEYS)  # Masked image consistency.
 # The student's dropout and drop path (DAFormer): fold_in(step key, DROPOUT_STREAM), then
 # one key per student forward pass, named by STUDENT_PASSES (DeepLabV2 draws none).
-DROPOUT_STREAM = 2
+DROPOUT_STREAM = len(ADAPT_KEYS) + 1
 STUDENT_PASSES = ("target", "source", "mixed", "masked")
 
 

@@ -117,6 +117,17 @@ class _DecodeTarget(grain.transforms.Map):
         }
 
 
+class _DecodePicked(grain.transforms.Map):
+    """(record, class id) from rare class sampling -> (decoded example, class id)."""
+
+    def __init__(self, decode: grain.transforms.Map):
+        self.decode = decode
+
+    def map(self, element: tuple[Any, int]) -> tuple[dict[str, np.ndarray], int]:
+        record, class_id = element
+        return self.decode.map(record), class_id
+
+
 def _labels_to_uint8(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Label maps travel as uint8 (train ids < 255, 255 = ignore): a quarter of int32's
     bytes through batching, worker shared memory and the host-to-device copy; the
@@ -147,21 +158,25 @@ def _domain_dataset(
     """One domain's infinite, shuffled, augmented MapDataset of examples (this host's shard).
 
     With `class_pixels` (int64 [N, C] per-record class pixel counts) the records are
-    drawn by rare class sampling instead, each host from all records with its own seed.
+    drawn by rare class sampling instead, each host from all records with its own seed,
+    and the crop is re-drawn until it holds the drawn class (`RareClassCrop`).
     """
     if len(records) < process_count:
         raise ValueError(f"{len(records)} records cannot be sharded over {process_count} hosts")
+    scale_range, crop_size = tuple(config.data.scale_range), tuple(config.data.crop_size)
     if class_pixels is not None:
-        ds = rare_class_sampling.rare_class_dataset(
-            records, class_pixels, config.data.rare_class_sampling, seed
+        rcs = config.data.rare_class_sampling
+        ds = rare_class_sampling.rare_class_dataset(records, class_pixels, rcs, seed)
+        ds = ds.map(_DecodePicked(decode))
+        ds = ds.random_map(
+            rare_class_sampling.RareClassCrop(
+                scale_range, crop_size, rare_class_sampling.min_crop_pixels(rcs)
+            )
         )
     else:
         ds = grain.MapDataset.source(records)[process_index::process_count]
         ds = ds.seed(seed).shuffle().repeat()
-    ds = ds.map(decode)
-    ds = ds.random_map(
-        transforms.RandomScaleCrop(tuple(config.data.scale_range), tuple(config.data.crop_size))
-    )
+        ds = ds.map(decode).random_map(transforms.RandomScaleCrop(scale_range, crop_size))
     if config.data.flip:
         ds = ds.random_map(transforms.RandomFlip())
     return ds.map(_labels_to_uint8)

@@ -10,8 +10,11 @@ over the classes present in the source (n_c = source pixels of class c, T =
 the source images holding more than `min_pixels` pixels of c. Rare classes are then
 seen far more often. The per-image class pixel counts are computed once from the
 prepared source labels and kept beside the prepared dataset (`STATS_FILE`, JSON).
+The random scale and crop of a drawn image is then re-drawn up to CROP_RETRIES times
+until the crop holds more than `min_pixels * min_crop_ratio` pixels of c
+(`RareClassCrop`, DAFormer's `UDADataset.get_rare_class_sample`).
 
-The draw is a grain `RandomMap` on an infinite index dataset: example k is a pure
+The draws are grain `RandomMap`s on an infinite index dataset: example k is a pure
 function of the pipeline seed and k, so a run resumes exactly from its batch index.
 
 `python -m wsda_jax.tools.class_frequencies --config=...` prints `frequency_table`.
@@ -30,8 +33,11 @@ import numpy as np
 
 from wsda_jax import classes
 from wsda_jax.data import records as records_lib
+from wsda_jax.data import transforms
 
 STATS_FILE = "source_class_pixels.json"
+# DAFormer re-draws the crop at most 10 times: the 11th crop is kept whatever it holds.
+CROP_RETRIES = 10
 
 
 def class_pixel_counts(records: Sequence[Any], num_classes: int) -> np.ndarray:
@@ -122,19 +128,22 @@ def image_probabilities(
 
 
 class RareClassPick(grain.transforms.RandomMap):
-    """Any element -> `records[i]` for an image i drawn as the module docstring says.
+    """Any element -> (`records[i]`, c) for a class id c and an image i drawn as the module
+    docstring says.
 
     `records` is any random-access sequence (a data source; a range in tests, so the
-    result is the image index).
+    result holds the image index).
     """
 
     def __init__(
         self,
         records: Sequence[Any],
+        class_ids: np.ndarray,
         class_probs: np.ndarray,
         candidates: Sequence[np.ndarray],
     ):
         self.records = records
+        self.class_ids = np.asarray(class_ids, np.int64)
         self.class_probs = np.asarray(class_probs, np.float64)
         self.candidates = [np.asarray(images, np.int64) for images in candidates]
 
@@ -142,18 +151,54 @@ class RareClassPick(grain.transforms.RandomMap):
         del element
         choice = rng.choice(len(self.class_probs), p=self.class_probs)
         images = self.candidates[choice]
-        return self.records[int(images[rng.integers(images.size)])]
+        record = self.records[int(images[rng.integers(images.size)])]
+        return record, int(self.class_ids[choice])
 
 
 def rare_class_dataset(
     records: Sequence[Any], pixels: np.ndarray, config_rcs: Any, seed: int
 ) -> grain.MapDataset:
-    """The infinite MapDataset of source records drawn by rare class sampling; element k
-    depends only on `seed` and k."""
+    """The infinite MapDataset of (source record, drawn class id) pairs drawn by rare class
+    sampling; element k depends only on `seed` and k."""
     class_ids, class_probs = class_probabilities(pixels, config_rcs.temperature)
     candidates = images_per_class(pixels, class_ids, config_rcs.min_pixels)
-    pick = RareClassPick(records, class_probs, candidates)
+    pick = RareClassPick(records, class_ids, class_probs, candidates)
     return grain.MapDataset.range(1).repeat().seed(seed).random_map(pick)
+
+
+class RareClassCrop(grain.transforms.RandomMap):
+    """(example, class id c) -> the example's random scale and crop, re-drawn up to
+    CROP_RETRIES times while the crop's 'label' holds `min_crop_pixels` or fewer pixels
+    of c (DAFormer's `n_class > min_pixels * min_crop_ratio`); the last draw is kept when
+    none qualifies. With `min_crop_pixels` None the first crop is kept (DAFormer's
+    min_crop_ratio 0)."""
+
+    def __init__(
+        self,
+        scale_range: tuple[float, float],
+        crop_size: tuple[int, int],
+        min_crop_pixels: float | None,
+    ):
+        self.crop = transforms.RandomScaleCrop(scale_range, crop_size)
+        self.min_crop_pixels = min_crop_pixels
+
+    def random_map(self, element: tuple[Any, int], rng: np.random.Generator) -> Any:
+        example, class_id = element
+        crop = self.crop.draw(example, rng)
+        if self.min_crop_pixels is None:
+            return crop
+        for _ in range(CROP_RETRIES):
+            if np.count_nonzero(crop["label"] == class_id) > self.min_crop_pixels:
+                break
+            crop = self.crop.draw(example, rng)
+        return crop
+
+
+def min_crop_pixels(config_rcs: Any) -> float | None:
+    """The crop rule's bound `min_pixels * min_crop_ratio`; None (no re-draw) for ratio 0."""
+    if config_rcs.min_crop_ratio <= 0:
+        return None
+    return config_rcs.min_pixels * config_rcs.min_crop_ratio
 
 
 def frequency_table(pixels: np.ndarray, config_rcs: Any) -> str:

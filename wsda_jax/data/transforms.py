@@ -89,6 +89,10 @@ class RandomScaleCrop(grain.transforms.RandomMap):
         self.crop_size = tuple(crop_size)
 
     def random_map(self, element: Example, rng: np.random.Generator) -> Example:
+        return self.draw(element, rng)
+
+    def draw(self, element: Example, rng: np.random.Generator) -> Example:
+        """One random scale and crop of `element`, from `rng`'s next numbers."""
         h, w = element["image"].shape[:2]
         scale = rng.uniform(*self.scale_range)
         scaled_h, scaled_w = max(1, round(h * scale)), max(1, round(w * scale))
