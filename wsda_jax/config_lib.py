@@ -71,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.decoder_dim = 256  # Channels of the DAFormer decoder's embeddings and fusion.
 
     c.init = ml_collections.ConfigDict()
-    c.init.imagenet = ""  # Converted torchvision ResNet (.pth or .npz), stage 1.
+    # ImageNet weights of the backbone (.pth or .npz), stage 1: a torchvision ResNet, or
+    # for the daformer arch an NVlabs SegFormer mit_b*.pth.
+    c.init.imagenet = ""
     c.init.init_from = ""  # Stage-1 checkpoint directory (student and teacher), stage 2.
     # Stage-2 teacher: 'ema' = the stage-1 checkpoint's EMA teacher (the reference),
     # 'student' = a copy of the stage-1 student.

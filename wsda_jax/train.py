@@ -51,12 +51,13 @@ def _process_kwargs() -> dict[str, int]:
 
 
 def _from_imagenet(
-    state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
+    state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh, arch: str
 ) -> train_state.TrainState:
-    """Student and teacher backbones from a converted torchvision ResNet."""
+    """Student and teacher backbones from ImageNet weights: a torchvision ResNet
+    ('deeplabv2') or an NVlabs MiT ('daformer')."""
     try:
         variables = imagenet_init.init_from_imagenet(
-            jax.device_get(state.student_variables()), path
+            jax.device_get(state.student_variables()), path, arch
         )
     except ValueError as error:
         raise ValueError(f"config.init.imagenet={path!r}: {error}") from error
@@ -97,7 +98,7 @@ def initial_state(
         return state, 0
     # (3) ImageNet weights for the backbones (config.init.imagenet);
     if config.init.imagenet:
-        return _from_imagenet(state, config.init.imagenet, mesh), 0
+        return _from_imagenet(state, config.init.imagenet, mesh, config.model.arch), 0
     # (4) scratch.
     logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
     return state, 0
