@@ -2,6 +2,8 @@
 outputs, dropout only in the student's stochastic forward, BatchNorm sync, config."""
 
 import functools
+import json
+import os
 
 import flax.traverse_util
 import jax
@@ -9,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpy_reference as ref
 import pytest
+import subprocesses
+import tiny_runs
 
 from wsda_jax import config_lib
 from wsda_jax.models import daformer_head, deeplab
@@ -180,3 +184,29 @@ def test_build_model_from_config():
     config.model.arch = "resnet"
     with pytest.raises(ValueError, match="config.model.arch='resnet'"):
         deeplab.build_model(config)
+
+
+@pytest.mark.slow
+def test_cli_trains_and_evaluates_daformer(tmp_path, tmp_path_factory):
+    """`python -m wsda_jax.main` with --config.model.arch=daformer (the tiny preset's
+    MiT-B0 of one narrow block per stage): two adaptation steps, one evaluation."""
+    workdir = tmp_path / "run"
+    result = subprocesses.run_main(
+        tmp_path_factory.getbasetemp(),
+        subprocesses.TINY,
+        f"--workdir={workdir}",
+        "--config.model.arch=daformer",
+        "--config.num_steps=2",
+        "--config.loss.contrast_start=2",  # One train program: before contrast_start.
+        "--config.eval.every_steps=2",
+        "--config.per_device_batch_size=2",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    train = tiny_runs.train_lines(workdir)
+    assert [line["step"] for line in train] == [1, 2]
+    assert all(np.isfinite(line["total"]) and line["skipped_steps"] == 0 for line in train)
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+    report = json.load(open(workdir / "eval" / "2.json"))
+    for name in ("student", "teacher"):
+        assert 0.0 <= report[name]["miou"] <= 1.0
+        assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel of the tiny split.
