@@ -40,6 +40,11 @@ def test_reference_defaults_validate():
         ({"optim__name": "lamb"}, 1, "config.optim.name='lamb': expected one of"),
         ({"optim__betas": (0.9, 1.0)}, 1, "config.optim.betas=(0.9, 1.0) must be two numbers"),
         ({"optim__warmup_ratio": 2.0}, 1, "config.optim.warmup_ratio=2.0 must be in"),
+        ({"stage": "source_only", "loss__imnet_fd": 0.005}, 1, "only in stage 'adapt'"),
+        ({"loss__imnet_fd_classes": (6, 19)}, 1, "imnet_fd_classes: \\[19\\] are not"),
+        ({"loss__imnet_fd_min_ratio": 1.5}, 1, "config.loss.imnet_fd_min_ratio=1.5 must be"),
+        ({"init__one_stage": True, "init__init_from": "w"}, 1, "not from config.init.init_from"),
+        ({"init__one_stage": True, "stage": "source_only"}, 1, "a one-stage run adapts"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

@@ -30,6 +30,7 @@ from wsda_jax import (
     config_lib,
     errors,
     evaluation,
+    feature_distance,
     optim,
     parallel,
     prediction,
@@ -53,7 +54,7 @@ def _process_kwargs() -> dict[str, int]:
 def _from_imagenet(
     state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
 ) -> train_state.TrainState:
-    """Student and teacher backbones from a converted torchvision ResNet."""
+    """Student and teacher backbones from converted ImageNet weights."""
     try:
         variables = imagenet_init.init_from_imagenet(
             jax.device_get(state.student_variables()), path
@@ -67,6 +68,25 @@ def _from_imagenet(
     return train_state.with_student_and_teacher(
         state, variables["params"], variables["batch_stats"]
     )
+
+
+def _with_frozen_encoder(
+    config: ml_collections.ConfigDict, state: train_state.TrainState, mesh: jax.sharding.Mesh
+) -> train_state.TrainState:
+    """With config.loss.imnet_fd > 0: `state` with `imnet_encoder` the encoder of
+    config.init.imagenet (the student's, when it was just initialised from it)."""
+    if config.loss.imnet_fd <= 0:
+        return state
+    if not config.init.imagenet:
+        raise ValueError(
+            f"config.loss.imnet_fd={config.loss.imnet_fd} needs the ImageNet weights its "
+            "frozen encoder copies: set config.init.imagenet (or config.loss.imnet_fd=0)"
+        )
+    imagenet = state
+    if config.init.init_from:  # The student came from a checkpoint: read the weights.
+        imagenet = _from_imagenet(state, config.init.imagenet, mesh)
+    encoder = feature_distance.encoder_variables(imagenet.params, imagenet.batch_stats)
+    return state.replace(imnet_encoder=encoder)
 
 
 def initial_state(
@@ -94,13 +114,14 @@ def initial_state(
         state = checkpointing.load_init_from(
             config.init.init_from, state, mesh, teacher=config.init.teacher
         )
-        return state, 0
     # (3) ImageNet weights for the backbones (config.init.imagenet);
-    if config.init.imagenet:
-        return _from_imagenet(state, config.init.imagenet, mesh), 0
-    # (4) scratch.
-    logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
-    return state, 0
+    elif config.init.imagenet:
+        state = _from_imagenet(state, config.init.imagenet, mesh)
+    # (4) scratch. (A one-stage run, config.init.one_stage, starts from (3) or (4).)
+    else:
+        logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
+    # Then the feature distance's frozen ImageNet encoder (config.loss.imnet_fd).
+    return _with_frozen_encoder(config, state, mesh), 0
 
 
 def _restore_latest(
