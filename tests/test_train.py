@@ -174,7 +174,7 @@ def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
     weights = random_state_dict(18, (1, 1, 1, 1), seed=3)
     path = str(tmp_path / "resnet18.npz")
     np.savez(path, **weights)
-    new = train._from_imagenet(state, path, mesh)
+    new = train._from_imagenet(state, path, mesh, "deeplabv2")
     expected_kernel = weights["conv1.weight"].transpose(2, 3, 1, 0)
     expected_var = weights["layer2.0.downsample.1.running_var"]
     for params, stats in (
@@ -207,4 +207,4 @@ def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
     del weights["conv1.weight"]
     np.savez(path, **weights)
     with pytest.raises(ValueError, match="config.init.imagenet=.*conv1.weight"):
-        train._from_imagenet(state, path, mesh)
+        train._from_imagenet(state, path, mesh, "deeplabv2")

@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"  # or 'bfloat16' (parameters and losses stay float32).
 
     c.model = ml_collections.ConfigDict()
+    # 'deeplabv2' (ResNet + DeepLabV2 classifier) or 'daformer' (MiT encoder + DAFormer head).
+    c.model.arch = "deeplabv2"
+    c.model.mit = "b5"  # MiT variant 'b0'..'b5' of the 'daformer' arch.
     c.model.depth = 101
     c.model.width = 64  # Channels of the stem; torchvision ResNets use 64.
     c.model.proj_dim = 256
@@ -65,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = "none"
 
     c.init = ml_collections.ConfigDict()
-    c.init.imagenet = ""  # Converted torchvision ResNet (.pth or .npz), stage 1.
+    # ImageNet weights of the backbone (.pth or .npz), stage 1: a torchvision ResNet, or
+    # for the daformer arch an NVlabs SegFormer mit_b*.pth.
+    c.init.imagenet = ""
     c.init.init_from = ""  # Stage-1 checkpoint directory (student and teacher), stage 2.
     # Stage-2 teacher: 'ema' = the stage-1 checkpoint's EMA teacher (the reference),
     # 'student' = a copy of the stage-1 student.

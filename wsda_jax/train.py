@@ -52,12 +52,13 @@ def _process_kwargs() -> dict[str, int]:
 
 
 def _from_imagenet(
-    state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh
+    state: train_state.TrainState, path: str, mesh: jax.sharding.Mesh, arch: str
 ) -> train_state.TrainState:
-    """Student and teacher backbones from converted ImageNet weights."""
+    """Student and teacher backbones from ImageNet weights: a torchvision ResNet
+    ('deeplabv2') or an NVlabs MiT ('daformer')."""
     try:
         variables = imagenet_init.init_from_imagenet(
-            jax.device_get(state.student_variables()), path
+            jax.device_get(state.student_variables()), path, arch
         )
     except ValueError as error:
         raise ValueError(f"config.init.imagenet={path!r}: {error}") from error
@@ -84,7 +85,7 @@ def _with_frozen_encoder(
         )
     imagenet = state
     if config.init.init_from:  # The student came from a checkpoint: read the weights.
-        imagenet = _from_imagenet(state, config.init.imagenet, mesh)
+        imagenet = _from_imagenet(state, config.init.imagenet, mesh, config.model.arch)
     encoder = feature_distance.encoder_variables(imagenet.params, imagenet.batch_stats)
     return state.replace(imnet_encoder=encoder)
 
@@ -116,7 +117,7 @@ def initial_state(
         )
     # (3) ImageNet weights for the backbones (config.init.imagenet);
     elif config.init.imagenet:
-        state = _from_imagenet(state, config.init.imagenet, mesh)
+        state = _from_imagenet(state, config.init.imagenet, mesh, config.model.arch)
     # (4) scratch. (A one-stage run, config.init.one_stage, starts from (3) or (4).)
     else:
         logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")

@@ -1,8 +1,14 @@
-"""ImageNet initialisation: a torchvision ResNet state dict -> the Flax `backbone`.
+"""ImageNet initialisation: a PyTorch state dict -> the Flax `backbone`.
 
-No download at run time: the user supplies torchvision's `resnet101-*.pth` (read
-with torch if it is installed) or an `.npz` with the same keys. Naming between
-the two trees (see `resnet.py`):
+No download at run time: the user supplies the weights as `.pth` (read with torch, if
+it is installed, with `weights_only=True`: tensors only, no pickled code) or as an
+`.npz` with the same keys. Per `config.model.arch`:
+
+- 'deeplabv2': torchvision's `resnet101-*.pth` -> `params/backbone`, `batch_stats/backbone`;
+- 'daformer': NVlabs' SegFormer `mit_b0.pth`..`mit_b5.pth` -> `params/backbone`
+  (`mix_transformer.convert_state_dict`; its classifier `head.*` ignored).
+
+Naming between the torchvision and Flax ResNet trees (see `resnet.py`):
 
     conv1.weight                   -> params/backbone/conv1/kernel   (OIHW -> HWIO)
     bn1.{weight,bias}              -> params/backbone/bn1/{scale,bias}
@@ -21,6 +27,8 @@ from typing import Any
 import flax.traverse_util
 import numpy as np
 
+from wsda_jax.models import mix_transformer
+
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 IGNORED_PREFIXES = ("fc.",)
 _MODULE_NAMES = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
@@ -31,15 +39,16 @@ _LEAF_NAMES = {
     ("batch_stats", "mean"): "running_mean",
     ("batch_stats", "var"): "running_var",
 }
+ARCHS = ("deeplabv2", "daformer")
 _NPZ_HINT = (
     'convert it to .npz on a machine with torch: python -c "import numpy, torch; '
-    "sd = torch.load('IN.pth', map_location='cpu'); "
+    "sd = torch.load('IN.pth', map_location='cpu', weights_only=True); "
     "numpy.savez('OUT.npz', **{k: v.numpy() for k, v in sd.items()})\""
 )
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
-    """Reads a torchvision state dict from `.npz` or `.pth` into NumPy arrays.
+    """Reads a state dict (key -> tensor) from `.npz` or `.pth` into NumPy arrays.
 
     Raises a one-line ValueError naming the file when it is missing or is not a weight
     file (not an archive of arrays / a torch pickle of tensors).
@@ -60,7 +69,7 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
         kind = "an .npz archive of arrays" if path.endswith(".npz") else "a torch state dict"
         raise ValueError(
             f"path={path!r} is not a weight file: it cannot be read as {kind} (expected a "
-            "torchvision ResNet state dict)"
+            "torchvision ResNet or NVlabs MiT state dict)"
         ) from e
 
 
@@ -71,7 +80,7 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
             return {key: np.asarray(data[key]) for key in data.files}
     import torch  # Optional: only needed for .pth files.
 
-    loaded = torch.load(path, map_location="cpu")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, dict):
         raise TypeError(f"it holds a {type(loaded).__name__}, not a state dict")
     if "state_dict" in loaded:
@@ -160,6 +169,19 @@ def convert_torchvision_resnet(
     return out
 
 
-def init_from_imagenet(variables: dict[str, Any], path: str) -> dict[str, Any]:
-    """`convert_torchvision_resnet(load_state_dict(path), variables)`."""
-    return convert_torchvision_resnet(load_state_dict(path), variables)
+def init_from_imagenet(
+    variables: dict[str, Any], path: str, arch: str = "deeplabv2"
+) -> dict[str, Any]:
+    """`variables` with the backbone read from the ImageNet weights at `path`.
+
+    arch: 'deeplabv2' (torchvision ResNet: params and batch_stats) or 'daformer'
+    (NVlabs MiT: params only, checked against the shapes of `params/backbone`).
+    Raises a one-line ValueError for a bad file or a state dict of another network.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: expected one of {ARCHS}")
+    state_dict = load_state_dict(path)
+    if arch == "deeplabv2":
+        return convert_torchvision_resnet(state_dict, variables)
+    backbone = mix_transformer.convert_state_dict(state_dict, variables["params"]["backbone"])
+    return {**variables, "params": {**variables["params"], "backbone": backbone}}
