@@ -18,6 +18,13 @@ def _config(**changes):
 
 def test_reference_defaults_validate():
     config_lib.validate(config_lib.base_config(), num_devices=4)
+    assert config_lib.base_config().model.arch == "deeplabv2"
+
+
+def test_daformer_with_tiny_mit_validates():
+    changes = {"model__arch": "daformer", "model__mit": "b0", "data__crop_size": (32, 64)}
+    changes.update(model__mit_embed_dims=(8, 8, 10, 16), model__remat="blocks")
+    config_lib.validate(_config(**changes), num_devices=1)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +52,14 @@ def test_reference_defaults_validate():
         ({"loss__imnet_fd_min_ratio": 1.5}, 1, "config.loss.imnet_fd_min_ratio=1.5 must be"),
         ({"init__one_stage": True, "init__init_from": "w"}, 1, "not from config.init.init_from"),
         ({"init__one_stage": True, "stage": "source_only"}, 1, "a one-stage run adapts"),
+        ({"model__arch": "vit"}, 1, "config.model.arch='vit'"),
+        ({"model__arch": "daformer", "data__crop_size": (80, 64)}, 1, "multiples of 32"),
+        ({"model__arch": "daformer", "model__mit": "b6"}, 1, "config.model.mit='b6'"),
+        ({"model__arch": "daformer", "model__mit_embed_dims": (8,) * 4}, 1, "mit_embed_dims"),
+        ({"model__arch": "daformer", "model__mit_depths": (1, 0, 1, 1)}, 1, "mit_depths"),
+        ({"model__arch": "daformer", "model__remat": "conv_outputs"}, 1, "arch 'daformer'"),
+        ({"model__drop_path_rate": 1.5}, 1, "config.model.drop_path_rate=1.5"),
+        ({"model__decoder_dim": 0}, 1, "config.model.decoder_dim=0"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

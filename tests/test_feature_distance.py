@@ -1,6 +1,8 @@
 """The thing-class ImageNet feature distance (feature_distance.py) against NumPy written
 here from DAFormer's `downscale_label_ratio` and `masked_feat_dist`, and in the step."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from conftest import IMAGE_SIZE, synthetic_batch, tiny_config, tiny_model
 
 from wsda_jax import feature_distance, optim, parallel, steps, train_state
+from wsda_jax.models import deeplab
 
 IGNORE = 255
 
@@ -106,8 +109,9 @@ def test_source_forward_against_the_formula(fd_setup):
     images = jnp.asarray(batch["source"]["image"], jnp.float32) / 64.0 - 2.0
     labels = jnp.asarray(batch["source"]["label"], jnp.int32)
     inputs = type("Inputs", (), {"source_image": images, "source_label": labels})
+    forward = functools.partial(deeplab.train_forward, model, state.params)
     out, stats, terms = feature_distance.source_forward(
-        model, state.params, state.batch_stats, inputs, state.imnet_encoder, config
+        model, forward, state.batch_stats, inputs, state.imnet_encoder, config
     )
     student, _ = model.apply(
         state.student_variables(), images, train=True, method="encode", mutable=["batch_stats"]
@@ -121,7 +125,7 @@ def test_source_forward_against_the_formula(fd_setup):
     np.testing.assert_allclose(float(terms["imnet_fd"]), norms[mask].mean(), rtol=1e-5)
     config.loss.imnet_fd = 0.0
     plain_out, plain_stats, none = feature_distance.source_forward(
-        model, state.params, state.batch_stats, inputs, state.imnet_encoder, config
+        model, forward, state.batch_stats, inputs, state.imnet_encoder, config
     )
     config.loss.imnet_fd = 1.0
     assert none == {}

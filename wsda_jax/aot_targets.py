@@ -164,6 +164,8 @@ def suggestion(config: ml_collections.ConfigDict) -> str:
     for key, current, better in SUGGESTIONS:
         section, _, name = key.rpartition(".")
         value = (config[section] if section else config)[name]
+        if key == "model.remat" and config.model.arch == "daformer":
+            current, better = "none", "blocks"  # MiT's only mode ('conv_outputs' is ResNet's).
         if value == current:
             return f"--config.{key}={better}"
     half = config.per_device_batch_size // 2

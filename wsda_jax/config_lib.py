@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from wsda_jax import config_ranges
+from wsda_jax import config_model, config_ranges
 
 # How prepared records may store images (`data.records` encodes and decodes them).
 IMAGE_FORMATS = ("npy", "png")
@@ -19,8 +19,6 @@ WEAK_LABEL_KINDS = ("none", "image", "point", "coarse")
 # The kinds whose weak label is a label map of pixels (the others: a presence vector, or none).
 LABEL_MAP_KINDS = ("point", "coarse")
 STAGES = ("source_only", "adapt", "oracle")
-DEPTHS = (18, 34, 50, 101)
-REMAT_MODES = ("none", "blocks", "conv_outputs")  # As models.resnet.REMAT_MODES.
 PRESENCE_SOURCES = ("crop", "image")
 TEACHER_INITS = ("ema", "student")
 BOUNDARY_MAX = ("device", "global")
@@ -54,9 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.compute_dtype = "float32"  # or 'bfloat16' (parameters and losses stay float32).
 
     c.model = ml_collections.ConfigDict()
-    # 'deeplabv2' (ResNet + DeepLabV2 classifier) or 'daformer' (MiT encoder + DAFormer head).
+    # 'deeplabv2' (the reference: ResNet, output stride 8) or 'daformer' (MiT encoder and
+    # DAFormer decoder, output stride 4; docs/method.md §3). Keys below apply to one arch.
     c.model.arch = "deeplabv2"
-    c.model.mit = "b5"  # MiT variant 'b0'..'b5' of the 'daformer' arch.
     c.model.depth = 101
     c.model.width = 64  # Channels of the stem; torchvision ResNets use 64.
     c.model.proj_dim = 256
@@ -66,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
     # backward pass) or 'conv_outputs' (keep conv outputs, recompute BatchNorm and ReLU).
     # Peak memory and speed of each: README "Accelerator readiness".
     c.model.remat = "none"
+    # DAFormer: MiT variant 'b0'..'b5'; () = the variant's widths / blocks per stage.
+    c.model.mit = "b5"
+    c.model.mit_embed_dims = ()
+    c.model.mit_depths = ()
+    c.model.drop_path_rate = 0.1  # Stochastic depth of the MiT blocks (DAFormer's 0.1).
+    c.model.decoder_dim = 256  # Channels of the DAFormer decoder's embeddings and fusion.
 
     c.init = ml_collections.ConfigDict()
     # ImageNet weights of the backbone (.pth or .npz), stage 1: a torchvision ResNet, or
@@ -247,12 +251,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if config.stage not in STAGES:
         raise ValueError(f"config.stage={config.stage!r}: expected one of {STAGES}")
-    if config.model.depth not in DEPTHS:
-        raise ValueError(f"config.model.depth={config.model.depth}: expected one of {DEPTHS}")
-    if config.model.remat not in REMAT_MODES:
-        raise ValueError(
-            f"config.model.remat={config.model.remat!r}: expected one of {REMAT_MODES}"
-        )
+    config_model.validate_model(config)
     if num_devices < 1:
         raise ValueError(f"no devices to run on (num_devices={num_devices})")
     for key in ("per_device_batch_size", "eval.per_device_batch_size"):
@@ -289,12 +288,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if config.loss.contrast_start < 0:
         raise ValueError(f"config.loss.contrast_start={config.loss.contrast_start} must be >= 0")
-    height, width = config.data.crop_size
-    if height < 16 or width < 16 or height % 8 or width % 8:
-        raise ValueError(
-            f"config.data.crop_size={tuple(config.data.crop_size)}: both sides must be multiples "
-            "of the output stride 8 and at least 16"
-        )
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
 

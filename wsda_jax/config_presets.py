@@ -109,6 +109,12 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.model.width = 8
     config.model.proj_dim = 16
     config.model.aspp_dilations = (1, 2)
+    # With --config.model.arch=daformer: a MiT-B0 of one narrow block per stage (widths
+    # divisible by the heads 1, 2, 5, 8) and a 16-channel decoder.
+    config.model.mit = "b0"
+    config.model.mit_embed_dims = (8, 8, 10, 16)
+    config.model.mit_depths = (1, 1, 1, 1)
+    config.model.decoder_dim = 16
 
     config.num_steps = 4
     config.loss.contrast_start = 2  # So the contrastive branch runs within the test.

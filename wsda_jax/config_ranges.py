@@ -19,6 +19,8 @@ NUMERIC_RANGES = (
     ("keep_checkpoints", 1, None, _INTEGER),
     ("model.width", 1, None, _INTEGER),
     ("model.proj_dim", 1, None, _INTEGER),
+    ("model.decoder_dim", 1, None, _INTEGER),
+    ("model.drop_path_rate", 0.0, 1.0, _REAL),
     ("data.num_workers", -1, None, _INTEGER),
     ("data.prefetch_buffer_size", 1, None, _INTEGER),
     ("data.points_per_class", 1, None, _INTEGER),

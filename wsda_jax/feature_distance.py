@@ -16,7 +16,7 @@ with the mask: the cell's label (`downscale_label_ratio`, min ratio 0.75) is one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -94,12 +94,13 @@ def feature_distance(
     return masked_feature_distance(student, frozen, mask)
 
 
-def train_forward_with_encoding(
-    model: nn.Module, params: Any, batch_stats: Any, images: jax.Array, **kwargs: Any
+def forward_with_encoding(
+    forward: Callable[..., tuple[deeplab.SegmentationOutput, Any]], *args: Any
 ) -> tuple[deeplab.SegmentationOutput, Any, jax.Array]:
-    """`deeplab.train_forward` that also returns the encoder's last feature map of the
-    same pass: the output of the submodule named 'backbone' (its last stage when it
-    returns one map per stage, as MiT does), what `model.encode` returns."""
+    """`forward(*args)` (a model pass returning (out, batch_stats)) and the encoder's
+    last feature map of the same pass: the output of the submodule named 'backbone' (its
+    last stage when it returns one map per stage, as MiT does), what `model.encode`
+    returns."""
     captured = []
 
     def keep_encoder_output(next_fun, args, call_kwargs, context):
@@ -109,7 +110,7 @@ def train_forward_with_encoding(
         return out
 
     with nn.intercept_methods(keep_encoder_output):
-        out, batch_stats = deeplab.train_forward(model, params, batch_stats, images, **kwargs)
+        out, batch_stats = forward(*args)
     if len(captured) != 1:
         raise ValueError(f"imnet_fd: expected one 'backbone' call, saw {len(captured)}")
     encoding = captured[0]
@@ -126,27 +127,24 @@ def frozen_encoding(model: nn.Module, imnet_encoder: Any, images: jax.Array) -> 
 
 def source_forward(
     model: nn.Module,
-    params: Any,
+    forward: Callable[..., tuple[deeplab.SegmentationOutput, Any]],
     batch_stats: Any,
     inputs: Any,
     imnet_encoder: Any,
     config: ml_collections.ConfigDict,
-    **kwargs: Any,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[deeplab.SegmentationOutput, Any, dict[str, jax.Array]]:
-    """The student's source forward pass (`deeplab.train_forward`, `kwargs` passed on) and,
-    with config.loss.imnet_fd > 0, the unweighted `imnet_fd` term: (out, batch_stats,
-    {'imnet_fd': scalar} or {}).
+    """The student's source pass `forward(batch_stats, images, dropout_key)` (its
+    `deeplab.train_forward` with model and params bound) and, with config.loss.imnet_fd >
+    0, the unweighted `imnet_fd` term: (out, batch_stats, {'imnet_fd': scalar} or {}).
 
     `inputs` holds `source_image` float32 [B, H, W, 3] and `source_label` int32 [B, H, W]
     (`step_inputs.AdaptInputs`).
     """
     images, labels = inputs.source_image, inputs.source_label
     if config.loss.imnet_fd <= 0:
-        out, batch_stats = deeplab.train_forward(model, params, batch_stats, images, **kwargs)
-        return out, batch_stats, {}
-    out, batch_stats, student = train_forward_with_encoding(
-        model, params, batch_stats, images, **kwargs
-    )
+        return (*forward(batch_stats, images, dropout_key), {})
+    out, batch_stats, student = forward_with_encoding(forward, batch_stats, images, dropout_key)
     frozen = frozen_encoding(model, imnet_encoder, images)
     return out, batch_stats, {"imnet_fd": feature_distance(student, frozen, labels, config)}
 

@@ -1,7 +1,9 @@
 """What the train steps read: their random streams and the device batch (docs/method.md
 §4, 12).
 
-The keys derive from the state (`step_key`: base key, step, device index). The images
+The keys derive from the state (`step_key`: base key, step, device index); each
+stream is independent of the others (a split of the step key, or a fold_in with a
+constant of its own). The images
 arrive as uint8 crops and leave colour-jittered and ImageNet-normalised; the labels
 leave as int32; the target's weak label map and presence vector are those of the
 augmented crop (`target_weak_labels`). `adapt_inputs` gathers them for the adaptation
@@ -27,6 +29,10 @@ ADAPT_KEYS = ("jitter_s", "jitter_t", "edge", "inter", "intra_src", "intra_tgt",
 # below len(ADAPT_KEYS): under JAX's partitionable threefry (the default),
 # fold_in(key, n) equals split(key, m)[n] for every m > n, the stream ADAPT_KEYS[n].
 MIC_STREAM = len(ADAPT_KEYS)  # Masked image consistency.
+# The student's dropout and drop path (DAFormer): fold_in(step key, DROPOUT_STREAM), then
+# one key per student forward pass, named by STUDENT_PASSES (DeepLabV2 draws none).
+DROPOUT_STREAM = len(ADAPT_KEYS) + 1
+STUDENT_PASSES = ("target", "source", "mixed", "masked")
 
 
 def step_key(state: TrainState, axis_name: str) -> jax.Array:
@@ -44,6 +50,14 @@ def adapt_keys(state: TrainState, axis_name: str) -> dict[str, jax.Array]:
 def mic_key(state: TrainState, axis_name: str) -> jax.Array:
     """This device's key for masked image consistency: `step_key` folded with MIC_STREAM."""
     return jax.random.fold_in(step_key(state, axis_name), MIC_STREAM)
+
+
+def dropout_keys(state: TrainState, axis_name: str) -> dict[str, jax.Array]:
+    """This device's dropout keys of the student's forward passes, named by STUDENT_PASSES:
+    `step_key` folded with DROPOUT_STREAM, then split."""
+    key = jax.random.fold_in(step_key(state, axis_name), DROPOUT_STREAM)
+    keys = jax.random.split(key, len(STUDENT_PASSES))
+    return dict(zip(STUDENT_PASSES, keys, strict=True))
 
 
 def input_images(key: jax.Array, images: jax.Array, config: ml_collections.ConfigDict):

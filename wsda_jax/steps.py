@@ -148,14 +148,14 @@ def adapt_loss(
     Returns (total loss pmean-ed over devices, (weighted terms, anchor counts, the new
     batch_stats, the new source prototypes)).
     """
+    forward = functools.partial(deeplab.train_forward, model, params)
+    dropout = step_inputs.dropout_keys(state, axis_name)
     # (2) Student on target: seg_u, im_u.
-    out_u, batch_stats = deeplab.train_forward(
-        model, params, state.batch_stats, inputs.target_image
-    )
+    out_u, batch_stats = forward(state.batch_stats, inputs.target_image, dropout["target"])
     terms = target_terms(out_u, inputs, config, contrast_on)
     # (3) Student on source: seg_s, edge_s (and imnet_fd, not in the reference).
     out_s, batch_stats, fd = feature_distance.source_forward(
-        model, params, batch_stats, inputs, state.imnet_encoder, config
+        model, forward, batch_stats, inputs, state.imnet_encoder, config, dropout["source"]
     )
     terms.update(source_terms(out_s, inputs.source_label, keys["edge"], config, axis_name), **fd)
     # (7, source) Source prototypes from the student's source features.
@@ -194,13 +194,13 @@ def adapt_loss(
         teacher.weight,
         config.classmix,
     )
-    out_m, batch_stats = deeplab.train_forward(model, params, batch_stats, mixed.image)
+    out_m, batch_stats = forward(batch_stats, mixed.image, dropout["mixed"])
     terms["seg_mix"] = losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
     if config.mic.enabled:  # Masked image consistency, not in the reference.
         masked = masking.masked_batch(
             mic_key, inputs.target_image, teacher.label, teacher.weight, config
         )
-        out_k, batch_stats = deeplab.train_forward(model, params, batch_stats, masked.image)
+        out_k, batch_stats = forward(batch_stats, masked.image, dropout["masked"])
         terms["mic"] = masking.mic_loss(out_k.logits, masked)
     # (11) Weighted total, averaged over devices: the loss that is differentiated.
     weighted = weighted_terms(terms, config.loss, contrast_ramp(state.step, config))
@@ -360,9 +360,10 @@ def source_only_step(
     label = batch["source"]["label"].astype(jnp.int32)
     teacher = ema.ema_update(state, config)
     with_contrast = config.loss.source_only_contrast
+    dropout = step_inputs.dropout_keys(state, axis_name)["source"]
 
     def loss_fn(params):
-        out, batch_stats = deeplab.train_forward(model, params, state.batch_stats, image)
+        out, batch_stats = deeplab.train_forward(model, params, state.batch_stats, image, dropout)
         terms = source_terms(out, label, key, config, axis_name)
         protos, anchors = state.source_prototypes, {}
         if with_contrast:

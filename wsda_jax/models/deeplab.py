@@ -19,12 +19,19 @@ import ml_collections
 from wsda_jax.models import resnet
 
 
+def l2_normalize(features: jax.Array) -> jax.Array:
+    """`[..., D]` over the last axis as torch's F.normalize: x / max(||x||, 1e-12)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
+    return features / jnp.maximum(norm, 1e-12)
+
+
 @flax.struct.dataclass
 class SegmentationOutput:
     """Model outputs, all float32.
 
     features: `[B, h, w, proj_dim]`, unit L2 norm over the last axis.
-    lowres_logits: `[B, h, w, C]`, h = ceil(H/8), w = ceil(W/8).
+    lowres_logits: `[B, h, w, C]` at the model's output stride s: h = ceil(H/s),
+      w = ceil(W/s); s = 8 for DeepLabV2, 4 for DAFormer.
     logits: `[B, H, W, C]`, bilinear upsampling of `lowres_logits` to the input size.
     """
 
@@ -70,11 +77,7 @@ class Head(nn.Module):
         features = nn.Dense(
             self.proj_dim, dtype=self.dtype, param_dtype=jnp.float32, name="projection"
         )(x)
-        features = features.astype(out_dtype)
-        # F.normalize(dim=1): x / max(||x||, 1e-12).
-        norm = jnp.sqrt(jnp.sum(jnp.square(features), axis=-1, keepdims=True))
-        features = features / jnp.maximum(norm, 1e-12)
-        return logits, features
+        return logits, l2_normalize(features.astype(out_dtype))
 
 
 class DeepLabV2(nn.Module):
@@ -116,11 +119,15 @@ class DeepLabV2(nn.Module):
             raise ValueError(f"images: expected shape [B, H, W, 3], got {images.shape}")
         return self.backbone(images, train=train)
 
-    def __call__(self, images: jax.Array, train: bool) -> SegmentationOutput:
+    def __call__(
+        self, images: jax.Array, train: bool, stochastic: bool | None = None
+    ) -> SegmentationOutput:
         """Segments ImageNet-normalised images `[B, H, W, 3]` (float).
 
         `train` switches BatchNorm to batch statistics (apply with
         `mutable=['batch_stats']` to get the updated running statistics).
+        `stochastic` is the models' shared switch for dropout and drop path
+        (`train_forward`); DeepLabV2 has neither, so it changes nothing here.
         """
         x = self.encode(images, train)
         lowres_logits, features = self.head(x)
@@ -131,12 +138,36 @@ class DeepLabV2(nn.Module):
         return SegmentationOutput(features=features, lowres_logits=lowres_logits, logits=logits)
 
 
-def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> DeepLabV2:
-    """DeepLabV2 from `config.model.*` (remat included), `config.num_classes` and
-    `config.compute_dtype`."""
+ARCHS = ("deeplabv2", "daformer")
+
+
+def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> nn.Module:
+    """The model of `config.model.arch`: `DeepLabV2` (the reference) or
+    `daformer_head.DAFormer`, from `config.model.*` (remat included), `config.num_classes`
+    and `config.compute_dtype`. Both return `SegmentationOutput` and hold params
+    {'backbone', 'head'}."""
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     if config.compute_dtype not in dtypes:
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
+    arch = config.model.arch
+    if arch == "daformer":
+        # Imported here: daformer_head imports this module (SegmentationOutput).
+        from wsda_jax.models import daformer_head
+
+        return daformer_head.DAFormer(
+            num_classes=config.num_classes,
+            variant=config.model.mit,
+            embed_dims=tuple(config.model.mit_embed_dims),
+            depths=tuple(config.model.mit_depths),
+            drop_path_rate=config.model.drop_path_rate,
+            decoder_dim=config.model.decoder_dim,
+            proj_dim=config.model.proj_dim,
+            bn_axis_name=bn_axis_name,
+            dtype=dtypes[config.compute_dtype],
+            remat=config.model.remat,
+        )
+    if arch != "deeplabv2":
+        raise ValueError(f"config.model.arch={arch!r}: expected one of {ARCHS}")
     return DeepLabV2(
         num_classes=config.num_classes,
         depth=config.model.depth,
@@ -151,16 +182,27 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
 
 
 def train_forward(
-    model: nn.Module, params: Any, batch_stats: Any, images: jax.Array
+    model: nn.Module,
+    params: Any,
+    batch_stats: Any,
+    images: jax.Array,
+    dropout_key: jax.Array | None = None,
 ) -> tuple[SegmentationOutput, Any]:
     """Train-mode forward (batch statistics, running statistics updated).
 
     Args:
       images: float32 [B, H, W, 3], ImageNet-normalised.
+      dropout_key: the student's key for dropout and drop path (DAFormer); None runs
+        without them, as the EMA teacher does (DAFormer's teacher sets them to eval).
     Returns:
       (SegmentationOutput, the updated batch_stats).
     """
     out, updates = model.apply(
-        {"params": params, "batch_stats": batch_stats}, images, train=True, mutable=["batch_stats"]
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        stochastic=dropout_key is not None,
+        rngs={} if dropout_key is None else {"dropout": dropout_key},
+        mutable=["batch_stats"],
     )
     return out, updates["batch_stats"]

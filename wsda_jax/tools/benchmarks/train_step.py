@@ -52,7 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from wsda_jax import aot, config_lib, optim, parallel, steps, train_state  # noqa: E402
+from wsda_jax import aot, config_lib, config_model, optim, parallel, steps, train_state  # noqa: E402
 from wsda_jax.aot import memory_of  # noqa: E402
 from wsda_jax.aot_targets import TARGETS  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
@@ -67,7 +67,9 @@ _IMAGES = flags.DEFINE_integer(
 flags.DEFINE_alias("batch", "images_per_device")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _WEAK = flags.DEFINE_enum("weak_label", "coarse", list(config_lib.WEAK_LABEL_KINDS), "Kind.")
-_REMAT = flags.DEFINE_enum("remat", "none", list(config_lib.REMAT_MODES), "config.model.remat.")
+_REMAT = flags.DEFINE_enum(
+    "remat", "none", list(config_model.REMAT_MODES["deeplabv2"]), "config.model.remat."
+)
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps after the warm-up step.")
 _BEFORE_CONTRAST = flags.DEFINE_bool(
     "before_contrast_start", False, "Time the step before loss.contrast_start."

@@ -1,0 +1,72 @@
+"""The model section of the configuration: which values each architecture accepts.
+
+`config.model.arch` picks the network (`models.deeplab.build_model`): 'deeplabv2' (the
+reference's DeepLabV2-ResNet, output stride 8) or 'daformer' (a MiT encoder with the
+DAFormer decoder, output stride 4, whose encoder's last stage has stride 32).
+`validate_model` is part of `config_lib.validate`: one-line ValueErrors naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+ARCHS = ("deeplabv2", "daformer")
+DEPTHS = (18, 34, 50, 101)
+# Rematerialisation modes of each architecture's encoder (models.resnet.REMAT_MODES,
+# models.mix_transformer: per transformer block).
+REMAT_MODES = {"deeplabv2": ("none", "blocks", "conv_outputs"), "daformer": ("none", "blocks")}
+MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
+# Attention heads of the four MiT stages (every variant): embed_dims must divide by them.
+MIT_HEADS = (1, 2, 5, 8)
+# What the crop's sides must be multiples of: the stride of the encoder's last stage.
+CROP_MULTIPLE = {"deeplabv2": 8, "daformer": 32}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_mit(model: ml_collections.ConfigDict) -> None:
+    if model.mit not in MIT_VARIANTS:
+        raise ValueError(f"config.model.mit={model.mit!r}: expected one of {MIT_VARIANTS}")
+    dims = tuple(model.mit_embed_dims)
+    if dims and not (
+        len(dims) == 4
+        and all(_is_int(d) and d > 0 and d % h == 0 for d, h in zip(dims, MIT_HEADS, strict=True))
+    ):
+        raise ValueError(
+            f"config.model.mit_embed_dims={dims!r}: () for the variant's, or four positive "
+            f"integers divisible by the stages' attention heads {MIT_HEADS}"
+        )
+    depths = tuple(model.mit_depths)
+    if depths and not (len(depths) == 4 and all(_is_int(d) and d > 0 for d in depths)):
+        raise ValueError(
+            f"config.model.mit_depths={depths!r}: () for the variant's, or four positive "
+            "integers (blocks per stage)"
+        )
+
+
+def validate_model(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line ValueError for a model section (with the crop size it needs)
+    that cannot be built; numeric ranges are checked in `config_lib.validate_ranges`."""
+    model = config.model
+    if model.arch not in ARCHS:
+        raise ValueError(f"config.model.arch={model.arch!r}: expected one of {ARCHS}")
+    if model.arch == "deeplabv2" and model.depth not in DEPTHS:
+        raise ValueError(f"config.model.depth={model.depth}: expected one of {DEPTHS}")
+    if model.arch == "daformer":
+        _check_mit(model)
+    modes = REMAT_MODES[model.arch]
+    if model.remat not in modes:
+        raise ValueError(
+            f"config.model.remat={model.remat!r}: expected one of {modes} (arch {model.arch!r})"
+        )
+    multiple = CROP_MULTIPLE[model.arch]
+    height, width = config.data.crop_size
+    least = max(16, multiple)
+    if height < least or width < least or height % multiple or width % multiple:
+        what = "the output stride 8" if model.arch == "deeplabv2" else "32 (MiT's last stride)"
+        raise ValueError(
+            f"config.data.crop_size={tuple(config.data.crop_size)}: both sides must be "
+            f"multiples of {what} and at least {least}"
+        )

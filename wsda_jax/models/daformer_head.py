@@ -1,0 +1,253 @@
+"""DAFormer: a Mix Transformer encoder with DAFormer's context-aware feature fusion
+decoder (Hoyer et al., CVPR 2022) and the method's projection head (docs/method.md §3).
+
+The decoder is DAFormer's `DAFormerHead` in its published configuration
+(`daformer_sepaspp_mitb5`): each of the encoder's four levels (strides 4, 8, 16, 32) is
+embedded by a Linear layer (no norm, no activation) to `decoder_dim` channels, bilinearly
+upsampled to stride 4 (half-pixel centres, torch's align_corners=False), and the four
+are concatenated. The fusion is a depthwise-separable ASPP without image pooling:
+dilation 1 is a 1x1 conv, dilations 6, 12, 18 each a depthwise 3x3 dilated conv and a
+1x1 conv, every conv followed by BatchNorm and ReLU; their concatenation goes through a
+3x3 bottleneck conv + BatchNorm + ReLU to the fused `decoder_dim` map. Dropout2d (0.1,
+whole channels) and a biased 1x1 conv classify it. The method's projection head (as
+`deeplab.Head`'s: a biased 1x1 conv, L2-normalised) reads the same fused map, so
+features and prototypes live at stride 4.
+
+Module tree of `head` and the mmseg names it mirrors (`models/convert.py`):
+
+    embed_{i}                   <- embed_layers.{i}.proj
+    aspp_0/{conv,bn}            <- fuse_layer.aspp_modules.0.{conv,bn}
+    aspp_{j}/depthwise/{conv,bn} <- fuse_layer.aspp_modules.{j}.depthwise_conv.{conv,bn}
+    aspp_{j}/pointwise/{conv,bn} <- fuse_layer.aspp_modules.{j}.pointwise_conv.{conv,bn}
+    bottleneck/{conv,bn}        <- fuse_layer.bottleneck.{conv,bn}
+    classifier                  <- conv_seg
+    projection                  (the method's; not in DAFormer)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsda_jax.models import deeplab, mix_transformer, resnet
+
+# DAFormer's fusion: ASPP dilations (no image-pooling branch) and the classifier's dropout.
+FUSION_DILATIONS = (1, 6, 12, 18)
+DROPOUT_RATE = 0.1
+
+
+def _torch_linear_init(fan_in: int):
+    """torch.nn.Linear's default init of weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class ConvBNReLU(nn.Module):
+    """mmcv's ConvModule with BatchNorm and ReLU: a conv without bias (`conv`), BatchNorm
+    (`bn`, torch's eps 1e-5 and momentum 0.1) and ReLU. `depthwise` makes it one 3x3
+    filter per channel (features = input channels). Padding keeps the size.
+
+    `[B, h, w, C_in]` -> `[B, h, w, features]` in `dtype`.
+    """
+
+    features: int
+    kernel_size: int = 1
+    dilation: int = 1
+    depthwise: bool = False
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.kernel_size == 1:
+            # A matrix product over channels, as ResNet's 1x1 convs (faster on XLA:CPU).
+            x = resnet.Conv1x1(self.features, dtype=self.dtype, name="conv")(x)
+        else:
+            pad = self.dilation * (self.kernel_size // 2)
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                padding=((pad, pad), (pad, pad)),
+                kernel_dilation=self.dilation,
+                feature_group_count=x.shape[-1] if self.depthwise else 1,
+                use_bias=False,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=resnet.conv_init,  # mmcv's kaiming_init(fan_out, relu).
+                name="conv",
+            )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            axis_name=self.bn_axis_name,
+            name="bn",
+        )(x)
+        return nn.relu(x)
+
+
+class SeparableConvBNReLU(nn.Module):
+    """mmcv's DepthwiseSeparableConvModule: a dilated depthwise 3x3 ConvBNReLU
+    (`depthwise`) and a 1x1 ConvBNReLU (`pointwise`)."""
+
+    features: int
+    dilation: int
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        x = ConvBNReLU(x.shape[-1], 3, self.dilation, depthwise=True, name="depthwise", **common)(
+            x, train
+        )
+        return ConvBNReLU(self.features, name="pointwise", **common)(x, train)
+
+
+class DAFormerHead(nn.Module):
+    """DAFormer's decoder plus the projection head (module docstring).
+
+    Input: the encoder's four levels `[B, ceil(H/s), ceil(W/s), C_s]`, s = 4, 8, 16, 32.
+    Returns `(lowres_logits [B, h, w, num_classes], features [B, h, w, proj_dim])`,
+    h = ceil(H/4), float32 (float64 under float64 compute), features L2-normalised.
+
+    train: BatchNorm on batch statistics (apply with mutable=['batch_stats']).
+    stochastic: Dropout2d on (draws from the 'dropout' rng stream).
+    """
+
+    num_classes: int
+    decoder_dim: int = 256
+    proj_dim: int = 256
+    dilations: Sequence[int] = FUSION_DILATIONS
+    dropout_rate: float = DROPOUT_RATE
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, levels: Sequence[jax.Array], train: bool, stochastic: bool = False
+    ) -> tuple[jax.Array, jax.Array]:
+        out_dtype = jnp.promote_types(self.dtype, jnp.float32)
+        batch, height, width = levels[0].shape[:3]
+        embedded = []
+        for i, level in enumerate(levels):
+            fan_in = level.shape[-1]
+            x = nn.Dense(
+                self.decoder_dim,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+                bias_init=_torch_linear_init(fan_in),
+                name=f"embed_{i}",
+            )(level)
+            if x.shape[1:3] != (height, width):
+                x = jax.image.resize(x, (batch, height, width, self.decoder_dim), method="bilinear")
+            embedded.append(x)
+        x = jnp.concatenate(embedded, axis=-1)
+        common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        branches = []
+        for j, dilation in enumerate(self.dilations):
+            if dilation == 1:
+                branch = ConvBNReLU(self.decoder_dim, name=f"aspp_{j}", **common)
+            else:
+                branch = SeparableConvBNReLU(self.decoder_dim, dilation, name=f"aspp_{j}", **common)
+            branches.append(branch(x, train))
+        fused = ConvBNReLU(self.decoder_dim, 3, name="bottleneck", **common)(
+            jnp.concatenate(branches, axis=-1), train
+        )
+        # Dropout2d: whole channels of an image, so the mask broadcasts over h and w.
+        dropped = nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(
+            fused, deterministic=not stochastic
+        )
+        logits = nn.Conv(
+            self.num_classes,
+            (1, 1),
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            kernel_init=nn.initializers.normal(0.01),  # mmseg's init of conv_seg.
+            bias_init=nn.initializers.zeros,
+            name="classifier",
+        )(dropped)
+        features = nn.Dense(
+            self.proj_dim, dtype=self.dtype, param_dtype=jnp.float32, name="projection"
+        )(fused)
+        return logits.astype(out_dtype), deeplab.l2_normalize(features.astype(out_dtype))
+
+
+class DAFormer(nn.Module):
+    """MiT encoder (`backbone`) + DAFormer decoder and projection head (`head`).
+
+    Variables: {'params': {'backbone', 'head'}, 'batch_stats': {'head'}} (the encoder
+    has LayerNorms only). Outputs at stride 4: `deeplab.SegmentationOutput` with
+    features and lowres_logits `[B, ceil(H/4), ceil(W/4), .]`, logits `[B, H, W, C]`
+    (bilinear, align_corners=False, as DAFormer resizes its logits).
+
+    variant: MiT 'b0'..'b5'; embed_dims / depths: () = the variant's, else overrides for
+    tiny models (see mix_transformer). remat: 'none' or 'blocks' (per transformer block).
+    """
+
+    num_classes: int
+    variant: str = "b5"
+    embed_dims: Sequence[int] = ()
+    depths: Sequence[int] = ()
+    drop_path_rate: float = 0.1
+    decoder_dim: int = 256
+    proj_dim: int = 256
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+    remat: str = "none"
+
+    def setup(self) -> None:
+        self.backbone = mix_transformer.MixTransformer(
+            variant=self.variant,
+            embed_dims=tuple(self.embed_dims) or None,
+            depths=tuple(self.depths) or None,
+            drop_path_rate=self.drop_path_rate,
+            dtype=self.dtype,
+            remat=self.remat,
+        )
+        self.head = DAFormerHead(
+            self.num_classes,
+            decoder_dim=self.decoder_dim,
+            proj_dim=self.proj_dim,
+            bn_axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+        )
+
+    def __call__(
+        self, images: jax.Array, train: bool, stochastic: bool | None = None
+    ) -> deeplab.SegmentationOutput:
+        """Segments ImageNet-normalised images `[B, H, W, 3]` (float).
+
+        train: BatchNorm on batch statistics (apply with mutable=['batch_stats']).
+        stochastic: dropout and drop path on, drawing from the 'dropout' rng stream;
+          None = `train`. The EMA teacher runs train=True, stochastic=False.
+        """
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected shape [B, H, W, 3], got {images.shape}")
+        stochastic = train if stochastic is None else stochastic
+        levels = self.backbone(images, train=stochastic)  # MiT's train = drop path only.
+        lowres_logits, features = self.head(levels, train=train, stochastic=stochastic)
+        batch, height, width = images.shape[:3]
+        logits = jax.image.resize(
+            lowres_logits, (batch, height, width, self.num_classes), method="bilinear"
+        )
+        return deeplab.SegmentationOutput(
+            features=features, lowres_logits=lowres_logits, logits=logits
+        )
+
+    def encode(self, images: jax.Array, train: bool) -> jax.Array:
+        """The encoder's last stage `[B, ceil(H/32), ceil(W/32), C_4]` (MiT stage 4), for
+        the ImageNet feature distance; `train` turns drop path on."""
+        return self.backbone(images, train=train)[-1]
