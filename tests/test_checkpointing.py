@@ -288,3 +288,31 @@ def test_run_difference_names_identity_keys_and_defaults_absent_ones():
     assert checkpoint_recovery.run_difference(config, saved) == {}
     config.model.depth = 50
     assert checkpoint_recovery.run_difference(config, saved) == {"model.depth": (50, 101)}
+
+
+@flax.struct.dataclass
+class _StateWithEncoder(_State):
+    """_State plus a field that older checkpoints lack (as TrainState.imnet_encoder)."""
+
+    imnet_encoder: dict = flax.struct.field(default_factory=dict)
+
+
+def test_a_field_added_later_restores_empty_or_filled(tmp_path):
+    """A checkpoint written before the field existed restores with the field's empty
+    value (and is not moved aside); one written with it filled restores it."""
+    config, mesh = _config(), _mesh()
+    old, new = tmp_path / "old", tmp_path / "new"
+    with checkpointing.make_manager(str(old), config) as manager:
+        assert checkpointing.save(manager, 1, _state(seed=3), _iterator(), config)
+    abstract = _abstract_on_mesh(jax.eval_shape(lambda: _StateWithEncoder(**vars(_state()))), mesh)
+    with checkpointing.make_manager(str(old), config) as manager:
+        restored, step = checkpointing.restore_latest(manager, abstract)
+    assert step == 1 and restored.imnet_encoder == {}
+    _assert_trees_equal(restored, _state(seed=3))
+    filled = _StateWithEncoder(**vars(_state(seed=4)), imnet_encoder={"w": jnp.arange(3.0)})
+    with checkpointing.make_manager(str(new), config) as manager:
+        assert checkpointing.save(manager, 2, filled, _iterator(), config)
+    abstract = _abstract_on_mesh(jax.eval_shape(lambda: filled), mesh)
+    with checkpointing.make_manager(str(new), config) as manager:
+        restored, _ = checkpointing.restore_latest(manager, abstract)
+    _assert_trees_equal(restored, filled)

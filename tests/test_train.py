@@ -174,7 +174,7 @@ def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
     weights = random_state_dict(18, (1, 1, 1, 1), seed=3)
     path = str(tmp_path / "resnet18.npz")
     np.savez(path, **weights)
-    new = train._from_imagenet(state, path, mesh)
+    new = train._from_imagenet(state, path, mesh, "deeplabv2")
     expected_kernel = weights["conv1.weight"].transpose(2, 3, 1, 0)
     expected_var = weights["layer2.0.downsample.1.running_var"]
     for params, stats in (
@@ -189,7 +189,22 @@ def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
     teacher = new.teacher_params["backbone"]["conv1"]["kernel"]
     assert student.unsafe_buffer_pointer() != teacher.unsafe_buffer_pointer()
     jax.tree.map(np.testing.assert_array_equal, new.params["head"], state.params["head"])
+    # The feature distance's frozen encoder: the ImageNet backbone, whether the student
+    # just got it (no init_from) or came from a stage-1 checkpoint (the file is read).
+    config.loss.imnet_fd, config.init.imagenet = 0.005, path
+    for init_from, start in (("", new), ("a_stage_1_run", state)):
+        config.init.init_from = init_from
+        frozen = train._with_frozen_encoder(config, start, mesh).imnet_encoder
+        np.testing.assert_array_equal(
+            frozen["params"]["backbone"]["conv1"]["kernel"], expected_kernel
+        )
+        np.testing.assert_array_equal(
+            frozen["batch_stats"]["backbone"]["layer2_0"]["downsample_bn"]["var"], expected_var
+        )
+    config.init.imagenet = ""
+    with pytest.raises(ValueError, match="imnet_fd=0.005 needs the ImageNet weights"):
+        train._with_frozen_encoder(config, new, mesh)
     del weights["conv1.weight"]
     np.savez(path, **weights)
     with pytest.raises(ValueError, match="config.init.imagenet=.*conv1.weight"):
-        train._from_imagenet(state, path, mesh)
+        train._from_imagenet(state, path, mesh, "deeplabv2")

@@ -26,6 +26,7 @@ removed when the manager opens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -193,13 +194,30 @@ def restore_latest(
     """
 
     def restore(step: int) -> Any:
-        checkpoint_recovery.check_same_model(
-            step, abstract_state, manager.item_metadata(step)["state"]
+        metadata = manager.item_metadata(step)["state"]
+        checkpoint_recovery.check_same_model(step, abstract_state, metadata)
+        # Fields without leaves that the checkpoint lacks (`TrainState.imnet_encoder` {} of
+        # checkpoints written before it existed) keep their value: the rest is restored.
+        on_disk = getattr(metadata, "tree", metadata)
+        fields = (
+            dataclasses.fields(abstract_state) if dataclasses.is_dataclass(abstract_state) else ()
         )
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        absent = [
+            field.name
+            for field in fields
+            if field.name not in on_disk
+            and not jax.tree.leaves(getattr(abstract_state, field.name))
+        ]
+        target = abstract_state
+        if absent:
+            target = {
+                f.name: getattr(abstract_state, f.name) for f in fields if f.name not in absent
+            }
+        items = {"state": ocp.args.StandardRestore(target)}
         if train_iter is not None:
             items["train_iter"] = grain.checkpoint.CheckpointRestore(train_iter)
-        return manager.restore(step, args=ocp.args.Composite(**items)).state
+        restored = manager.restore(step, args=ocp.args.Composite(**items)).state
+        return abstract_state.replace(**restored) if absent else restored
 
     return checkpoint_recovery.newest_readable(manager, restore, set_aside=set_aside)
 

@@ -28,6 +28,7 @@ from wsda_jax import (
     config_lib,
     contrastive,
     ema,
+    feature_distance,
     losses,
     masking,
     optim,
@@ -137,10 +138,10 @@ def adapt_loss(
     contrast_on: bool,
 ) -> tuple[jax.Array, tuple[dict[str, jax.Array], dict[str, jax.Array], Any, jax.Array]]:
     """Sections 4.2, 4.3, 4.7 (source) and 4.8-4.11: the student's part of the step, in
-    this order: the student on the target (seg_u, im_u) and on the source (seg_s, edge_s);
-    the source prototypes; with contrast_on, im_proto and the contrastive losses; the
-    mixed input and the student on it (seg_mix), with config.mic also the masked target
-    (`masking`, the `mic` term); the weighted total.
+    this order: the student on the target (seg_u, im_u) and on the source (seg_s, edge_s;
+    imnet_fd with config.loss.imnet_fd); the source prototypes; with contrast_on, im_proto
+    and the contrastive losses; the mixed input and the student on it (seg_mix), with
+    config.mic the masked target (`masking`, `mic`); the weighted total.
 
     Student BatchNorm statistics are chained through the student forward passes (target,
     source, mixed, masked), each a momentum update as in the reference.
@@ -152,9 +153,11 @@ def adapt_loss(
     # (2) Student on target: seg_u, im_u.
     out_u, batch_stats = forward(state.batch_stats, inputs.target_image, dropout["target"])
     terms = target_terms(out_u, inputs, config, contrast_on)
-    # (3) Student on source: seg_s, edge_s.
-    out_s, batch_stats = forward(batch_stats, inputs.source_image, dropout["source"])
-    terms.update(source_terms(out_s, inputs.source_label, keys["edge"], config, axis_name))
+    # (3) Student on source: seg_s, edge_s (and imnet_fd, not in the reference).
+    out_s, batch_stats, fd = feature_distance.source_forward(
+        model, forward, batch_stats, inputs, state.imnet_encoder, config, dropout["source"]
+    )
+    terms.update(source_terms(out_s, inputs.source_label, keys["edge"], config, axis_name), **fd)
     # (7, source) Source prototypes from the student's source features.
     source_protos = prototypes.update_source_prototypes(
         state.source_prototypes, out_s.features, inputs.source_label, axis_name=axis_name
@@ -218,16 +221,11 @@ def update_and_metrics(
     config: ml_collections.ConfigDict,
     axis_name: str,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """The common end of both steps: the new teacher, the guarded update (§4.12)
-    of the parameters and of the `carried` state fields, and the step's metrics.
-
-    Args:
-      teacher: this step's (teacher_params, teacher_batch_stats), always kept.
-      carried: new values of state fields that a skipped step leaves unchanged.
-      terms: the weighted loss terms of this device (pmean-ed into the metrics).
-    Returns:
-      (new state, float32 scalar metrics identical on every device).
-    """
+    """The common end of both steps: the new `teacher` (this step's (teacher_params,
+    teacher_batch_stats), always kept), the guarded update (§4.12) of the parameters and
+    of the `carried` state fields (a skipped step leaves them unchanged), and the step's
+    metrics from this device's weighted loss `terms` (pmean-ed). Returns (new state,
+    float32 scalar metrics identical on every device)."""
     state = state.replace(teacher_params=teacher[0], teacher_batch_stats=teacher[1])
     new_state, grad_norm = optim.guarded_update(state, grads, total, optimizer, carried)
     step_metrics = {name: jax.lax.pmean(value, axis_name) for name, value in terms.items()}

@@ -30,6 +30,7 @@ from wsda_jax import (
     config_lib,
     errors,
     evaluation,
+    feature_distance,
     optim,
     parallel,
     prediction,
@@ -70,6 +71,25 @@ def _from_imagenet(
     )
 
 
+def _with_frozen_encoder(
+    config: ml_collections.ConfigDict, state: train_state.TrainState, mesh: jax.sharding.Mesh
+) -> train_state.TrainState:
+    """With config.loss.imnet_fd > 0: `state` with `imnet_encoder` the encoder of
+    config.init.imagenet (the student's, when it was just initialised from it)."""
+    if config.loss.imnet_fd <= 0:
+        return state
+    if not config.init.imagenet:
+        raise ValueError(
+            f"config.loss.imnet_fd={config.loss.imnet_fd} needs the ImageNet weights its "
+            "frozen encoder copies: set config.init.imagenet (or config.loss.imnet_fd=0)"
+        )
+    imagenet = state
+    if config.init.init_from:  # The student came from a checkpoint: read the weights.
+        imagenet = _from_imagenet(state, config.init.imagenet, mesh, config.model.arch)
+    encoder = feature_distance.encoder_variables(imagenet.params, imagenet.batch_stats)
+    return state.replace(imnet_encoder=encoder)
+
+
 def initial_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -95,13 +115,14 @@ def initial_state(
         state = checkpointing.load_init_from(
             config.init.init_from, state, mesh, teacher=config.init.teacher
         )
-        return state, 0
     # (3) ImageNet weights for the backbones (config.init.imagenet);
-    if config.init.imagenet:
-        return _from_imagenet(state, config.init.imagenet, mesh, config.model.arch), 0
-    # (4) scratch.
-    logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
-    return state, 0
+    elif config.init.imagenet:
+        state = _from_imagenet(state, config.init.imagenet, mesh, config.model.arch)
+    # (4) scratch. (A one-stage run, config.init.one_stage, starts from (3) or (4).)
+    else:
+        logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
+    # Then the feature distance's frozen ImageNet encoder (config.loss.imnet_fd).
+    return _with_frozen_encoder(config, state, mesh), 0
 
 
 def _restore_latest(

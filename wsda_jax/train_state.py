@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from wsda_jax import optim, parallel
+from wsda_jax import feature_distance, optim, parallel
 
 
 @flax.struct.dataclass
@@ -27,6 +27,10 @@ class TrainState:
     rng: uint32 [2] base PRNG key; each step folds in the step and the device index,
       so it is never split and carried, and a resumed run replays the same randomness.
     skipped_steps: int32 [], steps whose loss or gradient was not finite.
+    imnet_encoder: Flax variables {'params': {'backbone'}, ('batch_stats': {'backbone'})}
+      of the frozen ImageNet-initialised encoder, with config.loss.imnet_fd > 0
+      (`feature_distance`); never trained, not in the optimizer. {} otherwise, so that
+      checkpoints without the field restore (`checkpointing.restore_latest`).
     """
 
     step: jax.Array
@@ -39,6 +43,7 @@ class TrainState:
     target_prototypes: jax.Array
     rng: jax.Array
     skipped_steps: jax.Array
+    imnet_encoder: Any = flax.struct.field(default_factory=dict)
 
     def student_variables(self) -> dict[str, Any]:
         """Flax variables of the student, for `model.apply`."""
@@ -110,6 +115,10 @@ def _init_state(config, model, key, *, image_shape, optimizer) -> TrainState:
         target_prototypes=jnp.copy(prototypes),
         rng=step_key,
         skipped_steps=jnp.zeros((), jnp.int32),
+        # Its values are set from config.init.imagenet at the start (`train.initial_state`).
+        imnet_encoder=feature_distance.encoder_variables(params, batch_stats)
+        if config.loss.imnet_fd > 0
+        else {},
     )
 
 

@@ -96,7 +96,29 @@ class DeepLabV2(nn.Module):
     dtype: Any = jnp.float32
     remat: str = "none"  # Backbone rematerialisation, see resnet.py.
 
-    @nn.compact
+    def setup(self):
+        self.backbone = resnet.ResNet(
+            depth=self.depth,
+            width=self.width,
+            stage_sizes=tuple(self.stage_sizes),
+            bn_axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            remat=self.remat,
+        )
+        self.head = Head(
+            self.num_classes,
+            proj_dim=self.proj_dim,
+            aspp_dilations=tuple(self.aspp_dilations),
+            dtype=self.dtype,
+        )
+
+    def encode(self, images: jax.Array, train: bool) -> jax.Array:
+        """The encoder's last feature map: the ResNet output `[B, ceil(H/8), ceil(W/8), C]`
+        (dtype `self.dtype`); needs only the 'backbone' variables."""
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images: expected shape [B, H, W, 3], got {images.shape}")
+        return self.backbone(images, train=train)
+
     def __call__(
         self, images: jax.Array, train: bool, stochastic: bool | None = None
     ) -> SegmentationOutput:
@@ -107,24 +129,8 @@ class DeepLabV2(nn.Module):
         `stochastic` is the models' shared switch for dropout and drop path
         (`train_forward`); DeepLabV2 has neither, so it changes nothing here.
         """
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images: expected shape [B, H, W, 3], got {images.shape}")
-        x = resnet.ResNet(
-            depth=self.depth,
-            width=self.width,
-            stage_sizes=tuple(self.stage_sizes),
-            bn_axis_name=self.bn_axis_name,
-            dtype=self.dtype,
-            remat=self.remat,
-            name="backbone",
-        )(images, train=train)
-        lowres_logits, features = Head(
-            self.num_classes,
-            proj_dim=self.proj_dim,
-            aspp_dilations=tuple(self.aspp_dilations),
-            dtype=self.dtype,
-            name="head",
-        )(x)
+        x = self.encode(images, train)
+        lowres_logits, features = self.head(x)
         batch, height, width = images.shape[:3]
         logits = jax.image.resize(
             lowres_logits, (batch, height, width, self.num_classes), method="bilinear"
