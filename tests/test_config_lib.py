@@ -37,6 +37,11 @@ def test_reference_defaults_validate():
         ({"data__crop_size": (100, 64)}, 1, "multiples of the output stride 8"),
         ({"compute_dtype": "float16"}, 1, "config.compute_dtype='float16'"),
         ({"model__remat": "all"}, 1, "config.model.remat='all': expected one of"),
+        ({"data__crop_size": ("abc",)}, 1, "config.data.crop_size=('abc',) must be a sequence"),
+        ({"data__crop_size": (64,)}, 1, "config.data.crop_size=(64,) must be a pair"),
+        ({"data__eval_resize": ("abc",)}, 1, "config.data.eval_resize=('abc',) must be a seq"),
+        ({"data__eval_resize": (4, 4)}, 1, "config.data.eval_resize=(4, 4): both sides"),
+        ({"seed": -1}, 1, "config.seed=-1 must be >= 0"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

@@ -177,6 +177,9 @@ def test_second_run_in_a_workdir_is_refused(trained, tmp_path, base):
         ("optim.lr=-0.01", "config.optim.lr=-0.01 must be >= 0"),
         ("keep_checkpoints=0", "config.keep_checkpoints=0 must be >= 1"),
         ("ema.decay=1.5", "config.ema.decay=1.5 must be in [0.0, 1.0]"),
+        ("data.eval_resize=abc", "config.data.eval_resize=('abc',) must be a sequence of int"),
+        ("data.crop_size=5", "config.data.crop_size=(5,) must be a pair (2 values)"),
+        ("seed=-1", "config.seed=-1 must be >= 0"),
     ],
 )
 def test_out_of_range_config_value_is_one_line(override, message, tmp_path):

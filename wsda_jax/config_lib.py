@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from wsda_jax import config_schema
+
 # How prepared records may store images (`data.records` encodes and decodes them).
 IMAGE_FORMATS = ("npy", "png")
 
@@ -207,6 +209,8 @@ def base_config() -> ml_collections.ConfigDict:
 # the config (another version of it) are skipped; None = no bound on that side.
 _INTEGER, _REAL = "an integer", "a number"
 NUMERIC_RANGES = (
+    ("seed", 0, None, _INTEGER),
+    ("data.synthetic.seed", 0, None, _INTEGER),
     ("num_steps", 1, None, _INTEGER),
     ("num_classes", 1, 255, _INTEGER),
     ("log_every_steps", 1, None, _INTEGER),
@@ -289,8 +293,9 @@ def validate_ranges(config: ml_collections.ConfigDict) -> None:
 
     Before any work: a zero period (`checkpoint_every_steps=0`) would otherwise divide
     by zero after compiling, and a negative learning rate or `num_steps=0` would run
-    without complaint. (Batch sizes are checked in `validate`.)
+    without complaint. Types first (`config_schema`). (Batch sizes: `validate`.)
     """
+    config_schema.validate_types(config, base_config())
     for key, low, high, kind in NUMERIC_RANGES:
         present, value = _lookup(config, key)
         if not present:
