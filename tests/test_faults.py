@@ -303,3 +303,39 @@ def test_tool_with_an_impossible_setting_is_one_line(base):
         timeout=300,
     )
     assert_one_line_error(result, "max_views=20 must be in [1, h * w = 16]")
+
+
+def test_damaged_metrics_files_do_not_block_a_resume(trained, tmp_path, base):
+    """Garbage in the metrics file of the best checkpoint (Orbax reads every step's when
+    it opens the folder) and a binary metrics.jsonl: the run goes on, naming the file."""
+    workdir = copy_workdir(trained, tmp_path)
+    metrics = workdir / "checkpoints" / "4" / "metrics" / "metrics"
+    metrics.write_bytes(b"\xff\xfe not json")
+    (workdir / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)
+    result = run_main(base, TINY, f"--workdir={workdir}")  # Finished: evaluates again.
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    assert _warnings(result.stderr, f"Unreadable metrics {metrics} (UnicodeDecodeError")
+    assert _warnings(result.stderr, f"unreadable (not JSON) lines from {workdir}/metrics.jsonl")
+    assert "Resuming from step 4" in result.stderr
+    assert _steps(workdir) == [2, 4]
+
+
+def _damaged_data_base(base, tmp_path):
+    """A base folder for `run_main` with a copy of the session's tiny dataset (to damage)
+    and the session's compilation cache."""
+    copy = tmp_path / "base"
+    copy.mkdir()
+    shutil.copytree(base / "data", copy / "data")
+    (copy / "jax_cache").symlink_to(base / "jax_cache")
+    folder = next((copy / "data" / "synthetic_target").iterdir()) / "1.0.0"
+    return copy, folder
+
+
+def test_damaged_prepared_dataset_is_named(trained, tmp_path, base):
+    copy, folder = _damaged_data_base(base, tmp_path)
+    val = next(folder.glob("*-val.array_record-*"))
+    os.truncate(val, 1000)
+    result = run_main(copy, TINY, f"--workdir={copy_workdir(trained, tmp_path)}", "--mode=eval")
+    assert_one_line_error(result, f"record 0 of {folder}/synthetic_target-val.array_record-*")
+    assert "delete the dataset's folder: the next run generates it again" in result.stderr

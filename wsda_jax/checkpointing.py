@@ -9,7 +9,10 @@ before the process exits.
 Retention: the last `config.keep_checkpoints` steps plus the single best step by the
 `miou` metric passed to `save` (Orbax `LatestN` OR `BestN(n=1)`); checkpoints saved
 without metrics are only kept while they are among the latest. `best_fn` is also set so
-that Orbax writes the metrics next to the step and `manager.best_step()` works.
+that Orbax writes the metrics next to the step and `manager.best_step()` works. A step
+whose metrics file cannot be read (garbage, empty) is kept and not ranked, with one
+warning naming the file, rather than failing every manager (Orbax reads all the steps'
+metrics when it opens a folder).
 
 Restoring uses an abstract state whose leaves carry the shardings of the *current* mesh,
 so a checkpoint written on 4 devices restores on 1 and vice versa.
@@ -80,6 +83,7 @@ def make_manager(
             checkpoint_managers.BestN(
                 get_metric_fn=_best_fn, n=1, keep_checkpoints_without_metrics=False
             ),
+            checkpoint_recovery.KeepUnreadableMetrics(directory),
         ]
     )
     options = ocp.CheckpointManagerOptions(
@@ -95,7 +99,7 @@ def make_manager(
         create=True,
         cleanup_tmp_directories=owner,  # Saves cut short by a kill.
     )
-    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    return checkpoint_recovery.Manager(directory, options=options, item_handlers=_item_handlers())
 
 
 def _item_handlers() -> dict[str, Any]:
@@ -206,18 +210,10 @@ def restore_latest(
 
 def saved_config(directory: str, step: int) -> dict[str, Any] | None:
     """The config saved with checkpoint `step` of `directory` (a dict), None if unreadable."""
-    try:
-        with ocp.CheckpointManager(
-            directory,
-            options=ocp.CheckpointManagerOptions(read_only=True),
-            item_handlers={"config": ocp.JsonCheckpointHandler()},
-        ) as manager:
-            return dict(
-                manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-            )
-    except (OSError, ValueError, KeyError) as error:
-        logging.warning("No readable config in checkpoint %d of %s (%s).", step, directory, error)
-        return None
+    config = checkpoint_recovery.saved_run_configs(directory).get(step)
+    if config is None:
+        logging.warning("No readable config in checkpoint %d of %s.", step, directory)
+    return config
 
 
 def _resolve_init_dir(path: str) -> str:
@@ -240,7 +236,7 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
     directory = _resolve_init_dir(path)
     if not os.path.isdir(directory):
         raise ValueError(f"config.init.init_from={path!r}: no such checkpoint directory")
-    with ocp.CheckpointManager(
+    with checkpoint_recovery.Manager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers={

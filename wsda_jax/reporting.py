@@ -122,28 +122,31 @@ class Reporter:
 
 
 def truncate_metrics(path: str, last_step: int) -> int:
-    """Drops the lines of `path` past `last_step` (and any line cut short by a crash);
-    returns how many were dropped. Writes a new file and renames it over the old one,
-    so a crash here leaves either file whole."""
+    """Drops the lines of `path` past `last_step` (and any line cut short by a crash, or
+    that is not JSON at all); returns how many were dropped. Writes a new file and renames
+    it over the old one, so a crash here leaves either file whole."""
     if not os.path.exists(path):
         return 0
-    kept, dropped = [], 0
-    with open(path) as f:
+    kept, dropped, unreadable = [], 0, 0
+    with open(path, "rb") as f:  # Bytes: a damaged (binary) line must not stop the run.
         for line in f:
             try:
                 keep = json.loads(line)["step"] <= last_step
             except (ValueError, KeyError, TypeError):
                 keep = False
+                unreadable += bool(line.strip())
             if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
             else:
                 dropped += bool(line.strip())
     if dropped:
         temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
+        with open(temporary, "wb") as f:
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
         logging.info("Dropped %d lines past step %d from %s.", dropped, last_step, path)
+    if unreadable:
+        logging.warning("Dropped %d unreadable (not JSON) lines from %s.", unreadable, path)
     return dropped
