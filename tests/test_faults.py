@@ -339,3 +339,25 @@ def test_damaged_prepared_dataset_is_named(trained, tmp_path, base):
     result = run_main(copy, TINY, f"--workdir={copy_workdir(trained, tmp_path)}", "--mode=eval")
     assert_one_line_error(result, f"record 0 of {folder}/synthetic_target-val.array_record-*")
     assert "delete the dataset's folder: the next run generates it again" in result.stderr
+
+
+def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
+    """SIGINT while the run opens its data and compiles (its lock is taken first): the
+    command stops with 130 and one line; the handler is in place from the start
+    (test_checkpointing covers a Ctrl-C that Python discards inside a gc callback)."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "wsda_jax.main", TINY, f"--workdir={workdir}"]
+    command.append(f"--config.data.data_dir={base / 'data'}")
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=subprocesses.jax_env(base), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "lock").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-4000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+    assert "Interrupted" in stderr.splitlines()[-1]
+    assert not (workdir / "lock").exists()

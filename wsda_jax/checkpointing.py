@@ -337,7 +337,14 @@ class PreemptionWatcher:
         # keeps its default (KeyboardInterrupt); SIGTERM reaches JAX's sync point.
         signals = self.SIGNALS if jax.process_count() == 1 else (signal.SIGTERM,)
         for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self._previous[signum] = previous
+            if isinstance(previous, errors.SignalRecorder) and previous.received == signum:
+                # A Ctrl-C during start-up whose KeyboardInterrupt Python discarded.
+                name = signal.Signals(signum).name
+                logging.warning("Received %s: saving a checkpoint and exiting.", name)
+                self.signum = previous.received
+                previous.received = None
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -70,9 +70,16 @@ def _resume_command() -> str:
 
 
 def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> None:
-    """Calls run(argv); bad input and interruptions end the process with one line."""
+    """Calls run(argv); bad input and interruptions end the process with one line.
+
+    Ctrl-C is recorded from here on (`errors.SignalRecorder`), so that one that Python
+    discarded during start-up still stops the run."""
+    recorder = errors.SignalRecorder()
+    signal.signal(signal.SIGINT, recorder)
     try:
         run(argv)
+        if recorder.received is not None:  # Its KeyboardInterrupt was discarded.
+            raise KeyboardInterrupt
     except BAD_INPUT as error:
         logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
         print(f"error: {one_line(error)}", file=sys.stderr)
