@@ -1,4 +1,5 @@
-"""Training logs: `WORKDIR/metrics.jsonl`, TensorBoard events, a progress bar, log lines.
+"""Training logs: `WORKDIR/metrics.jsonl`, TensorBoard events, a progress bar (on a
+terminal), log lines.
 
 The train loop hands every step's metrics (still on the device) to `Reporter.update`;
 the reporter keeps them and only fetches them with `jax.device_get` when the *next*
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -65,7 +67,9 @@ class Reporter:
         self._bar = tqdm.tqdm(
             total=num_steps,
             initial=initial_step,
-            disable=not self._is_writer,
+            # Only on a terminal: in a log file its redraws would glue the log lines
+            # onto bar lines (the log lines report progress every log_every_steps).
+            disable=not (self._is_writer and sys.stderr.isatty()),
             dynamic_ncols=True,
             mininterval=1.0,
             desc="train",

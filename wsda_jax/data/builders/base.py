@@ -17,6 +17,7 @@ import functools
 import json
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -228,7 +229,9 @@ def parallel_map(
     the caller already runs JAX threads, unlike plain fork); fn and tasks must be
     picklable.
     """
-    progress = tqdm.tqdm(total=len(tasks), desc=desc, unit="img", leave=False)
+    progress = tqdm.tqdm(
+        total=len(tasks), desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty()
+    )
     try:
         if num_workers <= 1 or len(tasks) <= 1:
             for task in tasks:
