@@ -361,3 +361,62 @@ def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
     assert "Interrupted" in stderr.splitlines()[-1]
     assert not (workdir / "lock").exists()
+
+
+@pytest.mark.parametrize(
+    "tool, args, expected",
+    [
+        ("wsda_jax.tools.browse", ["--config=configs/missing.py", "--out=o"], "missing.py"),
+        ("wsda_jax.tools.browse", [TINY, "--config.num_step=3"], 'Did you mean "num_steps"'),
+        ("wsda_jax.tools.browse", [TINY, "--out=o", "--bogus=1"], "Unknown command line flag"),
+        ("wsda_jax.data.prepare", [], "Flag --dataset must have a value other than None"),
+        ("wsda_jax.data.prepare", ["--dataset=gta5", "x"], "unexpected arguments ['x']"),
+    ],
+)
+def test_tools_fail_in_one_line(tool, args, expected, base):
+    """All commands share `cli_errors.parse_flags` and `run_tool`."""
+    command = [sys.executable, "-m", tool, *args]
+    result = subprocess.run(
+        command, cwd=ROOT, env=subprocesses.jax_env(base), capture_output=True, text=True
+    )
+    assert_one_line_error(result, expected)
+
+
+def test_unreadable_checkpoint_in_a_read_only_folder_is_one_line(trained, tmp_path, base):
+    workdir = copy_workdir(trained, tmp_path)
+    _truncate_arrays(workdir, 4)
+    if not _chattr(workdir / "checkpoints", "+i"):
+        pytest.skip("chattr +i is not available here")
+    try:
+        result = run_main(base, TINY, f"--workdir={workdir}", "--mode=eval")
+    finally:
+        _chattr(workdir / "checkpoints", "-i")
+    assert_one_line_error(
+        result, f"checkpoint {workdir}/checkpoints/4 is unreadable (Exception: Encountered"
+    )
+    assert f"and cannot be moved to corrupt/: Operation not permitted: {workdir}" in result.stderr
+    assert _steps(workdir) == [2, 4]
+
+
+def test_full_disk_stops_with_the_last_good_checkpoint(tmp_path, base):
+    """A 3 MiB tmpfs holds two checkpoints of the tiny run, not three."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        workdir = disk / "run"
+        result = run_main(
+            base,
+            TINY,
+            f"--workdir={workdir}",
+            "--config.checkpoint_every_steps=1",
+            "--config.keep_checkpoints=4",
+        )
+        steps = _steps(workdir)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    assert_one_line_error(result, f"cannot write checkpoints to {workdir}/checkpoints: No space")
+    assert f"(the last good checkpoint is step {steps[-1]})" in result.stderr
+    assert "Event loop" not in result.stderr

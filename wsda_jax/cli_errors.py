@@ -53,14 +53,46 @@ def one_line(error: BaseException) -> str:
     return lines[-1] if "Traceback" in text else " ".join(lines)
 
 
+def _where(error: BaseException) -> str:
+    """'FILE:LINE' where `error` arose in the user's code (a config file, say): the
+    innermost frame outside Python's and the installed packages' own files."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith("<") and "-packages" not in frame.filename
+    ]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag (missing config file, unknown key) is one line."""
+    """absl's parser, but every failure is one line and exit status 1: a bad or missing
+    flag, a config file that is missing, fails to import or raises (with its file and
+    line), an unknown config key, a positional argument. `--help` exits with 0."""
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
+    except SystemExit:  # absl's --help exits with 1.
+        if any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+            sys.exit(0)
+        raise
     except (AttributeError, KeyError) as error:  # How config_flags reports an unknown key.
         print(f"error: unknown key in a --config.KEY override: {one_line(error)}", file=sys.stderr)
     except flags.Error as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - a config file that fails to import or run.
+        message = f"{_where(error)}: {type(error).__name__}: {one_line(error)}"
+        print(f"error: cannot load the config: {message}", file=sys.stderr)
+    else:
+        if len(remaining) <= 1:
+            return remaining
+        print(
+            f"error: unexpected arguments {remaining[1:]} (flags are --name=value)",
+            file=sys.stderr,
+        )
     sys.exit(1)
 
 
