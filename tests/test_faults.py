@@ -208,7 +208,10 @@ def test_predict_skips_unreadable_files_and_keeps_names_distinct(trained, tmp_pa
     for name in ("x.png", "x.jpg", "y.png"):
         PIL.Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(inputs / name)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    before = {name: (inputs / name).read_bytes() for name in os.listdir(inputs)}
+    os.mkfifo(inputs / "fifo.png")  # Opening it would block until a writer comes.
+    before = {
+        name: (inputs / name).read_bytes() for name in os.listdir(inputs) if name != "fifo.png"
+    }
 
     def predict(output_dir):
         return run_main(
@@ -224,11 +227,14 @@ def test_predict_skips_unreadable_files_and_keeps_names_distinct(trained, tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["x_jpg.png", "x_png.png", "y.png"]
     assert len(_warnings(result.stderr, "broken.png: not a readable image")) == 1
+    assert len(_warnings(result.stderr, "fifo.png: not a regular file")) == 1
+    assert f"Predicting with the teacher of checkpoint 4 of {trained}" in result.stderr
     assert "Skipped 1 of 4 images" in result.stderr
     assert "Wrote 3 predictions" in result.stderr
 
     assert_one_line_error(predict(inputs), "is the input folder")
-    assert {name: (inputs / name).read_bytes() for name in os.listdir(inputs)} == before
+    assert_one_line_error(predict(inputs / "x.png"), "x.png' is a file, not a folder")
+    assert {n: (inputs / n).read_bytes() for n in os.listdir(inputs) if n != "fifo.png"} == before
 
 
 def _chattr(path, flag):

@@ -252,7 +252,14 @@ def _report_unreadable(
     path = os.path.join(str(manager.directory), str(step))
     reason = f"{type(error).__name__}: {_first_line(error)}"
     if set_aside:
-        moved = _set_aside(str(manager.directory), step) if jax.process_index() == 0 else ""
+        try:
+            moved = _set_aside(str(manager.directory), step) if jax.process_index() == 0 else ""
+        except OSError as move_error:
+            raise ValueError(
+                f"checkpoint {path} is unreadable ({reason}) and cannot be moved to "
+                f"{CORRUPT_DIR}/: {move_error.strerror}: {move_error.filename} (make "
+                f"{manager.directory} writable, or move {path} away yourself)"
+            ) from move_error
         manager.reload()
         where = f"moved to {moved}" if moved else "set aside"
         logging.warning(
@@ -338,7 +345,7 @@ _RESTORE_NOISE = _RestoreNoiseFilter()
 
 @contextlib.contextmanager
 def quiet_failed_restore():
-    """Around one restore. When it fails, Orbax leaves reads running in background
+    """Around one restore (or save). When it fails, Orbax leaves reads running in background
     threads whose event loop has closed; each then prints an 'Event loop is closed'
     traceback (sys.unraisablehook) or an asyncio 'exception was never retrieved' log,
     hundreds of lines in all, then or later. Filters for exactly those are on during

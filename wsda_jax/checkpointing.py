@@ -29,6 +29,7 @@ removed when the manager opens.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -122,9 +123,21 @@ def _check_writable(manager: ocp.CheckpointManager) -> None:
         raise _write_error(manager, error) from error
 
 
-def _write_error(manager: ocp.CheckpointManager, error: OSError) -> errors.CheckpointWriteError:
+# The reasons a write fails, as the operating system words them; TensorStore's errors (a
+# ValueError) quote them inside long messages.
+_WRITE_FAILURES = tuple(
+    os.strerror(code)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+)
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> errors.CheckpointWriteError:
+    text = str(error)
+    reason = getattr(error, "strerror", None) or next(
+        (failure for failure in _WRITE_FAILURES if failure in text), text.splitlines()[0][:300]
+    )
     return errors.CheckpointWriteError(
-        f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
+        f"cannot write checkpoints to {manager.directory}: {reason} "
         f"(the last good checkpoint is {_last_committed(manager)})"
     )
 
@@ -164,10 +177,13 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
 @contextlib.contextmanager
 def _save_errors(manager: ocp.CheckpointManager):
     """A failed (background) save of Orbax as one CheckpointWriteError naming the last
-    checkpoint that was written."""
+    checkpoint that was written (an OSError, or TensorStore's ValueError of a failed
+    write); the abandoned writes' 'Event loop is closed' noise is filtered, as for a
+    failed restore."""
     try:
-        yield
-    except OSError as error:
+        with checkpoint_recovery.quiet_failed_restore():
+            yield
+    except (OSError, ValueError) as error:
         raise _write_error(manager, error) from error
 
 

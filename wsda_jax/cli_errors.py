@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from wsda_jax import errors
 
-BAD_INPUT = (ValueError, FileNotFoundError, PermissionError, KeyError)
+BAD_INPUT = (ValueError, OSError, KeyError)
 
 
 # Orbax's error logs (with tracebacks) of a save that failed in its background thread;
@@ -45,7 +45,11 @@ def quiet_orbax_logs(record: std_logging.LogRecord) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of `error` on one line (the last line if it quotes a traceback)."""
+    """The message of `error` on one line (the last line if it quotes a traceback); an
+    operating system's error as its reason and path, without the errno."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        paths = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+        return f"{error.strerror}: " + " -> ".join(str(path) for path in paths)
     text = str(error).replace("\\n", "\n").replace("\\'", "'")
     if isinstance(error, KeyError | AttributeError) and text[:1] in "'\"":
         text = text[1:-1]  # str(KeyError) adds quotes.
