@@ -10,7 +10,7 @@ import fixture_trees
 import numpy as np
 import pytest
 
-from wsda_jax import classes
+from wsda_jax import classes, errors
 from wsda_jax.data import builders, records, sources
 from wsda_jax.data.builders import image_io, layout
 
@@ -226,6 +226,21 @@ def test_synthetic_prepared_on_first_use(tmp_path):
     config_data.synthetic.seed = 1  # A new identity: prepared anew, not reused.
     sources.open_split("synthetic_source", "train", config_data)
     assert len(os.listdir(tmp_path / "synthetic_source")) == 2
+
+
+def test_damaged_prepared_dataset_names_the_file(tmp_path):
+    config_data = fixture_trees.config_data(tmp_path)
+    assert len(sources.open_split("synthetic_target", "val", config_data)) == 2
+    folder = next((tmp_path / "synthetic_target").iterdir()) / "1.0.0"
+    with open(next(folder.glob("*-val.array_record-*")), "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(errors.DamagedDatasetError, match="record 1 of .*-val.array_record-"):
+        sources.open_split("synthetic_target", "val", config_data)[1]
+    (folder / "dataset_info.json").write_text("{garbage")
+    with pytest.raises(errors.DamagedDatasetError) as error:
+        sources.open_split("synthetic_target", "train", config_data)
+    assert f"{folder}/dataset_info.json: ParseError" in str(error.value)
+    assert "the next run generates it again" in str(error.value)
 
 
 def test_unprepared_dataset_error_shows_command(tmp_path):

@@ -1,5 +1,6 @@
 """Checkpoint round trips, retention, corrupt-checkpoint fallback and init_from checks."""
 
+import gc
 import json
 import logging
 import os
@@ -316,3 +317,27 @@ def test_a_field_added_later_restores_empty_or_filled(tmp_path):
     with checkpointing.make_manager(str(new), config) as manager:
         restored, _ = checkpointing.restore_latest(manager, abstract)
     _assert_trees_equal(restored, filled)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # The discard.
+def test_ctrl_c_that_python_discards_during_start_up_still_stops_the_run():
+    """Python discards a KeyboardInterrupt raised in a garbage-collector callback; the
+    handler installed at the command's start (`cli_errors.run_reporting_errors`) keeps
+    the signal for the train loop's watcher."""
+    recorder = errors.SignalRecorder()
+    previous = signal.signal(signal.SIGINT, recorder)
+
+    def interrupt_inside_gc(phase, info):
+        del info
+        if phase == "start":
+            gc.callbacks.remove(interrupt_inside_gc)
+            signal.raise_signal(signal.SIGINT)  # Its KeyboardInterrupt is discarded.
+
+    try:
+        gc.callbacks.append(interrupt_inside_gc)
+        gc.collect()  # Returns normally.
+        assert recorder.received == signal.SIGINT
+        with checkpointing.PreemptionWatcher() as watcher:
+            assert watcher.requested and watcher.signum == signal.SIGINT
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -60,6 +60,11 @@ def test_daformer_with_tiny_mit_validates():
         ({"model__arch": "daformer", "model__remat": "conv_outputs"}, 1, "arch 'daformer'"),
         ({"model__drop_path_rate": 1.5}, 1, "config.model.drop_path_rate=1.5"),
         ({"model__decoder_dim": 0}, 1, "config.model.decoder_dim=0"),
+        ({"data__crop_size": ("abc",)}, 1, "config.data.crop_size=('abc',) must be a sequence"),
+        ({"data__crop_size": (64,)}, 1, "config.data.crop_size=(64,) must be a pair"),
+        ({"data__eval_resize": ("abc",)}, 1, "config.data.eval_resize=('abc',) must be a seq"),
+        ({"data__eval_resize": (4, 4)}, 1, "config.data.eval_resize=(4, 4): both sides"),
+        ({"seed": -1}, 1, "config.seed=-1 must be >= 0"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

@@ -177,6 +177,9 @@ def test_second_run_in_a_workdir_is_refused(trained, tmp_path, base):
         ("optim.lr=-0.01", "config.optim.lr=-0.01 must be >= 0"),
         ("keep_checkpoints=0", "config.keep_checkpoints=0 must be >= 1"),
         ("ema.decay=1.5", "config.ema.decay=1.5 must be in [0.0, 1.0]"),
+        ("data.eval_resize=abc", "config.data.eval_resize=('abc',) must be a sequence of int"),
+        ("data.crop_size=5", "config.data.crop_size=(5,) must be a pair (2 values)"),
+        ("seed=-1", "config.seed=-1 must be >= 0"),
     ],
 )
 def test_out_of_range_config_value_is_one_line(override, message, tmp_path):
@@ -205,7 +208,10 @@ def test_predict_skips_unreadable_files_and_keeps_names_distinct(trained, tmp_pa
     for name in ("x.png", "x.jpg", "y.png"):
         PIL.Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(inputs / name)
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    before = {name: (inputs / name).read_bytes() for name in os.listdir(inputs)}
+    os.mkfifo(inputs / "fifo.png")  # Opening it would block until a writer comes.
+    before = {
+        name: (inputs / name).read_bytes() for name in os.listdir(inputs) if name != "fifo.png"
+    }
 
     def predict(output_dir):
         return run_main(
@@ -221,11 +227,14 @@ def test_predict_skips_unreadable_files_and_keeps_names_distinct(trained, tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["x_jpg.png", "x_png.png", "y.png"]
     assert len(_warnings(result.stderr, "broken.png: not a readable image")) == 1
+    assert len(_warnings(result.stderr, "fifo.png: not a regular file")) == 1
+    assert f"Predicting with the teacher of checkpoint 4 of {trained}" in result.stderr
     assert "Skipped 1 of 4 images" in result.stderr
     assert "Wrote 3 predictions" in result.stderr
 
     assert_one_line_error(predict(inputs), "is the input folder")
-    assert {name: (inputs / name).read_bytes() for name in os.listdir(inputs)} == before
+    assert_one_line_error(predict(inputs / "x.png"), "x.png' is a file, not a folder")
+    assert {n: (inputs / n).read_bytes() for n in os.listdir(inputs) if n != "fifo.png"} == before
 
 
 def _chattr(path, flag):
@@ -300,3 +309,120 @@ def test_tool_with_an_impossible_setting_is_one_line(base):
         timeout=300,
     )
     assert_one_line_error(result, "max_views=20 must be in [1, h * w = 16]")
+
+
+def test_damaged_metrics_files_do_not_block_a_resume(trained, tmp_path, base):
+    """Garbage in the metrics file of the best checkpoint (Orbax reads every step's when
+    it opens the folder) and a binary metrics.jsonl: the run goes on, naming the file."""
+    workdir = copy_workdir(trained, tmp_path)
+    metrics = workdir / "checkpoints" / "4" / "metrics" / "metrics"
+    metrics.write_bytes(b"\xff\xfe not json")
+    (workdir / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)
+    result = run_main(base, TINY, f"--workdir={workdir}")  # Finished: evaluates again.
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr
+    assert _warnings(result.stderr, f"Unreadable metrics {metrics} (UnicodeDecodeError")
+    assert _warnings(result.stderr, f"unreadable (not JSON) lines from {workdir}/metrics.jsonl")
+    assert "Resuming from step 4" in result.stderr
+    assert _steps(workdir) == [2, 4]
+
+
+def _damaged_data_base(base, tmp_path):
+    """A base folder for `run_main` with a copy of the session's tiny dataset (to damage)
+    and the session's compilation cache."""
+    copy = tmp_path / "base"
+    copy.mkdir()
+    shutil.copytree(base / "data", copy / "data")
+    (copy / "jax_cache").symlink_to(base / "jax_cache")
+    folder = next((copy / "data" / "synthetic_target").iterdir()) / "1.0.0"
+    return copy, folder
+
+
+def test_damaged_prepared_dataset_is_named(trained, tmp_path, base):
+    copy, folder = _damaged_data_base(base, tmp_path)
+    val = next(folder.glob("*-val.array_record-*"))
+    os.truncate(val, 1000)
+    result = run_main(copy, TINY, f"--workdir={copy_workdir(trained, tmp_path)}", "--mode=eval")
+    assert_one_line_error(result, f"record 0 of {folder}/synthetic_target-val.array_record-*")
+    assert "delete the dataset's folder: the next run generates it again" in result.stderr
+
+
+def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
+    """SIGINT while the run opens its data and compiles (its lock is taken first): the
+    command stops with 130 and one line; the handler is in place from the start
+    (test_checkpointing covers a Ctrl-C that Python discards inside a gc callback)."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "wsda_jax.main", TINY, f"--workdir={workdir}"]
+    command.append(f"--config.data.data_dir={base / 'data'}")
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=subprocesses.jax_env(base), stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while not (workdir / "lock").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stderr[-4000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+    assert "Interrupted" in stderr.splitlines()[-1]
+    assert not (workdir / "lock").exists()
+
+
+@pytest.mark.parametrize(
+    "tool, args, expected",
+    [
+        ("wsda_jax.tools.browse", ["--config=configs/missing.py", "--out=o"], "missing.py"),
+        ("wsda_jax.tools.browse", [TINY, "--config.num_step=3"], 'Did you mean "num_steps"'),
+        ("wsda_jax.tools.browse", [TINY, "--out=o", "--bogus=1"], "Unknown command line flag"),
+        ("wsda_jax.data.prepare", [], "Flag --dataset must have a value other than None"),
+        ("wsda_jax.data.prepare", ["--dataset=gta5", "x"], "unexpected arguments ['x']"),
+    ],
+)
+def test_tools_fail_in_one_line(tool, args, expected, base):
+    """All commands share `cli_errors.parse_flags` and `run_tool`."""
+    command = [sys.executable, "-m", tool, *args]
+    result = subprocess.run(
+        command, cwd=ROOT, env=subprocesses.jax_env(base), capture_output=True, text=True
+    )
+    assert_one_line_error(result, expected)
+
+
+def test_unreadable_checkpoint_in_a_read_only_folder_is_one_line(trained, tmp_path, base):
+    workdir = copy_workdir(trained, tmp_path)
+    _truncate_arrays(workdir, 4)
+    if not _chattr(workdir / "checkpoints", "+i"):
+        pytest.skip("chattr +i is not available here")
+    try:
+        result = run_main(base, TINY, f"--workdir={workdir}", "--mode=eval")
+    finally:
+        _chattr(workdir / "checkpoints", "-i")
+    assert_one_line_error(
+        result, f"checkpoint {workdir}/checkpoints/4 is unreadable (Exception: Encountered"
+    )
+    assert f"and cannot be moved to corrupt/: Operation not permitted: {workdir}" in result.stderr
+    assert _steps(workdir) == [2, 4]
+
+
+def test_full_disk_stops_with_the_last_good_checkpoint(tmp_path, base):
+    """A 3 MiB tmpfs holds two checkpoints of the tiny run, not three."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        workdir = disk / "run"
+        result = run_main(
+            base,
+            TINY,
+            f"--workdir={workdir}",
+            "--config.checkpoint_every_steps=1",
+            "--config.keep_checkpoints=4",
+        )
+        steps = _steps(workdir)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    assert_one_line_error(result, f"cannot write checkpoints to {workdir}/checkpoints: No space")
+    assert f"(the last good checkpoint is step {steps[-1]})" in result.stderr
+    assert "Event loop" not in result.stderr

@@ -96,18 +96,48 @@ def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory
             [TINY, "--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
             "--process_id=2 must be in [0, 2)",
         ),
+        ([TINY, "stray"], "unexpected arguments ['stray'] (flags are --name=value)"),
+        (["--config={tmp}/syntax.py"], "cannot load the config: {tmp}/syntax.py:2: SyntaxError"),
+        (["--config={tmp}/raises.py"], "the config: {tmp}/raises.py:3: RuntimeError: no GPU"),
+        (["--config={tmp}/imports.py"], "{tmp}/imports.py:1: ModuleNotFoundError: No module"),
+        ([TINY], "Not a directory: {tmp}/data/synthetic_"),  # run_main's data_dir.
     ],
-    ids=["missing_config", "unknown_key", "dataset_not_prepared", "half_process_flags", "bad_id"],
+    ids=[
+        "missing_config",
+        "unknown_key",
+        "dataset_not_prepared",
+        "half_process_flags",
+        "bad_id",
+        "positional_argument",
+        "config_syntax_error",
+        "config_raises",
+        "config_missing_import",
+        "data_dir_a_file",
+    ],
 )
 def test_bad_input_is_one_line(args, expected, tmp_path):
+    (tmp_path / "syntax.py").write_text("def get_config():\n    return {\n")
+    (tmp_path / "raises.py").write_text(
+        "def get_config():\n    x = 1\n    raise RuntimeError('no GPU')\n"
+    )
+    (tmp_path / "imports.py").write_text("import no_such_module\n")
+    (tmp_path / "data").write_text("")  # A file where run_main puts the dataset.
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    expected = expected.replace("{tmp}", str(tmp_path))
     if args[0].startswith("--config=configs/gta"):
         args = [*args, f"--config.data.data_dir={tmp_path / 'empty'}"]
     result = run_main(tmp_path, *args, f"--workdir={tmp_path / 'w'}")
     assert_one_line_error(result, expected)
 
 
+def test_help_exits_with_zero(tmp_path):
+    result = run_main(tmp_path, "--help")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "--workdir" in result.stdout
+
+
 def test_unwritable_workdir_is_one_line(tmp_path):
-    (tmp_path / "file").write_text("")
+    (tmp_path / "data").write_text("")  # A file where run_main puts the dataset.
     result = run_main(tmp_path, TINY, f"--workdir={tmp_path / 'file' / 'w'}")
     assert_one_line_error(result, "cannot be written")
 

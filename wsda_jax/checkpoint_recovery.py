@@ -1,5 +1,10 @@
 """Faults of reading checkpoints: another run's, unreadable steps, another model's, noise.
 
+`Manager` is Orbax's manager, except that a step whose metrics file cannot be read
+(garbage, empty) counts as a step without metrics, with one warning naming the file,
+and is kept (`KeepUnreadableMetrics`: it may be the best), rather than an error that
+stops every resume, eval and predict (Orbax reads all the steps' metrics on opening).
+
 `check_same_run` compares the settings that define a run (`IDENTITY`: stage, weak label,
 datasets, model architecture) with those saved beside each checkpoint of a workdir,
 before anything there is written or rotated: resuming a stage-1 workdir with a stage-2
@@ -17,6 +22,7 @@ terminal; `quiet_failed_restore` filters exactly those.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging as std_logging
 import os
@@ -30,6 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from orbax.checkpoint import checkpoint_managers
 
 from wsda_jax import config_lib
 
@@ -90,6 +97,57 @@ def first_mismatch(expected: Any, found: Any, prefix: str) -> str | None:
         {f"{prefix}/{name}": shape for name, shape in leaf_shapes(expected).items()},
         {f"{prefix}/{name}": shape for name, shape in leaf_shapes(found).items()},
     )
+
+
+def _metrics_path(directory: str, step: int) -> str:
+    return os.path.join(directory, str(step), "metrics", "metrics")
+
+
+def _unreadable_metrics(directory: str, step: int) -> bool:
+    """Whether step `step` has a metrics file that is not a JSON object."""
+    try:
+        with open(_metrics_path(directory, step), "rb") as f:
+            return not isinstance(json.loads(f.read()), dict)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+class Manager(ocp.CheckpointManager):
+    """Orbax's manager, except that a step whose metrics file cannot be read counts as a
+    step without metrics (one warning naming the file) instead of an error that stops
+    every resume, eval and predict of the folder."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.unreadable_metrics: set[int] = set()  # Warned about once; Orbax reads them often.
+        super().__init__(*args, **kwargs)
+
+    def _get_metrics(self, step: int) -> Any:
+        try:
+            return super()._get_metrics(step)
+        except (OSError, ValueError) as error:
+            if step in self.unreadable_metrics:
+                return None
+            self.unreadable_metrics.add(step)
+            logging.warning(
+                "Unreadable metrics %s (%s): checkpoint %d is kept, but not ranked by mIoU.",
+                _metrics_path(str(self.directory), step),
+                f"{type(error).__name__}: {error}"[:200],
+                step,
+            )
+            return None
+
+
+@dataclasses.dataclass
+class KeepUnreadableMetrics(checkpoint_managers.PreservationPolicy):
+    """Keeps the steps whose metrics file cannot be read: one of them may be the best."""
+
+    directory: str
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        del context
+        return [_unreadable_metrics(self.directory, info.step) for info in checkpoints]
 
 
 def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -180,7 +238,10 @@ def newest_readable(
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back.
             _report_unreadable(manager, step, error, set_aside=set_aside)
     if steps:
-        raise ValueError(f"no readable checkpoint in {manager.directory} (tried steps {steps})")
+        moved = f", moved to {manager.directory}/{CORRUPT_DIR}" if set_aside else ""
+        raise ValueError(
+            f"no readable checkpoint in {manager.directory} (tried steps {steps}{moved})"
+        )
     return None
 
 
@@ -191,7 +252,14 @@ def _report_unreadable(
     path = os.path.join(str(manager.directory), str(step))
     reason = f"{type(error).__name__}: {_first_line(error)}"
     if set_aside:
-        moved = _set_aside(str(manager.directory), step) if jax.process_index() == 0 else ""
+        try:
+            moved = _set_aside(str(manager.directory), step) if jax.process_index() == 0 else ""
+        except OSError as move_error:
+            raise ValueError(
+                f"checkpoint {path} is unreadable ({reason}) and cannot be moved to "
+                f"{CORRUPT_DIR}/: {move_error.strerror}: {move_error.filename} (make "
+                f"{manager.directory} writable, or move {path} away yourself)"
+            ) from move_error
         manager.reload()
         where = f"moved to {moved}" if moved else "set aside"
         logging.warning(
@@ -277,7 +345,7 @@ _RESTORE_NOISE = _RestoreNoiseFilter()
 
 @contextlib.contextmanager
 def quiet_failed_restore():
-    """Around one restore. When it fails, Orbax leaves reads running in background
+    """Around one restore (or save). When it fails, Orbax leaves reads running in background
     threads whose event loop has closed; each then prints an 'Event loop is closed'
     traceback (sys.unraisablehook) or an asyncio 'exception was never retrieved' log,
     hundreds of lines in all, then or later. Filters for exactly those are on during

@@ -9,7 +9,10 @@ before the process exits.
 Retention: the last `config.keep_checkpoints` steps plus the single best step by the
 `miou` metric passed to `save` (Orbax `LatestN` OR `BestN(n=1)`); checkpoints saved
 without metrics are only kept while they are among the latest. `best_fn` is also set so
-that Orbax writes the metrics next to the step and `manager.best_step()` works.
+that Orbax writes the metrics next to the step and `manager.best_step()` works. A step
+whose metrics file cannot be read (garbage, empty) is kept and not ranked, with one
+warning naming the file, rather than failing every manager (Orbax reads all the steps'
+metrics when it opens a folder).
 
 Restoring uses an abstract state whose leaves carry the shardings of the *current* mesh,
 so a checkpoint written on 4 devices restores on 1 and vice versa.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -81,6 +85,7 @@ def make_manager(
             checkpoint_managers.BestN(
                 get_metric_fn=_best_fn, n=1, keep_checkpoints_without_metrics=False
             ),
+            checkpoint_recovery.KeepUnreadableMetrics(directory),
         ]
     )
     options = ocp.CheckpointManagerOptions(
@@ -96,7 +101,7 @@ def make_manager(
         create=True,
         cleanup_tmp_directories=owner,  # Saves cut short by a kill.
     )
-    return ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    return checkpoint_recovery.Manager(directory, options=options, item_handlers=_item_handlers())
 
 
 def _item_handlers() -> dict[str, Any]:
@@ -119,9 +124,21 @@ def _check_writable(manager: ocp.CheckpointManager) -> None:
         raise _write_error(manager, error) from error
 
 
-def _write_error(manager: ocp.CheckpointManager, error: OSError) -> errors.CheckpointWriteError:
+# The reasons a write fails, as the operating system words them; TensorStore's errors (a
+# ValueError) quote them inside long messages.
+_WRITE_FAILURES = tuple(
+    os.strerror(code)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+)
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> errors.CheckpointWriteError:
+    text = str(error)
+    reason = getattr(error, "strerror", None) or next(
+        (failure for failure in _WRITE_FAILURES if failure in text), text.splitlines()[0][:300]
+    )
     return errors.CheckpointWriteError(
-        f"cannot write checkpoints to {manager.directory}: {error.strerror or error} "
+        f"cannot write checkpoints to {manager.directory}: {reason} "
         f"(the last good checkpoint is {_last_committed(manager)})"
     )
 
@@ -161,10 +178,13 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
 @contextlib.contextmanager
 def _save_errors(manager: ocp.CheckpointManager):
     """A failed (background) save of Orbax as one CheckpointWriteError naming the last
-    checkpoint that was written."""
+    checkpoint that was written (an OSError, or TensorStore's ValueError of a failed
+    write); the abandoned writes' 'Event loop is closed' noise is filtered, as for a
+    failed restore."""
     try:
-        yield
-    except OSError as error:
+        with checkpoint_recovery.quiet_failed_restore():
+            yield
+    except (OSError, ValueError) as error:
         raise _write_error(manager, error) from error
 
 
@@ -224,18 +244,10 @@ def restore_latest(
 
 def saved_config(directory: str, step: int) -> dict[str, Any] | None:
     """The config saved with checkpoint `step` of `directory` (a dict), None if unreadable."""
-    try:
-        with ocp.CheckpointManager(
-            directory,
-            options=ocp.CheckpointManagerOptions(read_only=True),
-            item_handlers={"config": ocp.JsonCheckpointHandler()},
-        ) as manager:
-            return dict(
-                manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-            )
-    except (OSError, ValueError, KeyError) as error:
-        logging.warning("No readable config in checkpoint %d of %s (%s).", step, directory, error)
-        return None
+    config = checkpoint_recovery.saved_run_configs(directory).get(step)
+    if config is None:
+        logging.warning("No readable config in checkpoint %d of %s.", step, directory)
+    return config
 
 
 def _resolve_init_dir(path: str) -> str:
@@ -258,7 +270,7 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
     directory = _resolve_init_dir(path)
     if not os.path.isdir(directory):
         raise ValueError(f"config.init.init_from={path!r}: no such checkpoint directory")
-    with ocp.CheckpointManager(
+    with checkpoint_recovery.Manager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers={
@@ -359,7 +371,14 @@ class PreemptionWatcher:
         # keeps its default (KeyboardInterrupt); SIGTERM reaches JAX's sync point.
         signals = self.SIGNALS if jax.process_count() == 1 else (signal.SIGTERM,)
         for signum in signals:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            previous = signal.signal(signum, self._handle)
+            self._previous[signum] = previous
+            if isinstance(previous, errors.SignalRecorder) and previous.received == signum:
+                # A Ctrl-C during start-up whose KeyboardInterrupt Python discarded.
+                name = signal.Signals(signum).name
+                logging.warning("Received %s: saving a checkpoint and exiting.", name)
+                self.signum = previous.received
+                previous.received = None
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 
 from wsda_jax import errors
 
-BAD_INPUT = (ValueError, FileNotFoundError, PermissionError, KeyError)
+BAD_INPUT = (ValueError, OSError, KeyError)
 
 
 # Orbax's error logs (with tracebacks) of a save that failed in its background thread;
@@ -45,7 +45,11 @@ def quiet_orbax_logs(record: std_logging.LogRecord) -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of `error` on one line (the last line if it quotes a traceback)."""
+    """The message of `error` on one line (the last line if it quotes a traceback); an
+    operating system's error as its reason and path, without the errno."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        paths = [error.filename] + ([error.filename2] if error.filename2 is not None else [])
+        return f"{error.strerror}: " + " -> ".join(str(path) for path in paths)
     text = str(error).replace("\\n", "\n").replace("\\'", "'")
     if isinstance(error, KeyError | AttributeError) and text[:1] in "'\"":
         text = text[1:-1]  # str(KeyError) adds quotes.
@@ -53,14 +57,46 @@ def one_line(error: BaseException) -> str:
     return lines[-1] if "Traceback" in text else " ".join(lines)
 
 
+def _where(error: BaseException) -> str:
+    """'FILE:LINE' where `error` arose in the user's code (a config file, say): the
+    innermost frame outside Python's and the installed packages' own files."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return f"{error.filename}:{error.lineno}"
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith("<") and "-packages" not in frame.filename
+    ]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, but a bad flag (missing config file, unknown key) is one line."""
+    """absl's parser, but every failure is one line and exit status 1: a bad or missing
+    flag, a config file that is missing, fails to import or raises (with its file and
+    line), an unknown config key, a positional argument. `--help` exits with 0."""
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
+    except SystemExit:  # absl's --help exits with 1.
+        if any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
+            sys.exit(0)
+        raise
     except (AttributeError, KeyError) as error:  # How config_flags reports an unknown key.
         print(f"error: unknown key in a --config.KEY override: {one_line(error)}", file=sys.stderr)
     except flags.Error as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - a config file that fails to import or run.
+        message = f"{_where(error)}: {type(error).__name__}: {one_line(error)}"
+        print(f"error: cannot load the config: {message}", file=sys.stderr)
+    else:
+        if len(remaining) <= 1:
+            return remaining
+        print(
+            f"error: unexpected arguments {remaining[1:]} (flags are --name=value)",
+            file=sys.stderr,
+        )
     sys.exit(1)
 
 
@@ -70,9 +106,16 @@ def _resume_command() -> str:
 
 
 def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> None:
-    """Calls run(argv); bad input and interruptions end the process with one line."""
+    """Calls run(argv); bad input and interruptions end the process with one line.
+
+    Ctrl-C is recorded from here on (`errors.SignalRecorder`), so that one that Python
+    discarded during start-up still stops the run."""
+    recorder = errors.SignalRecorder()
+    signal.signal(signal.SIGINT, recorder)
     try:
         run(argv)
+        if recorder.received is not None:  # Its KeyboardInterrupt was discarded.
+            raise KeyboardInterrupt
     except BAD_INPUT as error:
         logging.debug("%s", traceback.format_exc())  # Shown with --verbosity=1.
         print(f"error: {one_line(error)}", file=sys.stderr)

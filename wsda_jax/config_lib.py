@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from wsda_jax import config_model, config_ranges
+from wsda_jax import config_model, config_ranges, config_schema
 
 # How prepared records may store images (`data.records` encodes and decodes them).
 IMAGE_FORMATS = ("npy", "png")
@@ -237,6 +237,14 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def validate_values(config: ml_collections.ConfigDict) -> None:
+    """Raises a one-line ValueError naming the first key whose value has the wrong type
+    (`config_schema`) or is out of range (`config_ranges`); needs no devices or data, so
+    every mode (`--mode=compile` too) runs it before any work."""
+    config_schema.validate_types(config, base_config())
+    config_ranges.validate_ranges(config)
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises a one-line ValueError for a configuration that cannot run on `num_devices`.
 
@@ -244,7 +252,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     size runs on any number of devices and hosts; the global batch is the per-device
     size times `num_devices` (`global_batch_size`).
     """
-    config_ranges.validate_ranges(config)
+    validate_values(config)
     if config.weak_label not in WEAK_LABEL_KINDS:
         raise ValueError(
             f"config.weak_label={config.weak_label!r}: expected one of {WEAK_LABEL_KINDS}"

@@ -48,7 +48,7 @@ def _check_mit(model: ml_collections.ConfigDict) -> None:
 
 def validate_model(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line ValueError for a model section (with the crop size it needs)
-    that cannot be built; numeric ranges are checked in `config_lib.validate_ranges`."""
+    that cannot be built; numeric ranges are checked in `config_ranges.validate_ranges`."""
     model = config.model
     if model.arch not in ARCHS:
         raise ValueError(f"config.model.arch={model.arch!r}: expected one of {ARCHS}")

@@ -12,6 +12,8 @@ import ml_collections
 # the config (another version of it) are skipped; None = no bound on that side.
 _INTEGER, _REAL = "an integer", "a number"
 NUMERIC_RANGES = (
+    ("seed", 0, None, _INTEGER),
+    ("data.synthetic.seed", 0, None, _INTEGER),
     ("num_steps", 1, None, _INTEGER),
     ("num_classes", 1, 255, _INTEGER),
     ("log_every_steps", 1, None, _INTEGER),

@@ -54,13 +54,12 @@ def _load_config():
 
 
 def _run(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli_errors.parse_flags refuses positional arguments.
     logging.get_absl_handler().addFilter(cli_errors.quiet_orbax_logs)
     config = _load_config()
-    from wsda_jax import aot_targets, config_ranges, cpu_flags, gpu_flags  # No JAX yet.
+    from wsda_jax import aot_targets, config_lib, cpu_flags, gpu_flags  # No JAX yet.
 
-    config_ranges.validate_ranges(config)
+    config_lib.validate_values(config)
     if FLAGS.mode == "compile":  # Compiled for an accelerator this host need not have.
         return print(aot_targets.compile_mode(config, FLAGS.target))
     if not FLAGS.workdir:

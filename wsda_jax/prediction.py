@@ -21,9 +21,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def check_predict_dirs(input_dir: str, output_dir: str) -> None:
     """Raises a one-line ValueError unless `input_dir` is a folder that differs from
-    `output_dir` (writing into the input folder could overwrite the user's images)."""
+    `output_dir`, and `output_dir` is a folder or absent (writing into the input folder
+    could overwrite the user's images)."""
     if not os.path.isdir(input_dir):
         raise ValueError(f"--input_dir={input_dir!r} is not a directory")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"--output_dir={output_dir!r} is a file, not a folder")
     if os.path.realpath(input_dir) == os.path.realpath(output_dir):
         raise ValueError(
             f"--output_dir={output_dir!r} is the input folder: choose another folder, so "
@@ -77,6 +80,10 @@ def predict_directory(
     """
     check_predict_dirs(input_dir, output_dir)
     names = sorted(n for n in os.listdir(input_dir) if n.lower().endswith(IMAGE_SUFFIXES))
+    # Regular files only: opening a FIFO (or a device) named x.png would block.
+    for name in [n for n in names if not os.path.isfile(os.path.join(input_dir, n))]:
+        logging.warning("Skipped %s: not a regular file.", os.path.join(input_dir, name))
+        names.remove(name)
     if not names:
         raise ValueError(f"--input_dir={input_dir}: no .png/.jpg/.jpeg images")
     os.makedirs(output_dir, exist_ok=True)

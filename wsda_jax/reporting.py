@@ -1,4 +1,5 @@
-"""Training logs: `WORKDIR/metrics.jsonl`, TensorBoard events, a progress bar, log lines.
+"""Training logs: `WORKDIR/metrics.jsonl`, TensorBoard events, a progress bar (on a
+terminal), log lines.
 
 The train loop hands every step's metrics (still on the device) to `Reporter.update`;
 the reporter keeps them and only fetches them with `jax.device_get` when the *next*
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -65,7 +67,9 @@ class Reporter:
         self._bar = tqdm.tqdm(
             total=num_steps,
             initial=initial_step,
-            disable=not self._is_writer,
+            # Only on a terminal: in a log file its redraws would glue the log lines
+            # onto bar lines (the log lines report progress every log_every_steps).
+            disable=not (self._is_writer and sys.stderr.isatty()),
             dynamic_ncols=True,
             mininterval=1.0,
             desc="train",
@@ -122,28 +126,31 @@ class Reporter:
 
 
 def truncate_metrics(path: str, last_step: int) -> int:
-    """Drops the lines of `path` past `last_step` (and any line cut short by a crash);
-    returns how many were dropped. Writes a new file and renames it over the old one,
-    so a crash here leaves either file whole."""
+    """Drops the lines of `path` past `last_step` (and any line cut short by a crash, or
+    that is not JSON at all); returns how many were dropped. Writes a new file and renames
+    it over the old one, so a crash here leaves either file whole."""
     if not os.path.exists(path):
         return 0
-    kept, dropped = [], 0
-    with open(path) as f:
+    kept, dropped, unreadable = [], 0, 0
+    with open(path, "rb") as f:  # Bytes: a damaged (binary) line must not stop the run.
         for line in f:
             try:
                 keep = json.loads(line)["step"] <= last_step
             except (ValueError, KeyError, TypeError):
                 keep = False
+                unreadable += bool(line.strip())
             if keep:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                kept.append(line if line.endswith(b"\n") else line + b"\n")
             else:
                 dropped += bool(line.strip())
     if dropped:
         temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
+        with open(temporary, "wb") as f:
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
         logging.info("Dropped %d lines past step %d from %s.", dropped, last_step, path)
+    if unreadable:
+        logging.warning("Dropped %d unreadable (not JSON) lines from %s.", unreadable, path)
     return dropped

@@ -369,7 +369,9 @@ def predict_images(
     prediction.check_predict_dirs(input_dir, output_dir)  # Before any work.
     mesh = parallel.make_mesh()
     # Read only: predict writes nothing in the workdir (and takes no lock on it).
-    state, _ = _restore_for_inference(config, workdir, mesh, set_aside=False)
-    variables = state.teacher_variables() if config.stage == "adapt" else state.student_variables()
+    state, step = _restore_for_inference(config, workdir, mesh, set_aside=False)
+    which = "teacher" if config.stage == "adapt" else "student"
+    variables = state.teacher_variables() if which == "teacher" else state.student_variables()
+    logging.info("Predicting with the %s of checkpoint %d of %s.", which, step, workdir)
     model = deeplab.build_model(config)
     return prediction.predict_directory(config, variables, input_dir, output_dir, model=model)

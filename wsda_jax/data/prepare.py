@@ -18,9 +18,9 @@ import json
 import sys
 import traceback
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from wsda_jax import config_lib
+from wsda_jax import cli_errors, config_lib
 from wsda_jax.data import builders
 
 _DATASET = flags.DEFINE_string("dataset", None, "Dataset name, e.g. gta5 or folder_pairs/mine.")
@@ -127,4 +127,4 @@ def _prepare(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from orbax.checkpoint import multihost
 
+from wsda_jax import errors
 from wsda_jax.data import builders, rare_class_sampling
 
 
@@ -78,15 +79,54 @@ def open_split(dataset: str, split: str, config_data: Any) -> Sequence[dict[str,
       split: 'train' or 'val' (whichever the dataset has).
       config_data: config.data (data_dir, manual_dir, points_per_class, synthetic.*).
     """
-    path = ensure_prepared(dataset, config_data)
-    # Reading through the directory (not the builder class) uses the features
-    # stored with the data, which is right even for user-configured folder_pairs.
-    reader = tfds.builder_from_directory(path)
+    try:
+        path = ensure_prepared(dataset, config_data)
+        # Reading through the directory (not the builder class) uses the features
+        # stored with the data, which is right even for user-configured folder_pairs.
+        reader = tfds.builder_from_directory(path)
+    except errors.DamagedDatasetError as error:
+        raise errors.DamagedDatasetError(
+            f"{error}; {reprepare_hint(dataset, config_data)}"
+        ) from error
     if split not in reader.info.splits:
         raise ValueError(
             f"dataset {dataset!r} has splits {sorted(reader.info.splits)}, not {split!r}"
         )
-    return reader.as_data_source(split)
+    return CheckedRecords(
+        reader.as_data_source(split),
+        os.path.join(path, f"{reader.name}-{split}.array_record-*"),
+        f"{reprepare_hint(dataset, config_data)} ({path})",
+    )
+
+
+def reprepare_hint(dataset: str, config_data: Any) -> str:
+    """How to replace a damaged prepared dataset."""
+    if dataset in builders.PROCEDURAL:
+        return "delete the dataset's folder: the next run generates it again"
+    return (
+        f"delete the dataset's folder and prepare it again: {prepare_command(dataset, config_data)}"
+    )
+
+
+class CheckedRecords(Sequence):
+    """A record source whose read errors (a truncated or damaged `.array_record` file)
+    are one DamagedDatasetError naming the files and how to prepare them again."""
+
+    def __init__(self, records: Sequence[Any], files: str, hint: str):
+        self.records, self.files, self.hint = records, files, hint
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return self.records[index]
+        except (RuntimeError, TypeError, ValueError, OSError) as error:
+            raise errors.DamagedDatasetError(
+                f"record {index} of {self.files} is unreadable ({type(error).__name__}: "
+                f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
+                f"{self.hint}"
+            ) from error
 
 
 @dataclasses.dataclass(frozen=True)

@@ -282,8 +282,7 @@ def main() -> None:
     flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
     def run(argv: list[str]) -> None:
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        del argv  # cli_errors.parse_flags refuses positional arguments.
         logging.get_absl_handler().addFilter(cli_errors.quiet_orbax_logs)
         try:
             config = flags.FLAGS.config

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from PIL import Image, ImageDraw
 
-from wsda_jax import classes
+from wsda_jax import classes, cli_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory for the panels and batches.json.")
@@ -129,15 +128,10 @@ def write_batches(config, out_dir: str, num_batches: int) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        entries = write_batches(_CONFIG.value, os.path.expanduser(_OUT.value), _NUM_BATCHES.value)
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(1)
+    del argv
+    entries = write_batches(_CONFIG.value, os.path.expanduser(_OUT.value), _NUM_BATCHES.value)
     print(f"Wrote {len(entries)} image pairs to {_OUT.value} (panels and batches.json).")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)

@@ -17,14 +17,16 @@ import functools
 import json
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
+from google.protobuf import json_format
 
-from wsda_jax import classes, label_ops
+from wsda_jax import classes, errors, label_ops
 from wsda_jax.data import records, weak_labels
 from wsda_jax.data.builders import layout
 from wsda_jax.data.builders.image_io import (
@@ -227,7 +229,9 @@ def parallel_map(
     the caller already runs JAX threads, unlike plain fork); fn and tasks must be
     picklable.
     """
-    progress = tqdm.tqdm(total=len(tasks), desc=desc, unit="img", leave=False)
+    progress = tqdm.tqdm(
+        total=len(tasks), desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty()
+    )
     try:
         if num_workers <= 1 or len(tasks) <= 1:
             for task in tasks:
@@ -285,7 +289,16 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             name=self.config_name(self.options) + npy_suffix,
             description=json.dumps(self.options, sort_keys=True),
         )
-        super().__init__(data_dir=os.path.expanduser(data_dir), config=config, **kwargs)
+        try:  # Reads dataset_info.json and features.json of a prepared dataset.
+            super().__init__(data_dir=os.path.expanduser(data_dir), config=config, **kwargs)
+        except (ValueError, OSError, json_format.Error) as error:
+            if isinstance(error, FileNotFoundError):
+                raise
+            folder = os.path.join(os.path.expanduser(data_dir), self.name, config.name)
+            raise errors.DamagedDatasetError(
+                f"the prepared dataset in {folder} is unreadable: {_damaged_json(folder)}"
+                f"{type(error).__name__}: {str(error).rstrip('.')}"
+            ) from error
 
     @classmethod
     def default_options(cls) -> dict[str, Any]:
@@ -354,6 +367,19 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         summary = {"options": self.options, "splits": self.summary}
         with open(os.path.join(self.data_dir, SUMMARY_FILE), "w") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
+
+
+def _damaged_json(folder: str) -> str:
+    """'FILE: ' for the first JSON file under `folder` that does not parse, else ''."""
+    for directory, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(directory, name), "rb") as f:
+                        json.loads(f.read())
+                except (OSError, ValueError):
+                    return f"{os.path.join(directory, name)}: "
+    return ""
 
 
 def read_summary(data_path: str) -> dict[str, Any]:

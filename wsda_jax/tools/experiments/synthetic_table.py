@@ -47,9 +47,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
-from wsda_jax import classes  # noqa: E402
+from wsda_jax import classes, cli_errors  # noqa: E402
 
 NO_CONTRAST = {"loss.use_contrast": False}
 NO_IMAGE_LEVEL = {"loss.im_u": 0.0, "loss.im_proto": 0.0}
@@ -330,4 +330,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli_errors.run_tool(main)
