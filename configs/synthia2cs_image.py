@@ -10,6 +10,11 @@ Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
       --workdir=workdirs/synthia2cs_image \
       --config.init.init_from=workdirs/synthia_source_only
 
+DAFormer's recipe (one stage from ImageNet weights: MiT-B5 + DAFormer head, AdamW, 40k steps
+of 2 + 2 images, rare class sampling, ImageNet feature distance; docs/daformer.md):
+  python -m wsda_jax.main --config=configs/synthia2cs_image.py:daformer \
+      --workdir=workdirs/synthia2cs_image_daformer --config.init.imagenet=/path/to/mit_b5.pth
+
 Expected runtime: not yet measured.
 Expected result (Cityscapes val mIoU): not yet measured.
 """
@@ -22,7 +27,5 @@ from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the config; takes no variant argument."""
-    if arg:
-        raise ValueError(f"configs/synthia2cs_image.py takes no variant argument, got {arg!r}")
-    return config_presets.reference(source="synthia", stage="adapt", weak_label="image")
+    """Returns the config; `arg='daformer'` for DAFormer's one-stage recipe."""
+    return config_presets.reference(source="synthia", stage="adapt", weak_label="image", arg=arg)

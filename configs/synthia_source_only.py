@@ -22,7 +22,7 @@ from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the config; takes no variant argument."""
-    if arg:
-        raise ValueError(f"configs/synthia_source_only.py takes no variant argument, got {arg!r}")
-    return config_presets.reference(source="synthia", stage="source_only", weak_label="none")
+    """Returns the config (no variant: `daformer` is a one-stage adaptation)."""
+    return config_presets.reference(
+        source="synthia", stage="source_only", weak_label="none", arg=arg
+    )

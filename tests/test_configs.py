@@ -96,3 +96,62 @@ def test_synthetic_configs_are_laptop_sized(path):
     assert tiny.stage == config.stage and tiny.weak_label == config.weak_label
     with pytest.raises(ValueError, match="unknown config variant"):
         _load(path, "huge")
+
+
+ADAPT = [
+    p
+    for p in CONFIG_FILES
+    if _expected_stage_and_weak_label(os.path.basename(p)[:-3])[0] == "adapt"
+]
+# What `:daformer` changes in a reference config (docs/daformer.md): its recipe, nothing else.
+DAFORMER = {
+    "init.one_stage": True,
+    "model.arch": "daformer",
+    "num_steps": 40_000,
+    "per_device_batch_size": 2,
+    "optim.name": "adamw",
+    "optim.lr": 6e-5,
+    "optim.weight_decay": 0.01,
+    "optim.power": 1.0,
+    "data.rare_class_sampling.enabled": True,
+    "loss.imnet_fd": 0.005,
+    "loss.contrast_start": 4000,
+    "eval.every_steps": 4000,
+}
+
+
+@pytest.mark.parametrize("path", [p for p in ADAPT if p in REFERENCE], ids=os.path.basename)
+def test_reference_daformer_switch(path):
+    """`file.py:daformer` validates and differs from the file's config in DAFormer's recipe
+    only; the values the reference already shares with DAFormer stay."""
+    plain, config = _flat(_load(path).to_dict()), _load(path, "daformer")
+    config_lib.validate(config, num_devices=8)
+    flat = _flat(config.to_dict())
+    changed = {key for key in flat if flat[key] != plain[key]}
+    assert changed == set(DAFORMER), changed ^ set(DAFORMER)
+    assert {key: flat[key] for key in DAFORMER} == DAFORMER
+    assert (flat["ema.decay"], flat["pseudo.threshold"]) == (0.999, 0.968)
+    assert (flat["pseudo.ignore_top"], flat["pseudo.ignore_bottom"]) == (15, 120)
+    assert flat["init.init_from"] == "" and flat["optim.warmup_steps"] == 1500
+    assert (flat["model.mit"], flat["model.drop_path_rate"]) == ("b5", 0.1)
+
+
+@pytest.mark.parametrize("path", [p for p in ADAPT if p in SYNTHETIC], ids=os.path.basename)
+def test_synthetic_daformer_switch(path):
+    config = _load(path, "daformer")
+    config_lib.validate(config, num_devices=1)
+    assert config.model.arch == "daformer" and config.optim.name == "adamw"
+    assert config.init.one_stage and config.loss.imnet_fd == 0.0  # No ImageNet weights.
+    assert config.loss.contrast_start < config.num_steps == 1200
+    assert config.mic.block_size == 6 and config.data.rare_class_sampling.enabled
+    for arg in ("daformer,tiny", "tiny,daformer"):
+        tiny = _load(path, arg)
+        config_lib.validate(tiny, num_devices=4)
+        assert tiny.model.arch == "daformer" and tiny.num_steps <= 8
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIG_FILES if p not in ADAPT], ids=os.path.basename)
+def test_daformer_is_refused_outside_adaptation(path):
+    with pytest.raises(ValueError, match="one-stage adaptation") as error:
+        _load(path, "daformer")
+    assert "\n" not in str(error.value)

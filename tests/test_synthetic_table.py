@@ -163,3 +163,59 @@ def test_beyond_group_expands_to_both_labels_and_starts_from_source_only(tmp_pat
     trained.clear()
     synthetic_table.run_table(["beyond"], seeds=1, outdir=outdir)
     assert trained == []
+
+
+def test_daformer_group_is_one_stage_beside_the_resnet_rows(tmp_path, monkeypatch):
+    """--variants=daformer: the ResNet-18 method rows (two-stage, from source_only) and six
+    one-stage DAFormer runs (no init_from) with and without the contrastive terms and
+    with MIC at the corrected block size, coarse and point labels; the report has the
+    rare-class table."""
+    outdir = str(tmp_path / "out")
+    daformer = [
+        f"daformer_{label}{suffix}"
+        for label in ("coarse", "point")
+        for suffix in ("", "_no_contrast", "_mic")
+    ]
+    assert (
+        synthetic_table.expand_groups(["daformer"]) == ["beyond_coarse", "beyond_point"] + daformer
+    )
+    for variant in daformer:
+        config = synthetic_table.make_config(variant, 1, outdir, smoke=False)
+        assert config.init.init_from == "" and config.init.one_stage
+        assert config.model.arch == "daformer" and config.optim.name == "adamw"
+        assert config.weak_label == variant.split("_")[1]
+        assert config.loss.use_contrast == (not variant.endswith("_no_contrast"))
+        assert config.mic.enabled == variant.endswith("_mic") and config.mic.block_size == 6
+        tiny = synthetic_table.make_config(variant, 1, outdir, smoke=True)
+        assert tiny.model.arch == "daformer" and tiny.num_steps <= 8
+    trained = []
+
+    def record(config, workdir):
+        trained.append(os.path.basename(workdir))
+        os.makedirs(workdir)
+        return {"student": _result("any", 0, 0.3)["student"]}
+
+    monkeypatch.setattr(train, "train_and_evaluate", record)
+    synthetic_table.run_table(["daformer"], seeds=1, outdir=outdir)
+    assert trained == ["source_only_seed0", "beyond_coarse_seed0", "beyond_point_seed0"] + [
+        f"{v}_seed0" for v in daformer
+    ]
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for seed, miou in ((0, 0.2), (1, 0.4)):
+        result = _result("daformer_point", seed, miou)
+        result["student"]["iou"]["bicycle"] = miou
+        (kept / f"daformer_point_seed{seed}.json").write_text(json.dumps(result))
+    synthetic_table.run_table(
+        ["daformer_point"],
+        seeds=2,
+        outdir=str(tmp_path / "report"),
+        results_dir=str(kept),
+        report_only=True,
+    )
+    table = open(tmp_path / "report" / "table.md").read()
+    rare = table[table.index("The rarest source classes") :]
+    assert (
+        "| variant | traffic sign | traffic light | motorcycle | bicycle | pole | seeds |" in rare
+    )
+    assert "| daformer_point | n/a | n/a | n/a | 30.0 ± 14.1 | n/a | 2 |" in rare

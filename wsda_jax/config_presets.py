@@ -4,7 +4,9 @@
 docs/method.md §4-12) and only sets the source, stage and weak label.
 `synthetic(...)` scales everything down so a run on the embedded procedural dataset
 finishes on a 2-core laptop CPU in minutes; its `tiny` variant shrinks it further to a
-handful of steps for the end-to-end tests and the device check.
+handful of steps for the end-to-end tests and the device check. The `daformer` variant
+of both (`file.py:daformer`, `file.py:daformer,tiny`) is DAFormer's one-stage recipe
+with the method's losses on top (docs/daformer.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _REFERENCE_CROP_HEIGHT = 512
 # SYNTHIA's are 1280x760, where DAFormer keeps 3000.
 _MIC_BLOCK_SIZE = 32
 _RCS_MIN_PIXELS, _RCS_IMAGE_AREA = 3000, 1914 * 1052
+# The synthetic `daformer` configs' MiT widths (heads 1, 2, 5, 8 divide them).
+SYNTHETIC_MIT_DIMS = (16, 32, 80, 128)
 
 
 def _scaled_block_size(crop_height: int) -> int:
@@ -33,8 +37,29 @@ def _scaled_min_pixels(height: int, width: int) -> int:
     return round(_RCS_MIN_PIXELS * height * width / _RCS_IMAGE_AREA)
 
 
-def reference(source: str, stage: str, weak_label: str) -> ml_collections.ConfigDict:
-    """Returns the reference hyper-parameters for `source` -> Cityscapes."""
+def variants(arg: str | None, allowed: tuple[str, ...], stage: str) -> set[str]:
+    """The comma-separated config variants of `arg` ('daformer,tiny' -> {'daformer',
+    'tiny'}); a one-line ValueError for an unknown one, or for 'daformer' (one-stage
+    adaptation) with a stage other than 'adapt'."""
+    names = {name.strip() for name in (arg or "").split(",") if name.strip()}
+    unknown = sorted(names - set(allowed))
+    if unknown:
+        expected = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"unknown config variant {unknown[0]!r}: expected nothing, {expected}")
+    if "daformer" in names and stage != "adapt":
+        raise ValueError(
+            "config variant 'daformer' is DAFormer's one-stage adaptation: use it with an "
+            f"adaptation config (stage 'adapt'), not stage {stage!r}"
+        )
+    return names
+
+
+def reference(
+    source: str, stage: str, weak_label: str, arg: str | None = None
+) -> ml_collections.ConfigDict:
+    """Returns the reference hyper-parameters for `source` -> Cityscapes; `arg='daformer'`
+    for DAFormer's recipe."""
+    names = variants(arg, ("daformer",), stage)
     config = config_lib.base_config()
     config.data.source = source
     config.data.target = "cityscapes_weak"
@@ -42,7 +67,45 @@ def reference(source: str, stage: str, weak_label: str) -> ml_collections.Config
     config.weak_label = weak_label
     if source == "synthia":  # Not resized at preparation: DAFormer's count as it is.
         config.data.rare_class_sampling.min_pixels = _RCS_MIN_PIXELS
+    if "daformer" in names:
+        daformer(config)
     return config
+
+
+def daformer(config: ml_collections.ConfigDict) -> None:
+    """DAFormer's recipe on a reference config (docs/daformer.md, each value's source
+    file there): one-stage adaptation from ImageNet weights with MiT-B5 + DAFormer head,
+    AdamW with mmcv's poly schedule, 40k steps of 2 + 2 images, EMA 0.999, rare class
+    sampling with its crop rule, the thing-class ImageNet feature distance; pseudo-label
+    threshold 0.968 and the crop of the pseudo weights (top 15, bottom 120) are the
+    reference's already. The method's weak-label, prototype and contrastive losses stay."""
+    config.init.one_stage = True
+    config.model.arch = "daformer"
+    config.model.mit = "b5"
+    config.model.drop_path_rate = 0.1
+    config.model.decoder_dim = 256
+    config.num_steps = 40_000
+    config.per_device_batch_size = 2
+    config.optim.name = "adamw"
+    config.optim.lr = 6e-5
+    config.optim.betas = (0.9, 0.999)
+    config.optim.weight_decay = 0.01
+    config.optim.head_lr_mult = 10.0
+    config.optim.warmup_steps = 1500
+    config.optim.warmup_ratio = 1e-6
+    config.optim.power = 1.0
+    config.ema.decay = 0.999
+    config.pseudo.threshold = 0.968
+    config.pseudo.ignore_top, config.pseudo.ignore_bottom = 15, 120
+    config.data.rare_class_sampling.enabled = True
+    config.data.rare_class_sampling.temperature = 0.01
+    config.data.rare_class_sampling.min_crop_ratio = 0.5
+    config.loss.imnet_fd = 0.005
+    # One stage: after the 1,500-step warm-up and 2.5 EMA time constants (1,000 steps
+    # each at 0.999), when the teacher follows a student trained at the full rate
+    # (docs/daformer.md "When the contrastive terms start").
+    config.loss.contrast_start = 4000
+    config.eval.every_steps = 4000  # DAFormer's evaluation interval.
 
 
 def _scaled_rows(rows: int, height: int) -> int:
@@ -50,9 +113,9 @@ def _scaled_rows(rows: int, height: int) -> int:
 
 
 def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.ConfigDict:
-    """Returns a laptop-sized config on the synthetic dataset; `arg='tiny'` for tests."""
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"unknown config variant {arg!r}: expected nothing or 'tiny'")
+    """Returns a laptop-sized config on the synthetic dataset; `arg='tiny'` for tests,
+    'daformer' (or 'daformer,tiny') for DAFormer's recipe on a small MiT."""
+    names = variants(arg, ("tiny", "daformer"), stage)
     config = config_lib.base_config()
     config.stage = stage
     config.weak_label = weak_label
@@ -90,9 +153,35 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.checkpoint_every_steps = 200
     config.keep_checkpoints = 2
 
-    if arg == "tiny":
+    if "daformer" in names:
+        _synthetic_daformer(config)
+    if "tiny" in names:
         _shrink_to_tiny(config)
     return config
+
+
+def _synthetic_daformer(config: ml_collections.ConfigDict) -> None:
+    """`daformer` scaled to the synthetic domains as the other synthetic configs scale
+    the reference (batch 4 + 4, EMA 0.99, warm-up 50 steps, learning rate x4, scaled rare
+    class sampling and MIC), on a small MiT. No ImageNet weights exist for it, so it
+    starts from scratch without the feature distance. One stage of 1,200 steps: the
+    length of stage 1 + stage 2 of the ResNet-18 runs; the contrastive terms start at
+    step 800, after as many steps as in those runs (600 + 200)."""
+    daformer(config)
+    config.model.mit = "b0"
+    config.model.mit_embed_dims = SYNTHETIC_MIT_DIMS
+    config.model.mit_depths = (1, 1, 1, 1)
+    config.model.decoder_dim = 64
+    config.num_steps = 1200
+    config.per_device_batch_size = 4
+    config.optim.lr = 4 * 6e-5
+    config.optim.warmup_steps = 50
+    config.ema.decay = 0.99
+    config.pseudo.ignore_top = _scaled_rows(15, 96)
+    config.pseudo.ignore_bottom = _scaled_rows(120, 96)
+    config.loss.imnet_fd = 0.0
+    config.loss.contrast_start = 800
+    config.eval.every_steps = 200
 
 
 def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:

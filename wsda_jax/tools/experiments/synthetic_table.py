@@ -30,6 +30,11 @@ Group `beyond` (`--variants=beyond`): the method as it is now (beyond_coarse,
 beyond_point) and with the options beyond the reference, rare class sampling (_rcs),
 masked image consistency (_mic), both (_all), and without the learning-rate warm-up
 (_no_warmup), for coarse and point labels (docs/beyond_reference.md).
+Group `daformer` (`--variants=daformer`): DAFormer's one-stage recipe on a small MiT +
+DAFormer head (`configs/synthetic_*.py:daformer`, no stage 1), with the method's losses
+(daformer_coarse, daformer_point), without the contrastive ones (_no_contrast) and with
+masked image consistency (_mic), beside the ResNet-18 method rows beyond_coarse and
+beyond_point (docs/daformer.md). The table also gives the rarest classes' IoU.
 """
 
 from __future__ import annotations
@@ -94,17 +99,36 @@ BEYOND_OPTIONS = {
 for _label in ("coarse", "point"):
     for _suffix, _overrides in BEYOND_OPTIONS.items():
         VARIANTS[f"beyond_{_label}{_suffix}"] = (f"configs.synthetic_{_label}", _overrides)
+# DAFormer's recipe (`:daformer`, one stage from scratch on a small MiT), with the method's
+# losses, without the contrastive ones, and with MIC (docs/daformer.md).
+DAFORMER_OPTIONS = {"": {}, "_no_contrast": NO_CONTRAST, "_mic": {"mic.enabled": True}}
+for _label in ("coarse", "point"):
+    for _suffix, _overrides in DAFORMER_OPTIONS.items():
+        VARIANTS[f"daformer_{_label}{_suffix}"] = (
+            f"configs.synthetic_{_label}:daformer",
+            _overrides,
+        )
 TABLE = ("oracle", "source_only", "uda", "image", "point", "coarse", "coarse_no_contrast")
 # Names --variants accepts for several variants at once.
-GROUPS = {"table": TABLE, "beyond": tuple(v for v in VARIANTS if v.startswith("beyond_"))}
+GROUPS = {
+    "table": TABLE,
+    "beyond": tuple(v for v in VARIANTS if v.startswith("beyond_")),
+    "daformer": (
+        "beyond_coarse",
+        "beyond_point",
+        *(v for v in VARIANTS if v.startswith("daformer_")),
+    ),
+}
 STAGE_ONE = ("oracle", "source_only", "source_only_warm")
+# The synthetic source's rarest classes (docs/beyond_reference.md, class_frequencies).
+RARE_CLASSES = ("traffic sign", "traffic light", "motorcycle", "bicycle", "pole")
 # The stage-1 variant a stage-2 variant starts from, where it is not source_only.
 INIT_FROM = {"coarse_long_warm": "source_only_warm"}
 
 _SEEDS = flags.DEFINE_integer("seeds", 3, "Number of seeds (0, 1, ...).")
 _OUTDIR = flags.DEFINE_string("outdir", "runs/synthetic_table", "Where runs and the table go.")
 _VARIANTS = flags.DEFINE_list(
-    "variants", list(TABLE), "Variants or groups (GROUPS: table, beyond) to run (docstring)."
+    "variants", list(TABLE), "Variants or groups (table, beyond, daformer) to run (docstring)."
 )
 _RESULTS_DIR = flags.DEFINE_string(
     "results_dir", "", "Also keep each finished run's result.json here (e.g. docs/results)."
@@ -119,16 +143,24 @@ _REPORT_ONLY = flags.DEFINE_bool(
 def make_config(
     variant: str, seed: int, outdir: str, smoke: bool, data_dir: str | None = None
 ) -> ml_collections.ConfigDict:
-    """The config of one run; stage-2 variants start from that seed's `stage_one_of` run."""
-    module_name, overrides = VARIANTS[variant]
-    config = importlib.import_module(module_name).get_config("tiny" if smoke else None)
+    """The config of one run; stage-2 variants start from that seed's `stage_one_of` run.
+
+    A variant's module may name a config variant after a colon ('...:daformer')."""
+    module_name, _, arg = VARIANTS[variant][0].partition(":")
+    arg = ",".join(name for name in (arg, "tiny" if smoke else "") if name)
+    config = importlib.import_module(module_name).get_config(arg or None)
     config.seed = seed
     if data_dir:
         config.data.data_dir = data_dir
-    config.update_from_flattened_dict(overrides)
-    if variant not in STAGE_ONE:
+    config.update_from_flattened_dict(VARIANTS[variant][1])
+    if needs_stage_one(variant):
         config.init.init_from = run_dir(outdir, stage_one_of(variant), seed)
     return config
+
+
+def needs_stage_one(variant: str) -> bool:
+    """Whether the variant starts from a stage-1 run (not one itself, not one-stage)."""
+    return variant not in STAGE_ONE and not VARIANTS[variant][0].endswith(":daformer")
 
 
 def stage_one_of(variant: str) -> str:
@@ -177,7 +209,7 @@ def run_variant(
         return result
     from wsda_jax import train  # Imported late: JAX starts only when a run is needed.
 
-    if variant not in STAGE_ONE:
+    if needs_stage_one(variant):
         source_dir = run_dir(outdir, stage_one_of(variant), seed)
         if not os.path.exists(os.path.join(source_dir, "result.json")):
             config = make_config(stage_one_of(variant), seed, outdir, smoke, data_dir)
@@ -240,6 +272,12 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
             ]
             cells.append(f"{100 * np.mean(values):.1f}" if values else "n/a")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "The rarest source classes, IoU (%, student, mean ± std over seeds):", ""]
+    lines.append("| variant | " + " | ".join(RARE_CLASSES) + " | seeds |")
+    lines.append("| --- " * (len(RARE_CLASSES) + 2) + "|")
+    for variant, runs in results.items():
+        cells = [_mean_std([r["student"]["iou"].get(name) for r in runs]) for name in RARE_CLASSES]
+        lines.append(f"| {variant} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +325,7 @@ def run_table(
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
-    needed = {stage_one_of(v) for v in variants if v not in STAGE_ONE}
+    needed = {stage_one_of(v) for v in variants if needs_stage_one(v)}
     order = [v for v in VARIANTS if v in variants or v in needed]
     if report_only:  # Rows in the order asked for.
         order = list(dict.fromkeys(variants))
