@@ -9,8 +9,8 @@ Run configs/synthetic_source_only.py first; its workdir initialises student and 
 
 Command:
   python -m wsda_jax.main --config=configs/synthetic_uda.py \
-      --workdir=workdirs/synthetic_uda \
-      --config.init.init_from=workdirs/synthetic_source_only
+      --workdir=runs/synthetic_uda \
+      --config.init.init_from=runs/synthetic_source_only
 
 Expected runtime: 3.7 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
 Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic
