@@ -4,8 +4,8 @@ Reference hyper-parameters (docs/method.md §4-12): 512x512 crops, 4 + 4 images
 per device, 150k steps of SGD. Prepare the datasets first (see the README).
 
 Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
-  python -m wsda_jax.main --config=configs/gta2cs_point.py --workdir=workdirs/gta2cs_point \
-      --config.init.init_from=workdirs/gta_source_only
+  python -m wsda_jax.main --config=configs/gta2cs_point.py --workdir=runs/gta2cs_point \
+      --config.init.init_from=runs/gta_source_only
 
 DAFormer's recipe (one stage from ImageNet weights: MiT-B5 + DAFormer head, AdamW, 40k steps
 of 2 + 2 images, rare class sampling, ImageNet feature distance; docs/daformer.md):

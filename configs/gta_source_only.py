@@ -4,7 +4,7 @@ Reference hyper-parameters (docs/method.md §4-12): 512x512 crops, 4 + 4 images
 per device, 150k steps of SGD. Prepare the datasets first (see the README).
 
 Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
-  python -m wsda_jax.main --config=configs/gta_source_only.py --workdir=workdirs/gta_source_only \
+  python -m wsda_jax.main --config=configs/gta_source_only.py --workdir=runs/gta_source_only \
       --config.init.imagenet=/path/to/resnet101_imagenet.npz
 
 Expected runtime: not yet measured.

@@ -9,8 +9,8 @@ Run configs/synthetic_source_only.py first; its workdir initialises student and 
 
 Command:
   python -m wsda_jax.main --config=configs/synthetic_image.py \
-      --workdir=workdirs/synthetic_image \
-      --config.init.init_from=workdirs/synthetic_source_only
+      --workdir=runs/synthetic_image \
+      --config.init.init_from=runs/synthetic_source_only
 
 DAFormer's recipe, one stage from scratch on a small MiT (docs/daformer.md):
   python -m wsda_jax.main --config=configs/synthetic_image.py:daformer \

@@ -8,7 +8,7 @@ laptop CPU.
 
 Command:
   python -m wsda_jax.main --config=configs/synthetic_oracle.py \
-      --workdir=workdirs/synthetic_oracle
+      --workdir=runs/synthetic_oracle
 
 Expected runtime: 3.0 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
 Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic

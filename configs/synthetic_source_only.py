@@ -7,7 +7,7 @@ sized for a 2-core laptop CPU.
 
 Command:
   python -m wsda_jax.main --config=configs/synthetic_source_only.py \
-      --workdir=workdirs/synthetic_source_only
+      --workdir=runs/synthetic_source_only
 
 Expected runtime: 1.6 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
 Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic

@@ -7,8 +7,8 @@ mIoU is reported over 19 classes and over the 16 and 13 SYNTHIA classes.
 
 Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
   python -m wsda_jax.main --config=configs/synthia2cs_image.py \
-      --workdir=workdirs/synthia2cs_image \
-      --config.init.init_from=workdirs/synthia_source_only
+      --workdir=runs/synthia2cs_image \
+      --config.init.init_from=runs/synthia_source_only
 
 DAFormer's recipe (one stage from ImageNet weights: MiT-B5 + DAFormer head, AdamW, 40k steps
 of 2 + 2 images, rare class sampling, ImageNet feature distance; docs/daformer.md):

@@ -7,7 +7,7 @@ mIoU is reported over 19 classes and over the 16 and 13 SYNTHIA classes.
 
 Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
   python -m wsda_jax.main --config=configs/synthia_source_only.py \
-      --workdir=workdirs/synthia_source_only \
+      --workdir=runs/synthia_source_only \
       --config.init.imagenet=/path/to/resnet101_imagenet.npz
 
 Expected runtime: not yet measured.

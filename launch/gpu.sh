@@ -2,8 +2,8 @@
 # One host, all of its GPUs, one process: JAX shards the batch over the local GPUs.
 # Install first: pip install -r requirements.txt "jax[cuda13]==0.10.2"
 # Usage: launch/gpu.sh CONFIG WORKDIR [more flags, e.g. --config.init.init_from=DIR]
-#   launch/gpu.sh configs/gta2cs_coarse.py workdirs/gta2cs_coarse \
-#       --config.init.init_from=workdirs/gta_source_only
+#   launch/gpu.sh configs/gta2cs_coarse.py runs/gta2cs_coarse \
+#       --config.init.init_from=runs/gta_source_only
 # Several hosts: use launch/slurm.sbatch.
 set -euo pipefail
 CONFIG=${1:?usage: launch/gpu.sh CONFIG WORKDIR [flags...]}

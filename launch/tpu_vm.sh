@@ -3,7 +3,7 @@
 # requirements with jax[tpu] and runs `python -m wsda_jax.main` on all workers at once.
 # Usage: launch/tpu_vm.sh NAME ZONE ACCELERATOR CONFIG WORKDIR [flags...]
 #   launch/tpu_vm.sh wsda-v4 us-central2-b v4-8 configs/gta2cs_coarse.py \
-#       /home/$USER/workdirs/gta2cs_coarse --config.init.init_from=/home/$USER/workdirs/gta_source_only
+#       /home/$USER/runs/gta2cs_coarse --config.init.init_from=/home/$USER/runs/gta_source_only
 # Datasets must be prepared on the VM (config.data.data_dir). On a multi-host slice
 # (e.g. v4-32) WORKDIR and data_dir must be a filesystem every worker sees (e.g. a
 # gcsfuse or Filestore mount); WSDA_DISTRIBUTED=1 makes each worker call
