@@ -221,8 +221,18 @@ def test_sweep_figure_names_round_trip_and_table(tmp_path):
     for figure in (
         ("tpu-v5e-8", "gta_source_only", "conv_outputs", "bfloat16", 0),
         ("h100", "gta2cs_coarse", "none", "float32", 2),
+        ("tpu-v5e-8", "gta2cs_coarse:daformer", "blocks", "bfloat16", 4),
     ):
         assert aot_sweep.parse_figure(aot_sweep.figure_name(*figure)) == figure
+    assert "_gta2cs_coarse-daformer_" in aot_sweep.figure_name(
+        "h100", "gta2cs_coarse:daformer", "none", "float32"
+    )
+    config = aot_sweep.reference_config("gta2cs_coarse:daformer", "blocks", "bfloat16", 4)
+    assert (config.model.arch, config.model.remat, config.per_device_batch_size) == (
+        "daformer",
+        "blocks",
+        4,
+    )
     crashed = {"figure": "h100_gta2cs_coarse_float32_remat-none", "returncode": -6}
     (tmp_path / "crashed.json").write_text(json.dumps(crashed))
     rows = aot_sweep.table(str(tmp_path)).splitlines()

@@ -4,8 +4,10 @@
         --targets=h100,tpu-v5e-8,a100,tpu-v4-8,tpu-v5p-8,h200 > /tmp/aot_sweep.log 2>&1 &
 
 Figures: for each target, each reference config (`configs/gta2cs_coarse.py`, stage 2;
-`configs/gta_source_only.py`, stage 1; 512x512 crops, 4 (+4) images per device), each
-`config.model.remat` (none, conv_outputs, blocks) and each dtype (float32, bfloat16),
+`configs/gta_source_only.py`, stage 1; 512x512 crops, 4 (+4) images per device;
+`gta2cs_coarse:daformer`, DAFormer's recipe on MiT-B5, 2 + 2 images), each
+`config.model.remat` of its architecture (none, conv_outputs, blocks) and each dtype
+(float32, bfloat16),
 `wsda_jax.aot.compile_for_target` in its own process (a compiler abort loses one
 figure, not the sweep), written to `docs/results/aot/<figure>.json` (`aot.summary`).
 A figure whose file exists is skipped, so a cut sweep restarts where it stopped.
@@ -26,10 +28,12 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from wsda_jax import cli_errors, gpu_flags
+from wsda_jax import cli_errors, config_model, gpu_flags
 from wsda_jax.aot_targets import TARGETS
 
-CONFIGS = ("gta2cs_coarse", "gta_source_only")
+# A config module, optionally with its variant after a colon (`module:arg`, as
+# `--config=configs/module.py:arg`); figure names write the colon as '-'.
+CONFIGS = ("gta2cs_coarse", "gta_source_only", "gta2cs_coarse:daformer")
 REMATS = ("none", "conv_outputs", "blocks")
 DTYPES = ("bfloat16", "float32")
 OUT_DIR = os.path.join("docs", "results", "aot")
@@ -45,8 +49,9 @@ _TABLE = flags.DEFINE_bool("table", False, "Only print the finished figures as a
 
 
 def figure_name(target: str, config: str, remat: str, dtype: str, batch: int = 0) -> str:
-    """'h100_gta2cs_coarse_bfloat16_remat-none' (+ '_batch-2' with a batch override)."""
-    name = f"{target}_{config}_{dtype}_remat-{remat}"
+    """'h100_gta2cs_coarse_bfloat16_remat-none' (+ '_batch-2' with a batch override);
+    config 'gta2cs_coarse:daformer' is written 'gta2cs_coarse-daformer'."""
+    name = f"{target}_{config.replace(':', '-')}_{dtype}_remat-{remat}"
     return f"{name}_batch-{batch}" if batch else name
 
 
@@ -59,12 +64,13 @@ def parse_figure(name: str) -> tuple[str, str, str, str, int]:
     rest, remat = rest.rsplit("_remat-", 1)
     target, rest = rest.split("_", 1)
     config, dtype = rest.rsplit("_", 1)
-    return target, config, remat, dtype, batch
+    return target, config.replace("-", ":"), remat, dtype, batch
 
 
 def reference_config(config: str, remat: str, dtype: str, batch: int = 0):
-    """The reference config module's config with the sweep's overrides."""
-    result = importlib.import_module(f"configs.{config}").get_config()
+    """The reference config (`module` or `module:arg`) with the sweep's overrides."""
+    module, _, arg = config.partition(":")
+    result = importlib.import_module(f"configs.{module}").get_config(arg or None)
     result.model.remat = remat
     result.compute_dtype = dtype
     if batch:
@@ -164,6 +170,9 @@ def main(argv: Sequence[str]) -> None:
         _TARGETS.value, _CONFIGS.value, _REMATS.value, _DTYPES.value
     ):
         name = figure_name(target, config, remat, dtype, _BATCH.value)
+        arch = reference_config(config, "none", dtype).model.arch
+        if remat not in config_model.REMAT_MODES[arch]:
+            continue  # e.g. 'conv_outputs' is a ResNet mode.
         if os.path.exists(os.path.join(_OUT_DIR.value, f"{name}.json")):
             continue
         run_figure(name, _OUT_DIR.value)
