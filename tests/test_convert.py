@@ -172,3 +172,110 @@ def test_report_name_keeps_other_settings_apart():
     config = tiny_config()
     config.eval.images_per_forward = 2
     assert evaluation.report_name(evaluation.eval_settings(config), trained, 7) == "7"
+
+
+# ----- DAFormer / MIC (mmseg) checkpoints -----
+
+
+def _daformer_config(arch="daformer"):
+    from configs import synthetic_coarse
+
+    config = synthetic_coarse.get_config("tiny")  # Its MiT-B0 of one narrow block per stage.
+    config.model.arch = arch
+    return config
+
+
+def _random_daformer_variables(config, seed):
+    """Host-drawn variables of the tiny DAFormer (distinct BN statistics)."""
+    from wsda_jax.models import deeplab
+
+    model = deeplab.build_model(config)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), np.zeros((1, 32, 64, 3), np.float32), train=False)
+    )
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: rng.uniform(0.5, 1.5, s.shape).astype(np.float32), shapes)
+
+
+def _mmseg_state_dict(variables):
+    """Our variables under mmseg's DAFormer keys (`backbone.*` NVlabs names,
+    `decode_head.*`) and torch layouts; the projection head has no key."""
+    from wsda_jax.models import daformer_head, mix_transformer
+
+    out = {}
+    for path, leaf in flax.traverse_util.flatten_dict(variables["params"]["backbone"]).items():
+        out[f"backbone.{mix_transformer.torch_key(path)}"] = _torch_layout(leaf)
+    for collection in ("params", "batch_stats"):
+        head = flax.traverse_util.flatten_dict(variables[collection]["head"])
+        for path, leaf in head.items():
+            key = daformer_head.torch_key(path)
+            if key is not None:
+                out[f"decode_head.{key}"] = _torch_layout(leaf)
+    out["decode_head.conv_seg.num_batches_tracked"] = np.asarray(7)
+    return out
+
+
+def _torch_layout(leaf):
+    leaf = np.asarray(leaf)
+    return leaf.transpose(3, 2, 0, 1) if leaf.ndim == 4 else leaf.T if leaf.ndim == 2 else leaf
+
+
+def _write_uda_checkpoint(path, student, teacher):
+    """A released DAFormer checkpoint's `state_dict`: model.*, ema_model.*, imnet_model.*."""
+    arrays = {f"state_dict/model.{k}": v for k, v in student.items()}
+    arrays.update({f"state_dict/ema_model.{k}": v for k, v in teacher.items()})
+    arrays["state_dict/imnet_model.backbone.norm4.weight"] = np.zeros(3, np.float32)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_daformer_round_trip_student_teacher_projection_kept(tmp_path):
+    config = _daformer_config()
+    student, teacher = _random_daformer_variables(config, 0), _random_daformer_variables(config, 1)
+    path = _write_uda_checkpoint(
+        tmp_path / "daformer.npz", _mmseg_state_dict(student), _mmseg_state_dict(teacher)
+    )
+    state, notes = convert.converted_state_and_notes(config, path)
+    assert notes == [convert.NO_PROJECTION]
+    for ours, want in ((state.student_variables(), student), (state.teacher_variables(), teacher)):
+        ours, want = jax.device_get(ours), jax.tree.map(np.asarray, want)
+        # The projection head keeps the fresh initialisation (not the file's 0.5..1.5).
+        projection = ours["params"]["head"].pop("projection")
+        assert projection["kernel"].shape == (16, config.model.proj_dim)
+        assert np.abs(projection["kernel"]).min() < 0.5
+        del want["params"]["head"]["projection"]
+        _assert_same(ours, want)
+
+
+@pytest.mark.parametrize(
+    "break_it, named",
+    [
+        (lambda sd: sd.pop("decode_head.conv_seg.bias"), "missing keys 1 ('decode_head.conv_"),
+        (
+            lambda sd: sd.__setitem__("decode_head.scale_attention.conv_seg.bias", np.zeros(3)),
+            "an HRDA multi-resolution head",
+        ),
+        (
+            lambda sd: sd.__setitem__("decode_head.conv_seg.weight", np.zeros((5, 16, 1, 1))),
+            "wrong shapes 1 ('decode_head.conv_seg.weight (5, 16, 1, 1), expected (19, 16, 1, 1)",
+        ),
+        (lambda sd: sd.pop("backbone.norm4.weight"), "backbone.*: MiT state_dict: 1 missing"),
+    ],
+    ids=["missing", "hrda", "wrong_shape", "backbone"],
+)
+def test_bad_daformer_checkpoint_is_named(break_it, named):
+    from wsda_jax.models import daformer_head
+
+    variables = _random_daformer_variables(_daformer_config(), 0)
+    state_dict = _mmseg_state_dict(variables)
+    break_it(state_dict)
+    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        daformer_head.convert_state_dict(state_dict, variables)
+
+
+def test_daformer_checkpoint_needs_the_daformer_arch(tmp_path):
+    config = _daformer_config()
+    state_dict = _mmseg_state_dict(_random_daformer_variables(config, 0))
+    path = _write_uda_checkpoint(tmp_path / "daformer.npz", state_dict, state_dict)
+    with pytest.raises(ValueError, match="--config.model.arch=daformer"):
+        convert.converted_state(_daformer_config("deeplabv2"), path)

@@ -1,4 +1,5 @@
-"""The reference's DeepV2R101 checkpoints (anurag-198/WDASS) -> an Orbax checkpoint of ours.
+"""The reference's DeepV2R101 checkpoints (anurag-198/WDASS) and released DAFormer / MIC
+checkpoints (lhoyer/DAFormer, lhoyer/MIC) -> an Orbax checkpoint of ours.
 
     python -m wsda_jax.models.convert --checkpoint=wdass.pth \
         --config=configs/gta2cs_coarse.py --out=DIR
@@ -24,6 +25,14 @@ The structures match one to one (no switch needed): stride on the 3x3 conv
 (torchvision v1.5), layer3/layer4 dilated 2/4 at stride 1, max-pool 3/2/1 without
 ceil_mode, four biased 3x3 classifier branches (dilations 12, 24, 36, 48) summed,
 a biased 1x1 projection without BN, BN eps 1e-5. `*.num_batches_tracked` is ignored.
+
+With `config.model.arch='daformer'` the file is an mmseg checkpoint of DAFormer's UDA
+model (`state_dict` with the student under `model.`, the EMA teacher under `ema_model.`
+and the ImageNet feature-distance model under `imnet_model.`, which is ignored), or a
+bare `backbone.*` / `decode_head.*` state dict. `backbone.*` maps through
+`mix_transformer.convert_state_dict` (NVlabs names), `decode_head.*` through
+`daformer_head.torch_key` (both in `daformer_head.convert_state_dict`). DAFormer has no
+projection head: ours keeps its random initialisation, and the converter says so.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from wsda_jax.models import imagenet_init
+from wsda_jax.models import daformer_head, imagenet_init
 
 DDP_PREFIX = "module."
 STUDENT, TEACHER = "state_dict", "state_dict_ema"
@@ -45,6 +54,10 @@ IGNORED_SUFFIXES = ("num_batches_tracked",)
 # Shown in an error: how many offending keys are named.
 SHOWN_KEYS = 3
 _TOP_LEVEL = {"conv1": "layer0.0", "bn1": "layer0.1"}
+NO_PROJECTION = (
+    "head/projection: not in the checkpoint (the method's projection head); it keeps its "
+    "random initialisation (config.seed) until a run trains it (init_from)"
+)
 
 
 def reference_key(collection: str, path: tuple[str, ...]) -> str:
@@ -215,10 +228,30 @@ def read_checkpoint(path: str) -> dict[str, dict[str, np.ndarray]]:
 def converted_state(config: ml_collections.ConfigDict, checkpoint: str) -> Any:
     """Our TrainState (fresh optimizer, prototypes and step 0) holding the checkpoint's
     student and teacher. Raises a one-line ValueError before anything is written."""
+    return converted_state_and_notes(config, checkpoint)[0]
+
+
+def converted_state_and_notes(
+    config: ml_collections.ConfigDict, checkpoint: str
+) -> tuple[Any, list[str]]:
+    """`converted_state` and one-line notes for the user (a projection head kept at its
+    random initialisation)."""
     from wsda_jax import optim, train_state
     from wsda_jax.models import deeplab
 
     loaded = read_checkpoint(checkpoint)
+    convert_one = convert_state_dict
+    if config.model.arch == "daformer":
+        student_dict, teacher_dict = daformer_head.split_uda_state_dict(loaded[STUDENT])
+        loaded = {STUDENT: student_dict, **({TEACHER: teacher_dict} if teacher_dict else {})}
+        convert_one = daformer_head.convert_state_dict
+    elif any(k.startswith((daformer_head.UDA_STUDENT, "decode_head.")) for k in loaded[STUDENT]):
+        raise ValueError(
+            f"--checkpoint={checkpoint!r} is an mmseg (DAFormer / MIC) checkpoint: convert "
+            "it with a config of --config.model.arch=daformer"
+        )
+    has_projection = any(".projection." in k or "representation." in k for k in loaded[STUDENT])
+    notes = [] if has_projection else [NO_PROJECTION]
     model = deeplab.build_model(config)
     optimizer = optim.make_optimizer(config)
     # The variables' shapes do not depend on the image size: a small one is cheap.
@@ -226,16 +259,17 @@ def converted_state(config: ml_collections.ConfigDict, checkpoint: str) -> Any:
         config, model, jax.random.PRNGKey(config.seed), (1, 64, 64, 3), optimizer
     )
     variables = jax.device_get(state.student_variables())
-    student = convert_state_dict(loaded[STUDENT], variables, name=STUDENT)
+    student = convert_one(loaded[STUDENT], variables, name=STUDENT)
     teacher = student
     if TEACHER in loaded:
-        teacher = convert_state_dict(loaded[TEACHER], variables, name=TEACHER)
-    return state.replace(
+        teacher = convert_one(loaded[TEACHER], variables, name=TEACHER)
+    state = state.replace(
         params=student["params"],
         batch_stats=student["batch_stats"],
         teacher_params=jax.tree.map(np.copy, teacher["params"]),
         teacher_batch_stats=jax.tree.map(np.copy, teacher["batch_stats"]),
     )
+    return state, notes
 
 
 def write_checkpoint(config: ml_collections.ConfigDict, state: Any, out: str) -> str:
@@ -259,15 +293,17 @@ def write_checkpoint(config: ml_collections.ConfigDict, state: Any, out: str) ->
     return os.path.join(directory, "0")
 
 
-def convert(config: ml_collections.ConfigDict, checkpoint: str, out: str) -> str:
-    """Converts `checkpoint` into `out` (which must hold no checkpoints yet)."""
+def convert(config: ml_collections.ConfigDict, checkpoint: str, out: str) -> tuple[str, list[str]]:
+    """Converts `checkpoint` into `out` (which must hold no checkpoints yet); returns the
+    step's folder and the notes of `converted_state_and_notes`."""
     from wsda_jax import checkpointing
 
     directory = checkpointing.checkpoint_dir(out)
     if os.path.isdir(directory) and os.listdir(directory):
         raise ValueError(f"--out={out!r} already holds checkpoints in {directory}")
-    state = converted_state(config, checkpoint)  # Every error is raised before writing.
-    return write_checkpoint(config, state, out)
+    # Every error is raised before writing.
+    state, notes = converted_state_and_notes(config, checkpoint)
+    return write_checkpoint(config, state, out), notes
 
 
 def main() -> None:
@@ -289,7 +325,9 @@ def main() -> None:
             config.to_json()
         except OSError as error:
             raise ValueError(f"cannot load --config: {error}") from error
-        written = convert(config, flags.FLAGS.checkpoint, flags.FLAGS.out)
+        written, notes = convert(config, flags.FLAGS.checkpoint, flags.FLAGS.out)
+        for note in notes:
+            print(f"Note: {note}")
         print(f"Wrote {written}")
 
     app.run(

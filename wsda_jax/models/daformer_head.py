@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,3 +252,119 @@ class DAFormer(nn.Module):
         """The encoder's last stage `[B, ceil(H/32), ceil(W/32), C_4]` (MiT stage 4), for
         the ImageNet feature distance; `train` turns drop path on."""
         return self.backbone(images, train=train)[-1]
+
+
+# ----- DAFormer (mmseg) state dicts -----
+
+# The parts of DAFormer's UDA model in its checkpoints (mmseg `state_dict` prefixes).
+UDA_STUDENT, UDA_TEACHER, UDA_IGNORED = "model.", "ema_model.", "imnet_model."
+IGNORED_SUFFIX = "num_batches_tracked"
+SHOWN_KEYS = 3  # How many offending keys an error names.
+# Our BatchNorm leaves -> torch's names; conv and dense leaves: kernel -> weight.
+_TORCH_LEAF = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def torch_key(path: tuple[str, ...]) -> str | None:
+    """The mmseg key (under `decode_head.`) of one of our head leaves (params or
+    batch_stats), e.g. ('aspp_1', 'depthwise', 'bn', 'mean') ->
+    'fuse_layer.aspp_modules.1.depthwise_conv.bn.running_mean'; None for the projection
+    head, which DAFormer does not have. Layouts: `mix_transformer.torch_shape`."""
+    *modules, leaf = path
+    name = "weight" if leaf == "kernel" else _TORCH_LEAF[leaf]
+    first = modules[0]
+    if first == "projection":
+        return None
+    if first == "classifier":
+        return f"conv_seg.{name}"
+    if first.startswith("embed_"):
+        return f"embed_layers.{first.split('_')[1]}.proj.{name}"
+    if first.startswith("aspp_"):
+        inner = [m if m in ("conv", "bn") else f"{m}_conv" for m in modules[1:]]
+        return ".".join(["fuse_layer.aspp_modules", first.split("_")[1], *inner, name])
+    if first == "bottleneck":
+        return f"fuse_layer.bottleneck.{modules[1]}.{name}"
+    raise ValueError(f"unexpected DAFormer head leaf {'/'.join(path)}")
+
+
+def _named(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:SHOWN_KEYS])
+    more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+    return f"{len(keys)} ({shown}{more})"
+
+
+def split_uda_state_dict(
+    state_dict: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """(student, EMA teacher or None) of a DAFormer / MIC UDA state dict (`model.*`,
+    `ema_model.*`; `imnet_model.*` dropped); a state dict without `model.*` keys is
+    a bare segmentor's: (it, None)."""
+    if not any(k.startswith(UDA_STUDENT) for k in state_dict):
+        return state_dict, None
+    parts = {UDA_STUDENT: {}, UDA_TEACHER: {}}
+    unknown = []
+    for key, value in state_dict.items():
+        prefix = next((p for p in parts if key.startswith(p)), None)
+        if prefix is not None:
+            parts[prefix][key[len(prefix) :]] = value
+        elif not key.startswith(UDA_IGNORED):
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"state_dict: keys of no model part {_named(sorted(unknown))}")
+    return parts[UDA_STUDENT], parts[UDA_TEACHER] or None
+
+
+def convert_state_dict(
+    state_dict: dict[str, np.ndarray], variables: dict[str, Any], *, name: str = "state_dict"
+) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` of our DAFormer from an mmseg DAFormer state dict
+    (`backbone.*`, `decode_head.*`). The projection head, which DAFormer lacks, is kept
+    from `variables`. Strict: one-line ValueErrors naming the first few missing,
+    mis-shaped or unknown keys."""
+    if any(k.startswith(("decode_head.scale_attention.", "decode_head.head.")) for k in state_dict):
+        raise ValueError(
+            f"{name}: an HRDA multi-resolution head (decode_head.head.*, "
+            "decode_head.scale_attention.*; MIC's released MIC(HRDA) checkpoints): only "
+            "DAFormer's single-resolution head is implemented"
+        )
+    parts = {"backbone.": {}, "decode_head.": {}}
+    for key, value in state_dict.items():
+        prefix = next((p for p in parts if key.startswith(p)), None)
+        if prefix is None and not key.endswith(IGNORED_SUFFIX):
+            raise ValueError(f"{name}: keys our model does not have {_named([key])}")
+        if prefix is not None:
+            parts[prefix][key[len(prefix) :]] = value
+    try:
+        backbone = mix_transformer.convert_state_dict(
+            parts["backbone."], variables["params"]["backbone"]
+        )
+    except ValueError as error:
+        raise ValueError(f"{name}: backbone.*: {error}") from error
+    head_dict, used, missing, misshaped, out = parts["decode_head."], set(), [], [], {}
+    for collection in ("params", "batch_stats"):
+        new_flat = {}
+        for path, old in flax.traverse_util.flatten_dict(variables[collection]["head"]).items():
+            key = torch_key(path)
+            if key is None:  # The projection head: none to convert.
+                new_flat[path] = np.asarray(old, np.float32)
+                continue
+            if key not in head_dict:
+                missing.append(f"decode_head.{key}")
+                continue
+            value, expected = head_dict[key], mix_transformer.torch_shape(tuple(old.shape))
+            used.add(key)
+            if value.shape != expected:
+                misshaped.append(f"decode_head.{key} {value.shape}, expected {expected}")
+                continue
+            new_flat[path] = mix_transformer.to_flax(value)
+        out[collection] = {"head": flax.traverse_util.unflatten_dict(new_flat)}
+    unknown = sorted(
+        f"decode_head.{k}" for k in head_dict if k not in used and not k.endswith(IGNORED_SUFFIX)
+    )
+    if missing:
+        raise ValueError(f"{name}: missing keys {_named(missing)}")
+    if misshaped:
+        raise ValueError(f"{name}: wrong shapes {_named(misshaped)} (another num_classes?)")
+    if unknown:
+        raise ValueError(f"{name}: keys our model does not have {_named(unknown)}")
+    out["params"]["backbone"] = backbone
+    return out
