@@ -199,6 +199,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_panels = 4
     c.eval.max_images = 0  # 0 = the whole split.
 
+    # A jax.profiler trace of num_steps steps after start_step into WORKDIR/tensorboard; 0 = off.
+    c.profile = ml_collections.ConfigDict({"start_step": 0, "num_steps": 3})
     c.log_every_steps = 50
     c.checkpoint_every_steps = 2000
     c.keep_checkpoints = 3
@@ -212,6 +214,8 @@ NUMERIC_RANGES = (
     ("seed", 0, None, _INTEGER),
     ("data.synthetic.seed", 0, None, _INTEGER),
     ("num_steps", 1, None, _INTEGER),
+    ("profile.start_step", 0, None, _INTEGER),
+    ("profile.num_steps", 1, None, _INTEGER),
     ("num_classes", 1, 255, _INTEGER),
     ("log_every_steps", 1, None, _INTEGER),
     ("checkpoint_every_steps", 1, None, _INTEGER),

@@ -223,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images_per_step=config_lib.global_batch_size(config, jax.device_count())
         * (2 if config.stage == "adapt" else 1),
     )
+    profiler = reporting.Profiler(workdir, config.profile.start_step, config.profile.num_steps)
     report, stopped_by = None, None
     if step == 0 and config.init.init_from:
         # The starting point's score, so that eval/0.json shows what adaptation gained.
@@ -230,11 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with checkpointing.PreemptionWatcher() as watcher:
         while step < config.num_steps:
             batch = parallel.put_batch(next(train_iter), mesh)
+            profiler.before_step(step)
             # The step never touches the host; an implicit transfer (a stray NumPy
             # input, a resharding copy) raises here instead of slowing every step.
             with jax.transfer_guard("disallow"):
                 state, step_metrics = train_step(state, batch, step)
             step += 1
+            profiler.after_step(step, state)
             reporter.update(step, step_metrics)
             last = step == config.num_steps
             metrics = None
@@ -242,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 reporter.flush()
                 report = evaluate(step, state)
                 reporter.write_scalars(step, _eval_scalars(report))
+                reporter.write_eval_images(step, os.path.join(workdir, "eval"))
                 metrics = _best_metric(report)
             stop = watcher.should_stop(manager, step)
             if metrics or stop or step % config.checkpoint_every_steps == 0:
