@@ -41,3 +41,24 @@ def test_other_errors_are_not_hidden():
 
     with pytest.raises(RuntimeError, match="a bug"):
         cli_errors.run_reporting_errors(run, ["main"])
+
+
+def test_an_operating_system_error_is_its_reason_and_path(capsys):
+    code, lines = _exit_of(NotADirectoryError(20, "Not a directory", "/data/x"), capsys)
+    assert code == 1 and lines == ["error: Not a directory: /data/x"]
+
+
+def test_where_names_the_user_file_and_line(tmp_path):
+    path = tmp_path / "config.py"
+    path.write_text("def get_config():\n    raise RuntimeError('no')\n")
+    namespace = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    with pytest.raises(RuntimeError) as error:
+        namespace["get_config"]()
+    assert cli_errors._where(error.value) == f"{path}:2"
+
+
+def test_the_sigint_handler_is_restored_after_the_command():
+    before = signal.getsignal(signal.SIGINT)
+    cli_errors.run_reporting_errors(lambda argv: None, ["main"])
+    assert signal.getsignal(signal.SIGINT) is before

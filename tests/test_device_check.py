@@ -41,9 +41,14 @@ def test_unknown_device_has_no_peak():
 
 
 @pytest.mark.slow  # The launch script in a fresh process.
-def test_dry_run_prints_one_table(tmp_path_factory):
+def test_dry_run_prints_one_table(tmp_path_factory, tmp_path):
     done = subprocess.run(
-        ["bash", os.path.join(ROOT, "launch", "device_check.sh"), "--dry_run"],
+        [
+            "bash",
+            os.path.join(ROOT, "launch", "device_check.sh"),
+            "--dry_run",
+            f"--profile_dir={tmp_path / 'profile'}",
+        ],
         capture_output=True,
         text=True,
         env=jax_env(tmp_path_factory.getbasetemp()),
@@ -59,3 +64,5 @@ def test_dry_run_prints_one_table(tmp_path_factory):
     assert all("| ok" in row for row in rows), rows
     assert "float32, remat=none" in rows[1] and "bfloat16, remat=none" in rows[2]
     assert "DRY RUN" in done.stdout
+    assert f"Profile of the last synthetic_coarse steps: {tmp_path / 'profile'}" in done.stdout
+    assert list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))

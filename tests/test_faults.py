@@ -79,6 +79,7 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_rewritten(trained, tmp_pat
     assert f"moved to {workdir / 'checkpoints' / 'corrupt' / '4'}" in unreadable[0]
     assert "Traceback" not in result.stderr and "Event loop" not in result.stderr
     assert "Resuming from step 2" in result.stderr
+    assert "%|" not in result.stderr  # No progress bar in a file: log lines stay whole.
     assert "Removed the stale lock" in result.stderr
     # Step 4 was trained again and rewritten: the same evaluation as the first time.
     assert _steps(workdir) == [2, 4]

@@ -34,10 +34,15 @@ def test_train_writes_metrics_checkpoints_and_eval(trained):
 def test_eval_mode_reproduces_the_training_evaluation(trained, tmp_path, tmp_path_factory):
     during_training = json.load(open(trained / "eval" / "4.json"))
     workdir = copy_workdir(trained, tmp_path)
-    os.remove(workdir / "eval" / "4.json")
+    (workdir / "eval" / "4.json").write_text("{}")  # Rewritten, with a notice.
     result = run_main(tmp_path_factory.getbasetemp(), TINY, f"--workdir={workdir}", "--mode=eval")
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.load(open(workdir / "eval" / "4.json")) == during_training
+    assert f"Replacing the earlier evaluation {workdir}/eval/4.json" in result.stderr
+    scores = ", ".join(
+        f"{m} {100 * during_training[m]['miou']:.1f}" for m in ("student", "teacher")
+    )
+    assert f"Target val mIoU (%) at step 4: {scores} (eval/4.json)." in result.stdout
 
 
 def test_eval_mode_with_other_settings_writes_its_own_file(trained, tmp_path_factory):

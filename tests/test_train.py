@@ -40,8 +40,9 @@ def tiny_config(name, base):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """(config, workdir, report) of 4 steps with contrast_start = 2."""
+    """(config, workdir, report) of 4 steps with contrast_start = 2, step 3 profiled."""
     config = tiny_config("synthetic_coarse", tmp_path_factory.getbasetemp())
+    config.profile.start_step, config.profile.num_steps = 2, 1
     workdir = tmp_path_factory.mktemp("train") / "run"
     report = train.train_and_evaluate(config, str(workdir))
     return config, workdir, report
@@ -51,6 +52,12 @@ def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
     _, workdir, report = tiny_run
     assert tiny_runs.assert_tiny_run_outputs(workdir) == report
     assert "step 4" in train.progress_summary(str(workdir))
+
+
+def test_profile_trace_in_the_tensorboard_folder(tiny_run):
+    _, workdir, _ = tiny_run
+    traces = list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def test_contrast_start_gate_in_the_train_loop(tiny_run):

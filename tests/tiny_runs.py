@@ -4,6 +4,9 @@ checked the same way for the in-process run (test_train) and the CLI run (test_m
 import json
 import math
 import os
+import struct
+
+from tensorboardX.proto import event_pb2
 
 from wsda_jax import classes
 
@@ -30,7 +33,27 @@ def assert_tiny_run_outputs(workdir):
         assert 0.0 <= report[name]["miou"] <= 1.0
         assert set(report[name]["iou"]) == set(classes.CLASS_NAMES)
         assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel, no padding.
-        for kind in ("panels", "confusion"):
+        for kind in KINDS:
             assert os.path.getsize(workdir / "eval" / f"4_{name}_{kind}.png") > 0
-    assert os.listdir(workdir / "tensorboard")
+    tags = tensorboard_tags(workdir / "tensorboard")
+    assert {"total", "eval/student_miou", "eval/teacher_miou"} <= tags["simple_value"]
+    assert tags["image"] == {f"eval/{m}_{k}" for m in ("student", "teacher") for k in KINDS}
     return report
+
+
+KINDS = ("panels", "confusion")
+
+
+def tensorboard_tags(directory):
+    """{'simple_value' | 'image': {tag}} of the TensorBoard event files in `directory`
+    (read as TFRecords: length, its CRC, the Event proto, its CRC)."""
+    found = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            for value in event.summary.value:
+                found.setdefault(value.WhichOneof("value"), set()).add(value.tag)
+    return found

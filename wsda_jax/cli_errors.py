@@ -111,7 +111,16 @@ def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> N
     Ctrl-C is recorded from here on (`errors.SignalRecorder`), so that one that Python
     discarded during start-up still stops the run."""
     recorder = errors.SignalRecorder()
-    signal.signal(signal.SIGINT, recorder)
+    previous = signal.signal(signal.SIGINT, recorder)
+    try:
+        _report_errors(run, argv, recorder)
+    finally:  # For callers in process (tests): the handler they had.
+        signal.signal(signal.SIGINT, previous)
+
+
+def _report_errors(
+    run: Callable[[list[str]], None], argv: list[str], recorder: errors.SignalRecorder
+) -> None:
     try:
         run(argv)
         if recorder.received is not None:  # Its KeyboardInterrupt was discarded.

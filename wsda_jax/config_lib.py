@@ -231,6 +231,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.num_panels = 4
     c.eval.max_images = 0  # 0 = the whole split.
 
+    # A jax.profiler trace of num_steps steps after start_step into WORKDIR/tensorboard; 0 = off.
+    c.profile = ml_collections.ConfigDict({"start_step": 0, "num_steps": 3})
     c.log_every_steps = 50
     c.checkpoint_every_steps = 2000
     c.keep_checkpoints = 3

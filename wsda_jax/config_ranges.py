@@ -15,6 +15,8 @@ NUMERIC_RANGES = (
     ("seed", 0, None, _INTEGER),
     ("data.synthetic.seed", 0, None, _INTEGER),
     ("num_steps", 1, None, _INTEGER),
+    ("profile.start_step", 0, None, _INTEGER),
+    ("profile.num_steps", 1, None, _INTEGER),
     ("num_classes", 1, 255, _INTEGER),
     ("log_every_steps", 1, None, _INTEGER),
     ("checkpoint_every_steps", 1, None, _INTEGER),

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import PIL.Image
 import tensorboardX
 import tqdm
 from absl import logging
@@ -33,6 +34,31 @@ from absl import logging
 def _to_python(value: Any) -> float | int:
     value = np.asarray(value)
     return value.item() if value.dtype.kind in "iub" else float(value)
+
+
+class Profiler:
+    """A `jax.profiler` trace of train steps `start_step + 1 .. start_step + num_steps`
+    into the run's TensorBoard folder (`config.profile`; start_step 0 = off), viewable
+    with TensorBoard's profile plugin or Perfetto. Process 0 traces."""
+
+    def __init__(self, workdir: str, start_step: int, num_steps: int) -> None:
+        self._directory = os.path.join(workdir, "tensorboard")
+        self._start, self._stop = start_step, start_step + num_steps
+        self._on = start_step > 0 and jax.process_index() == 0
+
+    def before_step(self, step: int) -> None:
+        """Called with the steps done before dispatching the next one."""
+        if self._on and step == self._start:
+            jax.profiler.start_trace(self._directory)
+
+    def after_step(self, step: int, state: Any) -> None:
+        """Called with the steps done; ends the trace once its steps have run."""
+        if self._on and step == self._stop:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self._on = False
+            steps = f"{self._start + 1}-{self._stop}"
+            logging.info("Wrote a profile of steps %s to %s.", steps, self._directory)
 
 
 class Reporter:
@@ -114,6 +140,20 @@ class Reporter:
         self._jsonl.flush()
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, step)
+        self._tb.flush()
+
+    def write_eval_images(self, step: int, eval_dir: str) -> None:
+        """The evaluation's PNGs of `step` (`eval_dir/STEP_MODEL_KIND.png`: panels,
+        confusion matrices) as TensorBoard images `eval/MODEL_KIND`, beside the scalars."""
+        if not self._is_writer:
+            return
+        prefix = f"{step}_"
+        for name in sorted(os.listdir(eval_dir)):
+            if name.startswith(prefix) and name.endswith(".png") and name.count("_") == 2:
+                with PIL.Image.open(os.path.join(eval_dir, name)) as image:
+                    pixels = np.asarray(image.convert("RGB"))
+                tag = "eval/" + name[len(prefix) : -len(".png")]
+                self._tb.add_image(tag, pixels, step, dataformats="HWC")
         self._tb.flush()
 
     def close(self) -> None:

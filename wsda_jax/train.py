@@ -188,8 +188,7 @@ def evaluate_and_report(
             predictions = evaluation.predict_labels(config, variables, images, model=model)
         results[name] = (confusions[name], predictions)
     report = evaluation.write_report(config, workdir, step, results, examples, name=file_name)
-    shown = ", ".join(f"{name} mIoU {report[name]['miou']}" for name in results)
-    logging.info("Evaluation at step %d: %s.", step, shown)
+    logging.info("Evaluation at step %d: target val mIoU (%%) %s.", step, report_scores(report))
     return report
 
 
@@ -246,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images_per_step=config_lib.global_batch_size(config, jax.device_count())
         * (2 if config.stage == "adapt" else 1),
     )
+    profiler = reporting.Profiler(workdir, config.profile.start_step, config.profile.num_steps)
     report, stopped_by = None, None
     if step == 0 and config.init.init_from:
         # The starting point's score, so that eval/0.json shows what adaptation gained.
@@ -253,11 +253,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with checkpointing.PreemptionWatcher() as watcher:
         while step < config.num_steps:
             batch = parallel.put_batch(next(train_iter), mesh)
+            profiler.before_step(step)
             # The step never touches the host; an implicit transfer (a stray NumPy
             # input, a resharding copy) raises here instead of slowing every step.
             with jax.transfer_guard("disallow"):
                 state, step_metrics = train_step(state, batch, step)
             step += 1
+            profiler.after_step(step, state)
             reporter.update(step, step_metrics)
             last = step == config.num_steps
             metrics = None
@@ -265,6 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 reporter.flush()
                 report = evaluate(step, state)
                 reporter.write_scalars(step, _eval_scalars(report))
+                reporter.write_eval_images(step, os.path.join(workdir, "eval"))
                 metrics = _best_metric(report)
             stop = watcher.should_stop(manager, step)
             if metrics or stop or step % config.checkpoint_every_steps == 0:
@@ -301,17 +304,21 @@ def progress_summary(workdir: str) -> str:
 
     def scores(step: int) -> str:
         with open(os.path.join(directory, f"{step}.json")) as f:
-            report = json.load(f)
-        return ", ".join(
-            f"{name} {100 * summary['miou']:.1f}"
-            for name, summary in report.items()
-            if isinstance(summary, dict) and summary.get("miou") is not None
-        )
+            return report_scores(json.load(f))
 
     first, last = steps_done[0], steps_done[-1]
     if first == last:
         return f"Target val mIoU (%) at step {last}: {scores(last)}."
     return f"Target val mIoU (%): step {first}: {scores(first)}; step {last}: {scores(last)}."
+
+
+def report_scores(report: dict[str, Any]) -> str:
+    """'student 39.7, teacher 40.9': the mIoUs (%) of an evaluation report."""
+    return ", ".join(
+        f"{name} {100 * summary['miou']:.1f}"
+        for name, summary in report.items()
+        if isinstance(summary, dict) and summary.get("miou") is not None
+    )
 
 
 def _restore_for_inference(
@@ -356,9 +363,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     model = deeplab.build_model(config)
     val = sources.open_val(config)
     eval_fn = evaluation.make_eval_fn(config, model, mesh)
-    return evaluate_and_report(
+    previous = os.path.join(workdir, "eval", f"{name}.json")
+    if os.path.exists(previous) and jax.process_index() == 0:
+        logging.warning("Replacing the earlier evaluation %s (and its PNGs).", previous)
+    report = evaluate_and_report(
         config, workdir, step, state, val, model=model, mesh=mesh, eval_fn=eval_fn, file_name=name
     )
+    if jax.process_index() == 0:
+        print(f"Target val mIoU (%) at step {step}: {report_scores(report)} (eval/{name}.json).")
+    return report
 
 
 def predict_images(

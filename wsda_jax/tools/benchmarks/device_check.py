@@ -29,6 +29,7 @@ cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
 gpu_flags.apply_gpu_defaults()  # On a GPU host: what main sets for training.
 
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -62,6 +63,12 @@ _REMAT = flags.DEFINE_list(
 _REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 5, "Timed reference steps.")
 _SYNTHETIC_STEPS = flags.DEFINE_integer("synthetic_steps", 50, "Steps of synthetic_coarse.")
 _TIMEOUT = flags.DEFINE_integer("reference_timeout_s", 300, "Limit of one reference row.")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir",
+    "runs/device_check/tensorboard",
+    "Where a jax.profiler trace of the last synthetic steps goes (TensorBoard, Perfetto).",
+)
+PROFILED_STEPS = 3
 
 TINY_RTOL = 2e-2
 # Dense peak TFLOP/s per chip: (bfloat16, float32 as XLA runs it by default). float32
@@ -225,8 +232,9 @@ def synthetic_config(dry_run: bool, data_dir: str, num_steps: int):
     return config
 
 
-def synthetic_row(dry_run: bool, num_steps: int) -> str:
-    """Check 3 as a table row: the real loop's data and steps, timed per step."""
+def synthetic_row(dry_run: bool, num_steps: int, profile_dir: str) -> str:
+    """Check 3 as a table row: the real loop's data and steps, timed per step; the last
+    PROFILED_STEPS steps are traced into `profile_dir` (where the step's time goes)."""
     with tempfile.TemporaryDirectory() as data_dir:
         config = synthetic_config(dry_run, data_dir, num_steps)
         start = time.perf_counter()
@@ -243,12 +251,17 @@ def synthetic_row(dry_run: bool, num_steps: int) -> str:
         )
         step_fn = train.make_train_step(config, model, optimizer, mesh)
         times, losses = [], []
+        traced = range(max(1, num_steps - PROFILED_STEPS), num_steps)
         for step in range(num_steps):
             batch = parallel.put_batch(next(iterator), mesh)
+            if step == traced.start:
+                jax.profiler.start_trace(profile_dir)
             start = time.perf_counter()
             state, metrics = step_fn(state, batch, step)
             losses.append(float(metrics["total"]))  # Waits for the step.
             times.append(time.perf_counter() - start)
+        if traced:
+            jax.profiler.stop_trace()
         iterator.close()
     switch = config.loss.contrast_start
     before = f"{statistics.median(times[1:switch]):.3f}" if switch > 1 else "n/a"
@@ -279,10 +292,15 @@ def main(argv: Sequence[str]) -> None:
     rows = [tiny_check()]
     for remat in _REMAT.value:
         rows += [reference_row(dtype, remat, dry_run) for dtype in ("float32", "bfloat16")]
-    rows.append(synthetic_row(dry_run, 4 if dry_run else _SYNTHETIC_STEPS.value))
+    profile_dir = os.path.abspath(_PROFILE_DIR.value)
+    rows.append(synthetic_row(dry_run, 4 if dry_run else _SYNTHETIC_STEPS.value, profile_dir))
     print(f"Device check: {jax.device_count()}x {device.device_kind} ({device.platform}), ", end="")
     print(f"jax {jax.__version__}{', DRY RUN (tiny sizes)' if dry_run else ''}")
     print("\n".join([*HEADER, *rows]))
+    print(
+        f"Profile of the last synthetic_coarse steps: {profile_dir} (tensorboard --logdir "
+        "with the profile plugin, or the trace.json.gz in Perfetto)."
+    )
     if any("FAILED" in row or "MISMATCH" in row or "NON-FINITE" in row for row in rows):
         sys.exit(1)
 
