@@ -176,8 +176,9 @@ def test_build_model_from_config():
     config.model.mit_depths = (1, 1, 1, 1)
     config.model.decoder_dim = 16
     config.compute_dtype = "bfloat16"
+    config.model.remat = "blocks"  # Passed to the MiT: each transformer block rematerialised.
     model = deeplab.build_model(config, bn_axis_name="data")
-    assert isinstance(model, daformer_head.DAFormer)
+    assert isinstance(model, daformer_head.DAFormer) and model.remat == "blocks"
     assert (model.variant, tuple(model.embed_dims), model.decoder_dim) == ("b1", EMBED_DIMS, 16)
     assert (model.drop_path_rate, model.proj_dim, model.num_classes) == (0.1, 256, 19)
     assert model.bn_axis_name == "data" and model.dtype == jnp.bfloat16
