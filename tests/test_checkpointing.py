@@ -341,3 +341,12 @@ def test_ctrl_c_that_python_discards_during_start_up_still_stops_the_run():
             assert watcher.requested and watcher.signum == signal.SIGINT
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_evaluating_on_another_dataset_is_the_same_model():
+    config = config_lib.base_config()
+    saved = json.loads(config.to_json())
+    saved["data"]["target"] = "synthetic_target"
+    keys = checkpoint_recovery.INFERENCE_IDENTITY
+    assert checkpoint_recovery.run_difference(config, saved, keys) == {}
+    assert set(checkpoint_recovery.run_difference(config, saved)) == {"data.target"}

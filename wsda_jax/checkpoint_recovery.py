@@ -44,6 +44,9 @@ CORRUPT_DIR = "corrupt"
 # The settings that make a run what it is (a key names a value or a whole subtree): a
 # checkpoint saved under other values belongs to another run.
 IDENTITY = ("stage", "weak_label", "data.source", "data.target", "model")
+# What evaluating or predicting with a checkpoint needs to match: the model, and the stage
+# (which models an evaluation reports); evaluating on another dataset is allowed.
+INFERENCE_IDENTITY = ("stage", "model")
 NOT_IDENTITY = ("model.remat",)  # How the model is computed, not what it is.
 
 
@@ -150,14 +153,14 @@ class KeepUnreadableMetrics(checkpoint_managers.PreservationPolicy):
         return [_unreadable_metrics(self.directory, info.step) for info in checkpoints]
 
 
-def _identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    """{'model.depth': 18, 'stage': 'adapt', ...}: the IDENTITY keys of a config as JSON
-    values (tuples as lists, as the saved configs hold them)."""
+def _identity(config: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """{'model.depth': 18, 'stage': 'adapt', ...}: the `keys` (IDENTITY) of a config as
+    JSON values (tuples as lists, as the saved configs hold them)."""
     flat = flax.traverse_util.flatten_dict(dict(config), sep=".")
     return {
         key: value
         for key, value in flat.items()
-        if any(key == k or key.startswith(k + ".") for k in IDENTITY) and key not in NOT_IDENTITY
+        if any(key == k or key.startswith(k + ".") for k in keys) and key not in NOT_IDENTITY
     }
 
 
@@ -177,13 +180,15 @@ def saved_run_configs(directory: str) -> dict[int, dict[str, Any]]:
     return configs
 
 
-def run_difference(config: Any, saved: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+def run_difference(
+    config: Any, saved: Mapping[str, Any], keys: tuple[str, ...] = IDENTITY
+) -> dict[str, tuple[Any, Any]]:
     """{key: (this config's value, the saved one)} of the IDENTITY keys that differ. A key
     that the saved config lacks (written before the key existed) counts as its default
     in `config_lib.base_config()`; a key without a default there is not compared."""
-    ours = _identity(json.loads(config.to_json()))
-    theirs = _identity(saved)
-    defaults = _identity(json.loads(config_lib.base_config().to_json()))
+    ours = _identity(json.loads(config.to_json()), keys)
+    theirs = _identity(saved, keys)
+    defaults = _identity(json.loads(config_lib.base_config().to_json()), keys)
     differences = {}
     for key, value in ours.items():
         if key in theirs:
@@ -194,14 +199,16 @@ def run_difference(config: Any, saved: Mapping[str, Any]) -> dict[str, tuple[Any
     return differences
 
 
-def check_same_run(config: Any, workdir: str, directory: str) -> None:
+def check_same_run(
+    config: Any, workdir: str, directory: str, keys: tuple[str, ...] = IDENTITY
+) -> None:
     """Raises a one-line ValueError when a checkpoint in `directory` (of `workdir`) was
     saved by a run whose IDENTITY settings differ from `config`'s, naming the difference
     and what was likely meant; nothing is read beyond the saved configs."""
     if not os.path.isdir(directory):
         return
     for step, saved in sorted(saved_run_configs(directory).items(), reverse=True):
-        differences = run_difference(config, saved)
+        differences = run_difference(config, saved, keys)
         if not differences:
             continue
         ours = ", ".join(f"{key}={value[0]!r}" for key, value in differences.items())

@@ -64,10 +64,14 @@ def _best_fn(metrics: Mapping[str, float]) -> float:
     return float(metrics[BEST_METRIC])
 
 
-def check_same_run(config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_same_run(
+    config: ml_collections.ConfigDict, workdir: str, *, inference: bool = False
+) -> None:
     """Refuses (one-line ValueError) a workdir whose checkpoints were saved by another run
-    (`checkpoint_recovery.check_same_run`); call before the manager is made."""
-    checkpoint_recovery.check_same_run(config, workdir, checkpoint_dir(workdir))
+    (`checkpoint_recovery.check_same_run`; for eval and predict only the model and stage
+    must match); call before the manager is made."""
+    keys = checkpoint_recovery.INFERENCE_IDENTITY if inference else checkpoint_recovery.IDENTITY
+    checkpoint_recovery.check_same_run(config, workdir, checkpoint_dir(workdir), keys)
 
 
 def make_manager(

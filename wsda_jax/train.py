@@ -331,7 +331,7 @@ def _restore_for_inference(
     directory = checkpointing.checkpoint_dir(workdir)
     if not os.path.isdir(directory):
         raise ValueError(f"--workdir={workdir}: no checkpoints in {directory}; train first")
-    checkpointing.check_same_run(config, workdir)
+    checkpointing.check_same_run(config, workdir, inference=True)
     with checkpointing.make_manager(directory, config, owner=set_aside) as manager:
         abstract = train_state.create_train_state(
             config,
