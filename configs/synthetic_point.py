@@ -14,7 +14,7 @@ Command:
 
 DAFormer's recipe, one stage from scratch on a small MiT (docs/daformer.md):
   python -m wsda_jax.main --config=configs/synthetic_point.py:daformer \
-      --workdir=workdirs/synthetic_point_daformer
+      --workdir=runs/synthetic_point_daformer
 
 Expected runtime: 4.4 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
 Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic

@@ -13,7 +13,7 @@ Command (one host; see launch/ for TPU VMs, several GPUs and SLURM):
 DAFormer's recipe (one stage from ImageNet weights: MiT-B5 + DAFormer head, AdamW, 40k steps
 of 2 + 2 images, rare class sampling, ImageNet feature distance; docs/daformer.md):
   python -m wsda_jax.main --config=configs/synthia2cs_uda.py:daformer \
-      --workdir=workdirs/synthia2cs_uda_daformer --config.init.imagenet=/path/to/mit_b5.pth
+      --workdir=runs/synthia2cs_uda_daformer --config.init.imagenet=/path/to/mit_b5.pth
 
 Expected runtime: not yet measured.
 Expected result (Cityscapes val mIoU): not yet measured.
