@@ -137,6 +137,12 @@ def test_suggestions_in_order():
     assert aot_targets.suggestion(_reference(remat="blocks", dtype="bfloat16", batch=1)) == (
         "a device with more memory"
     )
+    # DAFormer's MiT has one remat mode, 'blocks'.
+    daformer = _reference()
+    daformer.model.arch = "daformer"
+    assert aot_targets.suggestion(daformer) == "--config.model.remat=blocks"
+    daformer.model.remat = "blocks"
+    assert aot_targets.suggestion(daformer) == "--config.compute_dtype=bfloat16"
 
 
 def test_required_gb_from_tpu_error():
