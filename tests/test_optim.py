@@ -204,3 +204,24 @@ def test_sgd_is_the_default_and_unchanged():
     state = optim.make_optimizer(config).init(_params())
     assert optax.tree_utils.tree_get_all_with_path(state, "trace")
     assert not optax.tree_utils.tree_get_all_with_path(state, "mu")
+
+
+def test_norm_decay_mask_on_mit_is_mmcv_name_rule():
+    """On the DAFormer model (tiny MiT), the leaves without decay are exactly those whose
+    name holds 'norm' and not 'head' (mmcv's custom_keys order: head before norm); the
+    names follow NVlabs' (`block1_0.norm1`, `patch_embed1.norm`, `attn.norm`, `norm4`)."""
+    from wsda_jax import config_presets
+    from wsda_jax.models import deeplab
+
+    config = config_presets.synthetic("adapt", "coarse", "daformer,tiny")
+    model = deeplab.build_model(config)
+    params = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 64, 3)), train=False)
+    )["params"]
+    mask = optim.norm_decay_mask(params)
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    names = {".".join(k.key for k in path): decay for path, decay in flat}
+    by_name_rule = {n for n in names if "norm" in n and "head" not in n}
+    assert {n for n, decay in names.items() if not decay} == by_name_rule
+    assert len(by_name_rule) == 38  # 4 patch embeds, 4 stage norms, 4 blocks x 2, 3 sr norms.
+    assert names["head.bottleneck.bn.scale"]  # The head's BatchNorms keep the decay.
