@@ -142,7 +142,7 @@ def test_help_exits_with_zero(tmp_path):
 
 
 def test_unwritable_workdir_is_one_line(tmp_path):
-    (tmp_path / "data").write_text("")  # A file where run_main puts the dataset.
+    (tmp_path / "file").write_text("")
     result = run_main(tmp_path, TINY, f"--workdir={tmp_path / 'file' / 'w'}")
     assert_one_line_error(result, "cannot be written")
 

@@ -350,6 +350,13 @@ class _RestoreNoiseFilter:
 _RESTORE_NOISE = _RestoreNoiseFilter()
 
 
+def quiet_background_writes() -> None:
+    """Filters the same noise for the rest of the process: an asynchronous save that
+    fails (a full disk) leaves writes whose loop has closed after `save` returned."""
+    _RESTORE_NOISE.install()
+    _RESTORE_NOISE.keep = True
+
+
 @contextlib.contextmanager
 def quiet_failed_restore():
     """Around one restore (or save). When it fails, Orbax leaves reads running in background

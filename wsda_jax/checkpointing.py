@@ -136,6 +136,16 @@ _WRITE_FAILURES = tuple(
 )
 
 
+# A full or read-only disk: whatever the run was writing, it cannot go on.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def write_error(manager: ocp.CheckpointManager, error: OSError) -> errors.CheckpointWriteError:
+    """The one line of a failed checkpoint write (naming the last good checkpoint) for an
+    error of the disk met while training (writing logs or evaluations)."""
+    return _write_error(manager, error)
+
+
 def _write_error(manager: ocp.CheckpointManager, error: Exception) -> errors.CheckpointWriteError:
     text = str(error)
     reason = getattr(error, "strerror", None) or next(
@@ -164,6 +174,7 @@ def save(
     if step in manager.all_steps():
         return False
     _check_writable(manager)
+    checkpoint_recovery.quiet_background_writes()
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         train_iter=grain.checkpoint.CheckpointSave(train_iter),
