@@ -94,6 +94,22 @@ def check_same_model(step: int, abstract_state: Any, metadata: Any) -> None:
         raise DifferentModelError(f"checkpoint {step} was written by a different model: {problem}")
 
 
+def restore_target(abstract_state: Any, metadata: Any) -> tuple[Any, list[str]]:
+    """(what to restore, the absent fields): the state's fields without leaves that
+    checkpoint `metadata` lacks (`TrainState.imnet_encoder` {} of checkpoints written
+    before it existed) are left out and keep their value; the rest is restored."""
+    on_disk = getattr(metadata, "tree", metadata)
+    fields = dataclasses.fields(abstract_state) if dataclasses.is_dataclass(abstract_state) else ()
+    absent = [
+        f.name
+        for f in fields
+        if f.name not in on_disk and not jax.tree.leaves(getattr(abstract_state, f.name))
+    ]
+    if not absent:
+        return abstract_state, absent
+    return {f.name: getattr(abstract_state, f.name) for f in fields if f.name not in absent}, absent
+
+
 def first_mismatch(expected: Any, found: Any, prefix: str) -> str | None:
     """Names the first leaf of `expected` that is missing or has another shape in `found`."""
     return shape_problem(

@@ -29,7 +29,6 @@ removed when the manager opens.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -125,7 +124,7 @@ def _check_writable(manager: ocp.CheckpointManager) -> None:
         with tempfile.NamedTemporaryFile(dir=str(manager.directory), prefix=".write_test"):
             pass
     except OSError as error:
-        raise _write_error(manager, error) from error
+        raise write_error(manager, error) from error
 
 
 # The reasons a write fails, as the operating system words them; TensorStore's errors (a
@@ -140,13 +139,9 @@ _WRITE_FAILURES = tuple(
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-def write_error(manager: ocp.CheckpointManager, error: OSError) -> errors.CheckpointWriteError:
-    """The one line of a failed checkpoint write (naming the last good checkpoint) for an
-    error of the disk met while training (writing logs or evaluations)."""
-    return _write_error(manager, error)
-
-
-def _write_error(manager: ocp.CheckpointManager, error: Exception) -> errors.CheckpointWriteError:
+def write_error(manager: ocp.CheckpointManager, error: Exception) -> errors.CheckpointWriteError:
+    """The one line of a failed write of the disk (a checkpoint's, or while training the
+    logs' or evaluations'), naming the last good checkpoint."""
     text = str(error)
     reason = getattr(error, "strerror", None) or next(
         (failure for failure in _WRITE_FAILURES if failure in text), text.splitlines()[0][:300]
@@ -155,6 +150,18 @@ def _write_error(manager: ocp.CheckpointManager, error: Exception) -> errors.Che
         f"cannot write checkpoints to {manager.directory}: {reason} "
         f"(the last good checkpoint is {_last_committed(manager)})"
     )
+
+
+@contextlib.contextmanager
+def disk_errors(manager: ocp.CheckpointManager):
+    """A full disk met while training (logs, evaluations) as the one line of a failed
+    checkpoint write, naming the last good checkpoint."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        raise write_error(manager, error) from error
 
 
 def save(
@@ -200,7 +207,7 @@ def _save_errors(manager: ocp.CheckpointManager):
         with checkpoint_recovery.quiet_failed_restore():
             yield
     except (OSError, ValueError) as error:
-        raise _write_error(manager, error) from error
+        raise write_error(manager, error) from error
 
 
 def _last_committed(manager: ocp.CheckpointManager) -> str:
@@ -231,23 +238,7 @@ def restore_latest(
     def restore(step: int) -> Any:
         metadata = manager.item_metadata(step)["state"]
         checkpoint_recovery.check_same_model(step, abstract_state, metadata)
-        # Fields without leaves that the checkpoint lacks (`TrainState.imnet_encoder` {} of
-        # checkpoints written before it existed) keep their value: the rest is restored.
-        on_disk = getattr(metadata, "tree", metadata)
-        fields = (
-            dataclasses.fields(abstract_state) if dataclasses.is_dataclass(abstract_state) else ()
-        )
-        absent = [
-            field.name
-            for field in fields
-            if field.name not in on_disk
-            and not jax.tree.leaves(getattr(abstract_state, field.name))
-        ]
-        target = abstract_state
-        if absent:
-            target = {
-                f.name: getattr(abstract_state, f.name) for f in fields if f.name not in absent
-            }
+        target, absent = checkpoint_recovery.restore_target(abstract_state, metadata)
         items = {"state": ocp.args.StandardRestore(target)}
         if train_iter is not None:
             items["train_iter"] = grain.checkpoint.CheckpointRestore(train_iter)

@@ -14,7 +14,6 @@ its fine labels) as the source.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -251,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if step == 0 and config.init.init_from:
         # The starting point's score, so that eval/0.json shows what adaptation gained.
         evaluate(0, state)
-    with checkpointing.PreemptionWatcher() as watcher, _disk_errors(manager):
+    with checkpointing.PreemptionWatcher() as watcher, checkpointing.disk_errors(manager):
         while step < config.num_steps:
             batch = parallel.put_batch(next(train_iter), mesh)
             profiler.before_step(step)
@@ -287,18 +286,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if stopped_by is not None and step < config.num_steps:
         raise errors.Interrupted(stopped_by, step)
     return report
-
-
-@contextlib.contextmanager
-def _disk_errors(manager: Any):
-    """A full disk met while training (logs, evaluations) as the one line of a failed
-    checkpoint write, naming the last good checkpoint."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in checkpointing.DISK_ERRNOS:
-            raise
-        raise checkpointing.write_error(manager, error) from error
 
 
 def progress_summary(workdir: str) -> str:
