@@ -101,6 +101,11 @@ def test_depthwise_formulations_agree():
     grouped = jax.grad(loss(mt.depthwise_conv3x3_grouped), argnums=(0, 1, 2))(x, kernel, bias)
     for ours, theirs in zip(grads, grouped, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
+    # bfloat16 activations with float32 parameters: each gradient in its input's dtype.
+    grads = jax.grad(loss(mt.depthwise_conv3x3), argnums=(0, 1, 2))(
+        x.astype(jnp.bfloat16), kernel, bias
+    )
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
 
 
 def test_matches_numpy_forward(weights):
