@@ -13,15 +13,9 @@ whole channels) and a biased 1x1 conv classify it. The method's projection head 
 `deeplab.Head`'s: a biased 1x1 conv, L2-normalised) reads the same fused map, so
 features and prototypes live at stride 4.
 
-Module tree of `head` and the mmseg names it mirrors (`models/convert.py`):
-
-    embed_{i}                   <- embed_layers.{i}.proj
-    aspp_0/{conv,bn}            <- fuse_layer.aspp_modules.0.{conv,bn}
-    aspp_{j}/depthwise/{conv,bn} <- fuse_layer.aspp_modules.{j}.depthwise_conv.{conv,bn}
-    aspp_{j}/pointwise/{conv,bn} <- fuse_layer.aspp_modules.{j}.pointwise_conv.{conv,bn}
-    bottleneck/{conv,bn}        <- fuse_layer.bottleneck.{conv,bn}
-    classifier                  <- conv_seg
-    projection                  (the method's; not in DAFormer)
+The module tree of `head` mirrors mmseg's names (`torch_key`; the table is in
+docs/reference_checkpoints.md): embed_{i}, aspp_{j}/[depthwise|pointwise/]{conv,bn},
+bottleneck/{conv,bn}, classifier (conv_seg), and projection (not in DAFormer).
 """
 
 from __future__ import annotations
@@ -73,8 +67,7 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
 
 
 class DepthwiseConv3x3(nn.Module):
-    """`[B, h, w, C] -> [B, h, w, C]` with parameter `kernel [3, 3, 1, C]` (no bias);
-    `depthwise_conv3x3`."""
+    """`depthwise_conv3x3` with parameter `kernel [3, 3, 1, C]` (no bias)."""
 
     dilation: int
     dtype: Any = jnp.float32
@@ -108,8 +101,7 @@ class ConvBNReLU(nn.Module):
         if self.kernel_size == 1:
             # A matrix product over channels, as ResNet's 1x1 convs (faster on XLA:CPU).
             x = resnet.Conv1x1(self.features, dtype=self.dtype, name="conv")(x)
-        elif self.depthwise:
-            assert self.kernel_size == 3 and self.features == x.shape[-1]
+        elif self.depthwise:  # 3x3, features = input channels.
             x = DepthwiseConv3x3(self.dilation, self.dtype, name="conv")(x)
         else:
             pad = self.dilation * (self.kernel_size // 2)
