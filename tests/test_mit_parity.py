@@ -4,9 +4,9 @@
 
 Each file is imported from the checkout named by $WDASS_SOURCE / $DAFORMER_SOURCE (either
 or both; the test of an unset one is skipped). Stubbed, as the minimum for the import
-without mmcv/mmseg installed (timm is real): `mmseg.utils.get_root_logger` (logger),
-`mmseg.models.builder.BACKBONES` (registry, its decorator returns the class), and
-mmcv's checkpoint loaders `load_checkpoint` / `_load_checkpoint` (never called). DAFormer's
+without mmcv/mmseg installed (timm is real; `daformer_torch.stub_modules`):
+`mmseg.utils.get_root_logger` (logger), `mmseg.models.builder.BACKBONES` (registry, its
+decorator returns the class), and mmcv's checkpoint loaders (never called). DAFormer's
 file also subclasses mmcv's `BaseModule`; its stand-in is `torch.nn.Module` taking
 `init_cfg`, the only part of BaseModule that the encoder's forward depends on.
 
@@ -24,7 +24,6 @@ Run: WDASS_SOURCE=/work/src/WDASS DAFORMER_SOURCE=/work/src/DAFormer \\
 import importlib.util
 import os
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ torch = pytest.importorskip("torch", reason="torch is not installed (the parity 
 
 from wsda_jax.models import imagenet_init  # noqa: E402
 from wsda_jax.models import mix_transformer as mt  # noqa: E402
+from wsda_jax.tools.benchmarks import daformer_torch  # noqa: E402
 
 SOURCES = {
     "wdass": ("WDASS_SOURCE", "network/encoders/segformer.py"),
@@ -43,36 +43,6 @@ SOURCES = {
 }
 HEIGHT, WIDTH = 97, 130
 FLOAT64_TOLERANCE = 1e-10
-
-
-class _BaseModule(torch.nn.Module):
-    """mmcv.runner.BaseModule's constructor interface (init_cfg kept, nothing else)."""
-
-    def __init__(self, init_cfg=None):
-        super().__init__()
-        self.init_cfg = init_cfg
-
-
-def _stub_modules(monkeypatch) -> None:
-    def never(*args, **kwargs):
-        raise AssertionError("the parity test loads weights itself")
-
-    registry = types.SimpleNamespace(register_module=lambda *a, **k: lambda cls: cls)
-    modules = {
-        "mmcv": types.ModuleType("mmcv"),
-        "mmcv.runner": types.ModuleType("mmcv.runner"),
-        "mmseg": types.ModuleType("mmseg"),
-        "mmseg.utils": types.ModuleType("mmseg.utils"),
-        "mmseg.models": types.ModuleType("mmseg.models"),
-        "mmseg.models.builder": types.ModuleType("mmseg.models.builder"),
-    }
-    modules["mmcv.runner"].BaseModule = _BaseModule
-    modules["mmcv.runner"].load_checkpoint = never
-    modules["mmcv.runner"]._load_checkpoint = never
-    modules["mmseg.utils"].get_root_logger = lambda *a, **k: None
-    modules["mmseg.models.builder"].BACKBONES = registry
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
 
 
 @pytest.fixture(scope="module", params=sorted(SOURCES))
@@ -83,7 +53,8 @@ def reference(request):
     if not source:
         pytest.skip(f"{variable} (a {request.param} checkout) is not set")
     monkeypatch = pytest.MonkeyPatch()
-    _stub_modules(monkeypatch)
+    for name, module in daformer_torch.stub_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
     spec = importlib.util.spec_from_file_location(
         f"reference_mit_{request.param}", os.path.join(source, relative)
     )

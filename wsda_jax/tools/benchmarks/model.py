@@ -1,6 +1,9 @@
-"""Times DeepLabV2-ResNet forward+backward on the CPU (one image per size).
+"""Times DeepLabV2-ResNet forward+backward on the CPU (one image per size), or with
+`--arch=daformer` the MiT encoder beside DAFormer's own torch encoder.
 
     python -m wsda_jax.tools.benchmarks.model --runs=10 --sizes=256,512
+    DAFORMER_SOURCE=/path/to/DAFormer /work/venv-torch/bin/python -m \
+        wsda_jax.tools.benchmarks.model --arch=daformer --sizes=512 --batches=1,2 --runs=3
 
 What is timed: one jitted call computing the gradient w.r.t. all parameters of a
 cross-entropy-like scalar of the three model outputs, BatchNorm in train mode
@@ -26,7 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from wsda_jax.models import deeplab  # noqa: E402
+from wsda_jax.models import deeplab, mix_transformer  # noqa: E402
+from wsda_jax.tools.benchmarks import daformer_torch  # noqa: E402
 
 # A torchvision DeepLabV2-ResNet-101 (output stride 8, four dilated classifier convs,
 # projection head), forward + backward of one image, torch 2.14.1 on the 2-core CPU
@@ -166,6 +170,72 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def time_mit(variant: str, batch: int, size: int, runs: int) -> dict[str, list[float]]:
+    """Our MiT encoder (eval mode, float32): seconds of `runs` jitted forward calls and
+    forward+backward calls of sum_stages mean(out^2) w.r.t. all parameters, after one
+    compiling call each (its seconds under 'compile_fwd', 'compile_fwd_bwd')."""
+    model = mix_transformer.MixTransformer(variant=variant)
+    params = host_random_variables(model, 64)["params"]
+    images = jnp.asarray(
+        np.random.default_rng(1).standard_normal((batch, size, size, 3)), jnp.float32
+    )
+
+    def loss(params, images):
+        outputs = model.apply({"params": params}, images, train=False)
+        return sum(jnp.mean(out * out) for out in outputs)
+
+    result = {}
+    fns = {"fwd": jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)),
+           "fwd_bwd": jax.jit(jax.value_and_grad(loss))}  # fmt: skip
+    for key, fn in fns.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(params, images))
+        result["compile_" + key] = time.perf_counter() - start
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, images))
+            times.append(time.perf_counter() - start)
+        result[key] = times
+    return result
+
+
+def daformer_rows(variant: str, sizes: Sequence[int], batches: Sequence[int], runs: int,
+                  source: str) -> list[str]:  # fmt: skip
+    """Lines of a table: ours vs DAFormer's torch encoder (when torch imports and `source`
+    names a DAFormer checkout), medians of `runs`, the ratio ours / torch."""
+    try:
+        import torch  # noqa: F401 - only to know whether the torch side can run.
+    except ImportError:
+        source = ""
+    lines = [f"{'benchmark':28} {'batch':>5} {'size':>5} {'ours s':>8} {'torch s':>8} "
+             f"{'ratio':>6} {'compile s':>9} {'load':>5}"]  # fmt: skip
+    for size in sizes:
+        for batch in batches:
+            ours = time_mit(variant, batch, size, runs)
+            theirs = None
+            if source:
+                theirs = daformer_torch.time_encoder(source, variant, batch, size, runs)
+            for key in ("fwd", "fwd_bwd"):
+                median = statistics.median(ours[key])
+                torch_s = theirs["median"][key] if theirs else None
+                ratio = f"{median / torch_s:6.2f}" if torch_s else f"{'-':>6}"
+                torch_col = f"{torch_s:8.2f}" if torch_s else f"{'-':>8}"
+                lines.append(
+                    f"{'mit_' + variant + '_encoder_' + key:28} {batch:>5} {size:>5} "
+                    f"{median:8.2f} {torch_col} {ratio} {ours['compile_' + key]:9.1f} "
+                    f"{os.getloadavg()[0]:5.1f}"
+                )
+    return lines
+
+
+_ARCH = flags.DEFINE_enum("arch", "deeplabv2", ["deeplabv2", "daformer"], "Which network.")
+_MIT = flags.DEFINE_enum("mit", "b5", list(mix_transformer.VARIANTS), "daformer: MiT variant.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "2"], "daformer: batch sizes.")
+_DAFORMER_SOURCE = flags.DEFINE_string(
+    "daformer_source", os.environ.get("DAFORMER_SOURCE", ""),
+    "daformer: a DAFormer checkout, to time its torch encoder in the same run.",
+)  # fmt: skip
 _RUNS = flags.DEFINE_integer("runs", 10, "Timed calls per size (after one compiling call).")
 _SIZES = flags.DEFINE_list("sizes", ["256", "512"], "Square image sizes, one image each.")
 _DEPTH = flags.DEFINE_integer("depth", 101, "ResNet depth.")
@@ -177,6 +247,11 @@ def main(argv: Sequence[str]) -> None:
     del argv
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
+    if _ARCH.value == "daformer":
+        sizes, batches = [int(s) for s in _SIZES.value], [int(b) for b in _BATCHES.value]
+        lines = daformer_rows(_MIT.value, sizes, batches, _RUNS.value, _DAFORMER_SOURCE.value)
+        print("\n".join(lines))
+        return
     rows = benchmark_rows(
         sizes=[int(s) for s in _SIZES.value],
         runs=_RUNS.value,
