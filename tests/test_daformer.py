@@ -118,28 +118,6 @@ def test_level_upsampling_is_half_pixel_bilinear(size_in, size_out):
     np.testing.assert_allclose(got, ref.bilinear_resize(x, *size_out), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dilation", [1, 6])
-def test_depthwise_conv_equals_the_grouped_convolution(dilation):
-    """The shifted multiply-adds equal one grouped, dilated convolution, gradients too."""
-    x, kernel = normal(0, (2, 9, 11, 5)), normal(1, (3, 3, 1, 5))
-
-    def grouped(x, kernel):
-        pad = ((dilation, dilation), (dilation, dilation))
-        return jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), pad, rhs_dilation=(dilation, dilation),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=5,
-        )  # fmt: skip
-
-    def shifted(x, kernel):
-        return daformer_head.depthwise_conv3x3(x, kernel, dilation)
-
-    np.testing.assert_allclose(shifted(x, kernel), grouped(x, kernel), rtol=1e-5, atol=1e-5)
-    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))  # noqa: E731
-    got = jax.grad(loss(shifted), argnums=(0, 1))(x, kernel)
-    want = jax.grad(loss(grouped), argnums=(0, 1))(x, kernel)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
-
-
 def test_dropout_only_in_the_students_forward(model_and_variables):
     """`train_forward` without a key (the EMA teacher) is deterministic; with one (the
     student) Dropout2d drops channels of the fused map before the classifier only: the

@@ -83,31 +83,6 @@ def test_attention_equals_explicit_formula():
     np.testing.assert_allclose(mt.explicit_attention(q, k, v), expected, atol=2e-6)
 
 
-def test_depthwise_formulations_agree():
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(2, 9, 13, 6)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
-    bias = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
-    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
-
-    def loss(fn):
-        return lambda *args: jnp.sum(fn(*args) * cotangent)
-
-    np.testing.assert_allclose(
-        mt.depthwise_conv3x3(x, kernel, bias), mt.depthwise_conv3x3_grouped(x, kernel, bias),
-        atol=1e-5,
-    )  # fmt: skip
-    grads = jax.grad(loss(mt.depthwise_conv3x3), argnums=(0, 1, 2))(x, kernel, bias)
-    grouped = jax.grad(loss(mt.depthwise_conv3x3_grouped), argnums=(0, 1, 2))(x, kernel, bias)
-    for ours, theirs in zip(grads, grouped, strict=True):
-        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-4)
-    # bfloat16 activations with float32 parameters: each gradient in its input's dtype.
-    grads = jax.grad(loss(mt.depthwise_conv3x3), argnums=(0, 1, 2))(
-        x.astype(jnp.bfloat16), kernel, bias
-    )
-    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
-
-
 def test_matches_numpy_forward(weights):
     """Every stage of the converted weights equals the NumPy encoder on the NVlabs keys."""
     sd, variables = weights

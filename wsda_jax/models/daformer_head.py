@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wsda_jax.models import deeplab, mix_transformer, resnet
+from wsda_jax.models import deeplab, depthwise, mix_transformer, resnet
 
 # DAFormer's fusion: ASPP dilations (no image-pooling branch) and the classifier's dropout.
 FUSION_DILATIONS = (1, 6, 12, 18)
@@ -46,28 +46,9 @@ def _torch_linear_init(fan_in: int):
     return init
 
 
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    """3x3 depthwise convolution without bias, padding = dilation (size kept), as nine
-    shifted multiply-adds. Sums in at least float32.
-
-    x: `[B, h, w, C]`; kernel: `[3, 3, 1, C]` (nn.Conv's grouped layout). Equal to the
-    grouped convolution (`feature_group_count=C`, `rhs_dilation`), which XLA:CPU runs,
-    with its gradient, several times slower (fusion map of a 512x512 crop: 128x128x1024).
-    """
-    height, width = x.shape[1:3]
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    d = dilation
-    padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
-    out = jnp.zeros((), acc_dtype)
-    for i in range(3):
-        for j in range(3):
-            shifted = padded[:, i * d : i * d + height, j * d : j * d + width, :]
-            out = out + shifted.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
-    return out.astype(x.dtype)
-
-
 class DepthwiseConv3x3(nn.Module):
-    """`depthwise_conv3x3` with parameter `kernel [3, 3, 1, C]` (no bias)."""
+    """`depthwise.depthwise_conv3x3`, dilated, with parameter `kernel [3, 3, 1, C]` (no
+    bias: mmcv's ConvModule before a BatchNorm)."""
 
     dilation: int
     dtype: Any = jnp.float32
@@ -77,13 +58,14 @@ class DepthwiseConv3x3(nn.Module):
         shape = (3, 3, 1, x.shape[-1])
         # mmcv's kaiming_init(fan_out, relu): fan_out = C * 9, as for nn.Conv.
         kernel = self.param("kernel", resnet.conv_init, shape, jnp.float32)
-        return depthwise_conv3x3(x.astype(self.dtype), kernel, self.dilation)
+        no_bias = jnp.zeros(shape[-1:], jnp.float32)
+        return depthwise.depthwise_conv3x3(x.astype(self.dtype), kernel, no_bias, self.dilation)
 
 
 class ConvBNReLU(nn.Module):
     """mmcv's ConvModule with BatchNorm and ReLU: a conv without bias (`conv`), BatchNorm
     (`bn`, torch's eps 1e-5 and momentum 0.1) and ReLU. `depthwise` makes it one 3x3
-    filter per channel (features = input channels, `depthwise_conv3x3`). Padding keeps
+    filter per channel (features = input channels, `DepthwiseConv3x3`). Padding keeps
     the size.
 
     `[B, h, w, C_in]` -> `[B, h, w, features]` in `dtype`.

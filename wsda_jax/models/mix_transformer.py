@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wsda_jax.models import depthwise
+
 # Variant -> (embed dims, blocks per stage), as NVlabs' mit_b0..mit_b5.
 VARIANTS = {
     "b0": ((32, 64, 160, 256), (2, 2, 2, 2)),
@@ -72,70 +74,6 @@ def stage_settings(
     if len(blocks) != 4 or any(n < 1 for n in blocks):
         raise ValueError(f"depths={blocks}: expected four positive ints")
     return dims, blocks
-
-
-def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """sum_ij pad(x)[:, i:i+H, j:j+W] * kernel[i, j, 0] + bias, summed in at least float32."""
-    height, width = x.shape[1:3]
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = bias.astype(acc_dtype)
-    for i in range(3):
-        for j in range(3):
-            shifted = padded[:, i : i + height, j : j + width, :]
-            out = out + shifted.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
-    return out.astype(x.dtype)
-
-
-@jax.custom_vjp
-def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """3x3 depthwise convolution, padding 1, as nine shifted multiply-adds.
-
-    x: `[B, H, W, C]`; kernel: `[3, 3, 1, C]` (nn.Conv's grouped layout); bias: `[C]`.
-    Equal to `depthwise_conv3x3_grouped`, which XLA:CPU runs 20-40x slower forward and
-    backward (`wsda_jax.tools.benchmarks.model --arch=daformer`, docs/benchmarks.md). The
-    gradient is written out (`_depthwise_bwd`) rather than derived: the derived one fuses
-    the incoming gradient (GELU's) into each of the nine shifted reads and computes it 9x.
-    """
-    return _shifted_sum(x, kernel, bias)
-
-
-def _depthwise_fwd(x, kernel, bias):
-    return _shifted_sum(x, kernel, bias), (x, kernel, bias)
-
-
-def _depthwise_bwd(residuals, grad):
-    """dx: the same convolution of the gradient with the kernel flipped in H and W;
-    dkernel[i, j]: sum over B, H, W of pad(x) shifted by (i, j) times the gradient."""
-    x, kernel, bias = residuals
-    grad = jax.lax.optimization_barrier(grad)  # Computed once, then read nine times.
-    height, width = x.shape[1:3]
-    dx = _shifted_sum(grad, kernel[::-1, ::-1], jnp.zeros_like(bias))
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    taps = [
-        jnp.einsum(
-            "bhwc,bhwc->c", padded[:, i : i + height, j : j + width, :], grad,
-            preferred_element_type=acc_dtype,
-        )
-        for i in range(3)
-        for j in range(3)
-    ]  # fmt: skip
-    dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-    dbias = jnp.sum(grad.astype(acc_dtype), axis=(0, 1, 2)).astype(bias.dtype)
-    return dx.astype(x.dtype), dkernel, dbias
-
-
-depthwise_conv3x3.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def depthwise_conv3x3_grouped(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """`depthwise_conv3x3` as one convolution with `feature_group_count = C`."""
-    out = jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (1, 1), ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-    )  # fmt: skip
-    return out + bias.astype(x.dtype)
 
 
 def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -189,7 +127,7 @@ class DepthwiseConv3x3(nn.Module):
         channels = x.shape[-1]
         kernel = self.param("kernel", conv_init(3, channels, channels), (3, 3, 1, channels))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        return depthwise_conv3x3(x.astype(self.dtype), kernel, bias)
+        return depthwise.depthwise_conv3x3(x.astype(self.dtype), kernel, bias)
 
 
 class OverlapPatchEmbed(nn.Module):

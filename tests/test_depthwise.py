@@ -1,0 +1,44 @@
+"""The shifted multiply-add depthwise convolution equals the grouped convolution."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wsda_jax.models import depthwise
+
+
+@pytest.mark.parametrize("dilation", [1, 6])
+def test_shifted_equals_grouped_with_gradients(dilation):
+    """Forward and the written-out gradient (x, kernel, bias) equal XLA's grouped,
+    dilated convolution and its derived gradient."""
+    rng = np.random.default_rng(dilation)
+    x = jnp.asarray(rng.normal(size=(2, 9, 13, 6)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 6)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+    cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda *args: jnp.sum(jnp.sin(fn(*args, dilation)) * cotangent)
+
+    np.testing.assert_allclose(
+        depthwise.depthwise_conv3x3(x, kernel, bias, dilation),
+        depthwise.depthwise_conv3x3_grouped(x, kernel, bias, dilation),
+        rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    ours = jax.grad(loss(depthwise.depthwise_conv3x3), argnums=(0, 1, 2))(x, kernel, bias)
+    grouped = jax.grad(loss(depthwise.depthwise_conv3x3_grouped), argnums=(0, 1, 2))(
+        x, kernel, bias
+    )
+    for got, want in zip(ours, grouped, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_keep_their_inputs_dtypes():
+    """bfloat16 activations with float32 parameters: each gradient in its input's dtype."""
+    x = jnp.ones((1, 5, 7, 4), jnp.bfloat16)
+    kernel, bias = jnp.ones((3, 3, 1, 4)), jnp.zeros((4,))
+    grads = jax.grad(
+        lambda *a: jnp.sum(depthwise.depthwise_conv3x3(*a).astype(jnp.float32)), argnums=(0, 1, 2)
+    )(x, kernel, bias)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]

@@ -1,0 +1,86 @@
+"""The 3x3 depthwise convolution of the MiT encoder's Mix-FFN and DAFormer's fusion.
+
+One filter per channel, padding = dilation (size kept), written as nine shifted
+multiply-adds: XLA:CPU runs the grouped convolution (`feature_group_count = C`) and its
+gradient 20-40x slower (`wsda_jax.tools.benchmarks.model --arch=daformer`,
+docs/benchmarks.md). The gradient is written out rather than derived: the derived one
+fuses the incoming gradient (GELU's, in the Mix-FFN) into each of the nine shifted reads
+and so computes it nine times.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int) -> jax.Array:
+    """sum_ij pad(x)[:, i*d:i*d+H, j*d:j*d+W] * kernel[i, j, 0] + bias, summed in at least
+    float32, returned in x's dtype."""
+    height, width = x.shape[1:3]
+    d = dilation
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+    out = bias.astype(acc_dtype)
+    for i in range(3):
+        for j in range(3):
+            shifted = padded[:, i * d : i * d + height, j * d : j * d + width, :]
+            out = out + shifted.astype(acc_dtype) * kernel[i, j, 0].astype(acc_dtype)
+    return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def depthwise_conv3x3(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int = 1
+) -> jax.Array:
+    """3x3 depthwise convolution with bias, padding = dilation.
+
+    x: `[B, H, W, C]`; kernel: `[3, 3, 1, C]` (nn.Conv's grouped layout); bias: `[C]`.
+    Returns `[B, H, W, C]` in x's dtype; equal to `depthwise_conv3x3_grouped`.
+    """
+    return _shifted_sum(x, kernel, bias, dilation)
+
+
+def _forward(x, kernel, bias, dilation):
+    return _shifted_sum(x, kernel, bias, dilation), (x, kernel, bias)
+
+
+def _backward(dilation, residuals, grad):
+    """dx: the same convolution of the gradient with the kernel flipped in H and W;
+    dkernel[i, j]: sum over B, H, W of pad(x) shifted by (i, j) * dilation times the
+    gradient; dbias: the gradient summed over B, H, W."""
+    x, kernel, bias = residuals
+    grad = jax.lax.optimization_barrier(grad)  # Computed once, then read nine times.
+    height, width = x.shape[1:3]
+    d = dilation
+    dx = _shifted_sum(grad, kernel[::-1, ::-1], jnp.zeros_like(bias), d)
+    padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
+    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    taps = [
+        jnp.einsum(
+            "bhwc,bhwc->c", padded[:, i * d : i * d + height, j * d : j * d + width, :], grad,
+            preferred_element_type=acc_dtype,
+        )
+        for i in range(3)
+        for j in range(3)
+    ]  # fmt: skip
+    dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    dbias = jnp.sum(grad.astype(acc_dtype), axis=(0, 1, 2)).astype(bias.dtype)
+    return dx.astype(x.dtype), dkernel, dbias
+
+
+depthwise_conv3x3.defvjp(_forward, _backward)
+
+
+def depthwise_conv3x3_grouped(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int = 1
+) -> jax.Array:
+    """`depthwise_conv3x3` as one convolution with `feature_group_count = C`."""
+    out = jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (1, 1), ((dilation, dilation), (dilation, dilation)),
+        rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+    )  # fmt: skip
+    return out + bias.astype(x.dtype)
