@@ -42,3 +42,29 @@ def test_gradients_keep_their_inputs_dtypes():
         lambda *a: jnp.sum(depthwise.depthwise_conv3x3(*a).astype(jnp.float32)), argnums=(0, 1, 2)
     )(x, kernel, bias)
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
+
+
+def test_replicated_parameters_get_the_summed_gradient_under_shard_map():
+    """With device-varying activations and replicated kernel and bias (the train step's
+    case, check_vma on), the written-out gradient is accepted and equals the derived one
+    of the grouped convolution."""
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 7, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 1, 4)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+    P = jax.sharding.PartitionSpec
+
+    def grads(fn):
+        def per_device(x, kernel, bias):
+            loss = lambda k, b: jnp.sum(jnp.sin(fn(x, k, b, 2)))  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1))(kernel, bias)
+
+        sharded = jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=(P(), P())
+        )
+        return jax.jit(sharded)(x, kernel, bias)
+
+    ours, grouped = grads(depthwise.depthwise_conv3x3), grads(depthwise.depthwise_conv3x3_grouped)
+    for got, want in zip(ours, grouped, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -3,14 +3,12 @@
 One filter per channel, padding = dilation (size kept), written as nine shifted
 multiply-adds: XLA:CPU runs the grouped convolution (`feature_group_count = C`) and its
 gradient 20-40x slower (`wsda_jax.tools.benchmarks.model --arch=daformer`,
-docs/benchmarks.md). The gradient is written out rather than derived: the derived one
-fuses the incoming gradient (GELU's, in the Mix-FFN) into each of the nine shifted reads
-and so computes it nine times.
+docs/benchmarks.md). The gradient is JAX's own: a written-out one (custom_vjp) computed
+the incoming gradient once instead of nine times, but its parameter cotangents clash
+with shard_map's replication types (check_vma) inside the train step.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +29,6 @@ def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int
     return out.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def depthwise_conv3x3(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int = 1
 ) -> jax.Array:
@@ -41,37 +38,6 @@ def depthwise_conv3x3(
     Returns `[B, H, W, C]` in x's dtype; equal to `depthwise_conv3x3_grouped`.
     """
     return _shifted_sum(x, kernel, bias, dilation)
-
-
-def _forward(x, kernel, bias, dilation):
-    return _shifted_sum(x, kernel, bias, dilation), (x, kernel, bias)
-
-
-def _backward(dilation, residuals, grad):
-    """dx: the same convolution of the gradient with the kernel flipped in H and W;
-    dkernel[i, j]: sum over B, H, W of pad(x) shifted by (i, j) * dilation times the
-    gradient; dbias: the gradient summed over B, H, W."""
-    x, kernel, bias = residuals
-    grad = jax.lax.optimization_barrier(grad)  # Computed once, then read nine times.
-    height, width = x.shape[1:3]
-    d = dilation
-    dx = _shifted_sum(grad, kernel[::-1, ::-1], jnp.zeros_like(bias), d)
-    padded = jnp.pad(x, ((0, 0), (d, d), (d, d), (0, 0)))
-    acc_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    taps = [
-        jnp.einsum(
-            "bhwc,bhwc->c", padded[:, i * d : i * d + height, j * d : j * d + width, :], grad,
-            preferred_element_type=acc_dtype,
-        )
-        for i in range(3)
-        for j in range(3)
-    ]  # fmt: skip
-    dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-    dbias = jnp.sum(grad.astype(acc_dtype), axis=(0, 1, 2)).astype(bias.dtype)
-    return dx.astype(x.dtype), dkernel, dbias
-
-
-depthwise_conv3x3.defvjp(_forward, _backward)
 
 
 def depthwise_conv3x3_grouped(
