@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from wsda_jax import config_schema
+
 # (key, lowest, highest, what the message says): every numeric key's range. Keys not in
 # the config (another version of it) are skipped; None = no bound on that side.
 _INTEGER, _REAL = "an integer", "a number"
@@ -84,15 +86,6 @@ POSITIVE = (
 )
 
 
-def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, object]:
-    node = config
-    for part in key.split("."):
-        if part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def _is_number(value: object, kind: str) -> bool:
     if isinstance(value, bool):
         return False
@@ -107,7 +100,7 @@ def validate_ranges(config: ml_collections.ConfigDict) -> None:
     without complaint. (Batch sizes are checked in `validate`.)
     """
     for key, low, high, kind in NUMERIC_RANGES:
-        present, value = _lookup(config, key)
+        present, value = config_schema.lookup(config, key)
         if not present:
             continue
         if not _is_number(value, kind):
@@ -118,22 +111,22 @@ def validate_ranges(config: ml_collections.ConfigDict) -> None:
         if high is not None and value > high:
             raise ValueError(f"config.{key}={value!r} must be in [{low}, {high}]")
     for key in POSITIVE:
-        present, value = _lookup(config, key)
+        present, value = config_schema.lookup(config, key)
         if present and not (_is_number(value, _REAL) and value > 0):
             raise ValueError(f"config.{key}={value!r} must be > 0")
-    present, betas = _lookup(config, "optim.betas")
+    present, betas = config_schema.lookup(config, "optim.betas")
     if present and not (
         len(betas) == 2 and all(_is_number(b, _REAL) and 0 <= b < 1 for b in betas)
     ):
         raise ValueError(f"config.optim.betas={tuple(betas)!r} must be two numbers in [0, 1)")
     for key, low in (("data.scale_range", 0.0), ("classmix.blur_sigma", 0.0)):
-        present, pair = _lookup(config, key)
+        present, pair = config_schema.lookup(config, key)
         if present and not (
             len(pair) == 2 and all(_is_number(v, _REAL) for v in pair) and low < pair[0] <= pair[1]
         ):
             raise ValueError(
                 f"config.{key}={tuple(pair)!r} must be (low, high), {low} < low <= high"
             )
-    present, scales = _lookup(config, "eval.scales")
+    present, scales = config_schema.lookup(config, "eval.scales")
     if present and not (scales and all(_is_number(v, _REAL) and v > 0 for v in scales)):
         raise ValueError(f"config.eval.scales={tuple(scales)!r} must be one or more numbers > 0")

@@ -63,16 +63,18 @@ def validate_types(config: ml_collections.ConfigDict, defaults: ml_collections.C
         elif not _fits(value, _kind(default)):
             raise ValueError(f"config.{key}={value!r} must be {_words(_kind(default))}")
     for key in PAIRS:
-        present, pair = _lookup(config, key)
+        present, pair = lookup(config, key)
         if present and not (len(pair) == 2 or (key == "data.eval_resize" and not pair)):
             empty = " or ()" if key == "data.eval_resize" else ""
             raise ValueError(f"config.{key}={tuple(pair)!r} must be a pair (2 values){empty}")
-    present, resize = _lookup(config, "data.eval_resize")
+    present, resize = lookup(config, "data.eval_resize")
     if present and any(side < 8 for side in resize):
         raise ValueError(f"config.data.eval_resize={tuple(resize)!r}: both sides must be >= 8")
 
 
-def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, object]:
+def lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, object]:
+    """(True, value) of the dotted `key` ('data.crop_size'), (False, None) when the config
+    lacks it (another version of it)."""
     node = config
     for part in key.split("."):
         if part not in node:
