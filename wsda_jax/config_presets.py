@@ -163,15 +163,16 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
 def _synthetic_daformer(config: ml_collections.ConfigDict) -> None:
     """`daformer` scaled to the synthetic domains as the other synthetic configs scale
     the reference (batch 4 + 4, EMA 0.99, warm-up 50 steps, learning rate x4, scaled rare
-    class sampling and MIC), on a small MiT. No ImageNet weights exist for it, so it
-    starts from scratch without the feature distance. One stage of 1,200 steps: the
-    length of stage 1 + stage 2 of the ResNet-18 runs; the contrastive terms start at
-    step 800, after as many steps as in those runs (600 + 200)."""
+    class sampling and MIC), on a small MiT and a 32-channel decoder (docs/daformer.md:
+    the stride-4 decoder costs most of the step on a CPU). No ImageNet weights exist for
+    it, so it starts from scratch without the feature distance. One stage of 1,200
+    steps: the length of stage 1 + stage 2 of the ResNet-18 runs; the contrastive terms
+    start at step 800, after as many steps as in those runs (600 + 200)."""
     daformer(config)
     config.model.mit = "b0"
     config.model.mit_embed_dims = SYNTHETIC_MIT_DIMS
     config.model.mit_depths = (1, 1, 1, 1)
-    config.model.decoder_dim = 64
+    config.model.decoder_dim = 32
     config.num_steps = 1200
     config.per_device_batch_size = 4
     config.optim.lr = 4 * 6e-5
