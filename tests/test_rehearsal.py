@@ -8,9 +8,10 @@ Raw trees: GTA5 at 1914x1052 (one image/label size mismatch), SYNTHIA at 1280x76
 1024x512, val at 2048x1024). Then `python -m wsda_jax.main` runs the real configs
 with the reference's per-device batch (4 + 4) and eval batch (8), overriding only the
 model size, the step counts, the crop size (128x128, for the CPU) and the step where the
-contrastive terms start. Every listed config runs: the GTA5 stage 1 once on 4 devices
-(shared by both device counts), the coarse and image stage 2 and the SYNTHIA chain on
-4 devices, the point stage 2 on 1 device from the 4-device stage 1; predict on both.
+contrastive terms start. The GTA5 stage 1 runs once on 4 devices (shared by both device
+counts), then the coarse stage 2 on 4 devices and the point stage 2 on 1 device from it;
+predict on both. With `-m extended` (docs/testing.md) every other listed config runs
+too: the image stage 2 and the SYNTHIA chain on 4 devices.
 
 Time goes into compiling the train step (one program per device count and weak label,
 two where the contrastive terms switch on mid-run), so only gta2cs_coarse switches them
@@ -231,6 +232,16 @@ def test_four_devices_stage1_stage2_eval_predict(prepared, gta_stage_one, tmp_pa
 
     runs = tmp_path / "devices4"
     _stage_two(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", stage1, CONTRAST_SWITCH)
+    _check_predict(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", runs / "predictions")
+    shutil.rmtree(runs)  # Checkpoints of every run would fill the disk otherwise.
+
+
+@pytest.mark.extended
+def test_four_devices_image_labels_and_the_synthia_chain(prepared, gta_stage_one, tmp_path):
+    """The other 4-device configs: gta2cs_image from the GTA5 stage 1, and SYNTHIA's
+    stage 1 and coarse stage 2 with their 16- and 13-class mIoU."""
+    stage1, _ = gta_stage_one
+    runs = tmp_path / "devices4"
     _stage_two(prepared, 4, "gta2cs_image", runs / "gta2cs_image", stage1, CONTRAST_ON)
 
     synthia = runs / "synthia_source_only"
@@ -249,9 +260,7 @@ def test_four_devices_stage1_stage2_eval_predict(prepared, gta_stage_one, tmp_pa
     _check_eval(
         prepared, workdir, NUM_STEPS, ["student", "teacher"], ("miou", "miou_16", "miou_13")
     )
-
-    _check_predict(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", runs / "predictions")
-    shutil.rmtree(runs)  # Checkpoints of every run would fill the disk otherwise.
+    shutil.rmtree(runs)
 
 
 def test_one_device_stage2_from_the_four_device_stage1_and_predict(
@@ -320,7 +329,7 @@ def test_browse_shows_crop_presence(prepared, tmp_path):
 def test_eval_of_a_converted_reference_checkpoint(prepared, tmp_path):
     """A checkpoint in the reference's layout (npz, DDP names; the rehearsal's model size)
     -> `wsda_jax.models.convert` -> `--mode=eval` on the full-size Cityscapes val; the
-    JSON names its settings, and other settings write their own file."""
+    JSON names its settings (other settings' own file: test_main)."""
     import jax
 
     from configs import gta2cs_coarse
@@ -362,7 +371,3 @@ def test_eval_of_a_converted_reference_checkpoint(prepared, tmp_path):
         report["settings"]["target"] == "cityscapes_weak"
         and report["settings"]["eval_resize"] == []
     )
-    _main(prepared, 1, "gta2cs_coarse", workdir, "--mode=eval", "--config.eval.flip=True")
-    flipped = json.load(open(workdir / "eval" / "0_scales1_flip_float32.json"))
-    assert flipped["settings"]["flip"] is True
-    assert json.load(open(workdir / "eval" / "0.json")) == report  # Not overwritten.

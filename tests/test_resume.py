@@ -252,12 +252,24 @@ def _assert_every_checkpoint_restores(workdir):
             assert int(jax.device_get(state.step)) == step
 
 
-def test_five_random_kills_then_matches_uninterrupted_run(reference, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize(
+    "points",
+    [
+        # The kinds test_sigkill_then_restart_matches_uninterrupted_run does not cover.
+        ("start", "write"),
+        pytest.param(("start", "write", "step", "write", "step"), marks=pytest.mark.extended),
+    ],
+    ids=["start_and_write", "five"],
+)
+def test_random_kills_then_matches_uninterrupted_run(points, reference, tmp_path, tmp_path_factory):
+    """SIGKILL at each point in turn (start-up, a checkpoint write, after a step), then an
+    uninterrupted run: the same metrics and evaluation as the run never killed, and every
+    checkpoint left restores."""
     base = tmp_path_factory.getbasetemp()
     workdir = tmp_path / "run"
     seed = 0
     rng = random.Random(seed)
-    for point in ("start", "write", "step", "write", "step"):
+    for point in points:
         process = _start(base, workdir)
         _kill_at(point, process, workdir, rng)
         assert process.returncode == -signal.SIGKILL, point

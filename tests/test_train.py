@@ -42,6 +42,7 @@ def tiny_config(name, base):
 def tiny_run(tmp_path_factory):
     """(config, workdir, report) of 4 steps with contrast_start = 2, step 3 profiled."""
     config = tiny_config("synthetic_coarse", tmp_path_factory.getbasetemp())
+    config.loss.contrast_start = 2  # The tiny preset's 0 would leave no step before it.
     config.profile.start_step, config.profile.num_steps = 2, 1
     workdir = tmp_path_factory.mktemp("train") / "run"
     report = train.train_and_evaluate(config, str(workdir))

@@ -207,7 +207,9 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.model.decoder_dim = 16
 
     config.num_steps = 4
-    config.loss.contrast_start = 2  # So the contrastive branch runs within the test.
+    # Every term from step 1: one compiled train program per run (the switch at
+    # contrast_start is tested with it set, tests/test_train.py, test_contrast_switch.py).
+    config.loss.contrast_start = 0
     config.loss.max_views = 4
     config.loss.inter_max_samples = 64
     config.loss.intra_max_samples = 32
