@@ -23,11 +23,14 @@ cpu_flags.apply_cpu_defaults(subprocesses.FAST_COMPILE_FLAGS)  # Appended to XLA
 CLI_MODULES = ("test_main", "test_faults", "test_resume")
 
 
+@pytest.hookimpl(tryfirst=True)  # Before pytest-xdist's worker hook reads the groups.
 def pytest_collection_modifyitems(items):
     """Groups the tests for pytest-xdist (`--dist loadgroup`: a group runs on one worker,
     so module fixtures are built once) and orders them longest first: the full-size
     rehearsal, then the other `slow` groups (fresh processes), then the rest in file
-    order; with two workers that keeps both busy to the end."""
+    order; with two workers that keeps both busy to the end. It must run before
+    pytest-xdist's own hook, which turns the groups into node ids: after it, every test
+    would be a unit of its own and each worker would build the module fixtures again."""
 
     def group(item):
         module = item.path.stem
