@@ -8,15 +8,17 @@ Raw trees: GTA5 at 1914x1052 (one image/label size mismatch), SYNTHIA at 1280x76
 1024x512, val at 2048x1024). Then `python -m wsda_jax.main` runs the real configs
 with the reference's per-device batch (4 + 4) and eval batch (8), overriding only the
 model size, the step counts, the crop size (128x128, for the CPU) and the step where the
-contrastive terms start. The GTA5 stage 1 runs once on 4 devices (shared by both device
-counts), then the coarse stage 2 on 4 devices and the point stage 2 on 1 device from it;
-predict on both. With `-m extended` (docs/testing.md) every other listed config runs
-too: the image stage 2 and the SYNTHIA chain on 4 devices.
+contrastive terms start. The GTA5 stage 1 runs once on 4 devices, then the coarse stage 2
+on 4 devices from it and predict. With `-m extended` (docs/testing.md) every other
+listed config runs too: the image stage 2 and the SYNTHIA chain on 4 devices, the point
+stage 2 on 1 device from the 4-device stage 1 and predict there, and the evaluation of
+a checkpoint converted from the reference's layout.
 
 Time goes into compiling the train step (one program per device count and weak label,
-two where the contrastive terms switch on mid-run), so only gta2cs_coarse switches them
-on at step 2 (`CONTRAST_SWITCH`); the other stage-2 runs have them on from step 1 and
-compile one program (the switch is also tested in test_train and test_contrast_switch).
+two where the contrastive terms switch on mid-run), so only synthia2cs_coarse switches
+them on at step 2 (`CONTRAST_SWITCH`); the other stage-2 runs have them on from step 1
+and compile one program (the switch is also tested in test_train and
+test_contrast_switch).
 """
 
 import json
@@ -231,7 +233,7 @@ def test_four_devices_stage1_stage2_eval_predict(prepared, gta_stage_one, tmp_pa
     _check_eval(prepared, stage1, NUM_STEPS, ["student"])
 
     runs = tmp_path / "devices4"
-    _stage_two(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", stage1, CONTRAST_SWITCH)
+    _stage_two(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", stage1, CONTRAST_ON)
     _check_predict(prepared, 4, "gta2cs_coarse", runs / "gta2cs_coarse", runs / "predictions")
     shutil.rmtree(runs)  # Checkpoints of every run would fill the disk otherwise.
 
@@ -248,21 +250,14 @@ def test_four_devices_image_labels_and_the_synthia_chain(prepared, gta_stage_one
     _main(prepared, 4, "synthia_source_only", synthia)
     _check_eval(prepared, synthia, NUM_STEPS, ["student"], ("miou", "miou_16", "miou_13"))
     workdir = runs / "synthia2cs_coarse"
-    # The same programs as gta2cs_coarse (from the compilation cache).
-    _main(
-        prepared,
-        4,
-        "synthia2cs_coarse",
-        workdir,
-        f"--config.init.init_from={synthia}",
-        CONTRAST_SWITCH,
-    )
+    _stage_two(prepared, 4, "synthia2cs_coarse", workdir, synthia, CONTRAST_SWITCH)
     _check_eval(
         prepared, workdir, NUM_STEPS, ["student", "teacher"], ("miou", "miou_16", "miou_13")
     )
     shutil.rmtree(runs)
 
 
+@pytest.mark.extended
 def test_one_device_stage2_from_the_four_device_stage1_and_predict(
     prepared, gta_stage_one, tmp_path
 ):
@@ -326,6 +321,7 @@ def test_browse_shows_crop_presence(prepared, tmp_path):
     assert all(entry["weak_label_classes"] == [] for entry in tags)  # No map travels.
 
 
+@pytest.mark.extended
 def test_eval_of_a_converted_reference_checkpoint(prepared, tmp_path):
     """A checkpoint in the reference's layout (npz, DDP names; the rehearsal's model size)
     -> `wsda_jax.models.convert` -> `--mode=eval` on the full-size Cityscapes val; the

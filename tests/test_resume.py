@@ -131,6 +131,7 @@ def test_sigkill_then_restart_matches_uninterrupted_run(reference, tmp_path, tmp
     assert final == json.load(open(reference_dir / "eval" / "4.json"))
 
 
+@pytest.mark.extended
 def test_restart_with_another_worker_count_matches_uninterrupted_run(
     reference, tmp_path, tmp_path_factory
 ):
