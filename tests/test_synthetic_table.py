@@ -68,6 +68,20 @@ def _result(variant, seed, miou):
     return {"variant": variant, "seed": seed, "seconds": 60.0, "student": run, "teacher": run}
 
 
+def _record_training(monkeypatch):
+    """Replaces train.train_and_evaluate by a stub that makes the workdir and returns a
+    fixed result; returns the list of workdir names it was called with, in order."""
+    trained = []
+
+    def record(config, workdir):
+        trained.append(os.path.basename(workdir))
+        os.makedirs(workdir)
+        return {"student": _result("any", 0, 0.3)["student"]}
+
+    monkeypatch.setattr(train, "train_and_evaluate", record)
+    return trained
+
+
 def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monkeypatch):
     """Nothing is trained; a variant with no finished seed is left out, the others keep
     the order of --variants and list their seeds."""
@@ -108,14 +122,7 @@ def test_warm_variant_starts_from_the_warm_stage_one(tmp_path, monkeypatch):
     assert config.init.init_from == os.path.join(os.path.abspath(outdir), "source_only_warm_seed1")
     assert not config.loss.source_only_contrast and config.num_steps == 2400
 
-    trained = []
-
-    def record(config, workdir):
-        trained.append(os.path.basename(workdir))
-        os.makedirs(workdir)
-        return {"student": _result("any", 0, 0.3)["student"]}
-
-    monkeypatch.setattr(train, "train_and_evaluate", record)
+    trained = _record_training(monkeypatch)
     results = synthetic_table.run_table(["coarse_long_warm"], seeds=1, outdir=outdir)
     assert list(results) == ["source_only_warm", "coarse_long_warm"]
     assert trained == ["source_only_warm_seed0", "coarse_long_warm_seed0"]
@@ -150,14 +157,7 @@ def test_beyond_group_expands_to_both_labels_and_starts_from_source_only(tmp_pat
         "no_warmup": (False, False, 0),
         "all": (True, True, 50),
     }
-    trained = []
-
-    def record(config, workdir):
-        trained.append(os.path.basename(workdir))
-        os.makedirs(workdir)
-        return {"student": _result("any", 0, 0.3)["student"]}
-
-    monkeypatch.setattr(train, "train_and_evaluate", record)
+    trained = _record_training(monkeypatch)
     synthetic_table.run_table(["beyond"], seeds=1, outdir=outdir)
     assert trained == ["source_only_seed0"] + [f"{v}_seed0" for v in expected]
     trained.clear()
@@ -188,14 +188,7 @@ def test_daformer_group_is_one_stage_beside_the_resnet_rows(tmp_path, monkeypatc
         assert config.mic.enabled == variant.endswith("_mic") and config.mic.block_size == 6
         tiny = synthetic_table.make_config(variant, 1, outdir, smoke=True)
         assert tiny.model.arch == "daformer" and tiny.num_steps <= 8
-    trained = []
-
-    def record(config, workdir):
-        trained.append(os.path.basename(workdir))
-        os.makedirs(workdir)
-        return {"student": _result("any", 0, 0.3)["student"]}
-
-    monkeypatch.setattr(train, "train_and_evaluate", record)
+    trained = _record_training(monkeypatch)
     synthetic_table.run_table(["daformer"], seeds=1, outdir=outdir)
     assert trained == ["source_only_seed0", "beyond_coarse_seed0", "beyond_point_seed0"] + [
         f"{v}_seed0" for v in daformer
