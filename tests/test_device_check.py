@@ -3,10 +3,15 @@
 import os
 import subprocess
 
+import jax
+import numpy as np
 import pytest
 from subprocesses import jax_env
 
+from wsda_jax import optim, train_state
+from wsda_jax.models import deeplab
 from wsda_jax.tools.benchmarks import device_check
+from wsda_jax.tools.benchmarks import train_step as bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +45,28 @@ def test_unknown_device_has_no_peak():
     assert device_check.peak_tflops("cpu", "float32") is None
 
 
+def test_processes_take_only_the_accelerator_memory_they_use():
+    """The check and each reference row's subprocess share one GPU: none preallocates."""
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+
+
+def test_the_daformer_rows_random_state_is_a_train_state_with_its_frozen_encoder():
+    """The reference rows' host-random state has the tree of a real one, the frozen
+    ImageNet encoder of the feature distance included, equal to the student's encoder."""
+    config = device_check.reference_config("daformer", "float32", "none", dry_run=True)
+    assert config.loss.imnet_fd > 0
+    model, optimizer = deeplab.build_model(config), optim.make_optimizer(config)
+    state = bench.random_state(config, model, optimizer)
+    abstract = train_state.create_train_state(
+        config, model, jax.random.PRNGKey(0), optimizer=optimizer, abstract=True
+    )
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    assert jax.tree.map(np.shape, state) == jax.tree.map(np.shape, abstract)
+    frozen, student = state.imnet_encoder["params"]["backbone"], state.params["backbone"]
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(student), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow  # The launch script in a fresh process.
 def test_dry_run_prints_one_table(tmp_path_factory, tmp_path):
     done = subprocess.run(
@@ -48,6 +75,7 @@ def test_dry_run_prints_one_table(tmp_path_factory, tmp_path):
             os.path.join(ROOT, "launch", "device_check.sh"),
             "--dry_run",
             f"--profile_dir={tmp_path / 'profile'}",
+            "--reference_archs=deeplabv2",
         ],
         capture_output=True,
         text=True,

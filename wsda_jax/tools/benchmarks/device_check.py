@@ -8,28 +8,36 @@ Three checks, printed as ONE markdown table (paste it into the README as-is):
      two steps on the default device against the same two steps on the CPU: the losses
      must agree within `TINY_RTOL` (float32 convolutions on Ampere+ GPUs use TF32 by
      default, ~1e-3 relative per layer; a wrong kernel is off by far more).
-  2. The reference-size step (ResNet-101, 512x512, 4 + 4 images on one device) in
-     float32 and bfloat16, each in its own process (so the peak-memory counter and the
-     compile are its own): compile time, median step time, images/s, achieved TFLOP/s
-     (XLA's cost analysis / step time), MFU against the device's peak (`PEAK_TFLOPS`,
-     matched on `jax.devices()[0].device_kind`) and the peak memory from
-     `device.memory_stats()`.
+  2. The reference-size steps in float32 and bfloat16, each in its own process (so the
+     peak-memory counter and the compile are its own): DeepLabV2-ResNet-101 at 512x512
+     with 4 + 4 images on one device, and MiT-B5 + DAFormer head with DAFormer's recipe
+     (`configs/gta2cs_coarse.py:daformer`, 2 + 2 images): compile time, median step
+     time, images/s, achieved TFLOP/s (XLA's cost analysis / step time), MFU against the
+     device's peak (`PEAK_TFLOPS`, matched on `jax.devices()[0].device_kind`) and the
+     peak memory from `device.memory_stats()`.
   3. 50 steps of `configs/synthetic_coarse.py` from the real input pipeline (a small
      copy of the embedded dataset is generated in a temporary directory), with
      `loss.contrast_start=25`: the median time per step before and after the
      contrastive and image-level losses switch on.
-Designed to take < 8 minutes on one H100, compilation included.
+Not yet timed on an accelerator: each reference row stops at `--reference_timeout_s`
+(300 s), and `--reference_archs=deeplabv2` leaves the two DAFormer rows out.
 """
 
 from __future__ import annotations
+
+import os
 
 from wsda_jax import cli_errors, cpu_flags, gpu_flags
 
 cpu_flags.apply_cpu_defaults()  # Before JAX initialises its backend.
 gpu_flags.apply_gpu_defaults()  # On a GPU host: what main sets for training.
+# This process and each reference row's subprocess share one accelerator: by default
+# JAX's GPU client takes 75% of the memory at start-up, so the first process would hold
+# what the next needs. Each takes what it uses (a flag the user set wins).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import functools  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -53,6 +61,17 @@ _PART = flags.DEFINE_enum(
 )
 _DTYPE = flags.DEFINE_enum(
     "reference_dtype", "float32", ["float32", "bfloat16"], "Internal (--part)."
+)
+_ARCHS = flags.DEFINE_list(
+    "reference_archs",
+    ["deeplabv2", "daformer"],
+    "Architectures of the reference rows, of deeplabv2, daformer (each adds a float32 and a "
+    "bfloat16 row per remat).",
+)
+flags.register_validator(
+    "reference_archs",
+    lambda archs: bool(archs) and set(archs) <= {"deeplabv2", "daformer"},
+    "--reference_archs: a comma-separated list of deeplabv2, daformer",
 )
 _REMAT = flags.DEFINE_list(
     "reference_remat",
@@ -152,15 +171,36 @@ def tiny_check() -> str:
     )
 
 
-def reference_result(dtype: str, remat: str, dry_run: bool, num_steps: int) -> dict:
-    """Check 2 in this process: compile and time one step size, with peak memory."""
+def reference_config(arch: str, dtype: str, remat: str, dry_run: bool):
+    """Check 2's config: the reference size of `arch`, or the tiny step for a dry run."""
     if dry_run:
         config = tiny_config()
-        config.compute_dtype = dtype
-        config.model.remat = remat
+        if arch == "daformer":  # The tiny MiT of `config_presets`' ':tiny' presets.
+            config.model.arch = arch
+            config.model.mit_embed_dims, config.model.mit_depths = (8, 8, 10, 16), (1, 1, 1, 1)
+            config.model.decoder_dim = 16
+            config.loss.imnet_fd = 0.005
+    elif arch == "daformer":
+        config = config_presets.reference("gta5", "adapt", "coarse", "daformer")
+        config.loss.contrast_start = 0
     else:
-        config = bench.make_config(101, 64, 512, 4, dtype, "coarse", remat=remat)
-    depth, width = config.model.depth, config.model.width
+        config = bench.make_config(101, 64, 512, 4, dtype, "coarse")
+    config.compute_dtype = dtype
+    config.model.remat = remat
+    return config
+
+
+def _model_name(config) -> str:
+    if config.model.arch == "daformer":
+        dims = tuple(config.model.mit_embed_dims)
+        encoder = f"MiT widths {dims}" if dims else f"MiT-{config.model.mit.upper()}"
+        return f"{encoder} + DAFormer head d{config.model.decoder_dim}"
+    return f"ResNet-{config.model.depth} w{config.model.width}"
+
+
+def reference_result(arch: str, dtype: str, remat: str, dry_run: bool, num_steps: int) -> dict:
+    """Check 2 in this process: compile and time one step size, with peak memory."""
+    config = reference_config(arch, dtype, remat, dry_run)
     crop, images = config.data.crop_size[0], bench.global_batch_size(config)
     result = bench.run(config, num_steps)
     stats = jax.devices()[0].memory_stats() or {}
@@ -170,7 +210,7 @@ def reference_result(dtype: str, remat: str, dry_run: bool, num_steps: int) -> d
     peak_tf = peak_tflops(jax.devices()[0].device_kind, dtype)
     return {
         "setting": (
-            f"ResNet-{depth} w{width}, {crop}x{crop}, {images}+{images}, {dtype}, remat={remat}"
+            f"{_model_name(config)}, {crop}x{crop}, {images}+{images}, {dtype}, remat={remat}"
         ),
         "compile_s": result["lower_s"] + result["compile_s"],
         "step_s": result["step_s"],
@@ -182,13 +222,14 @@ def reference_result(dtype: str, remat: str, dry_run: bool, num_steps: int) -> d
     }
 
 
-def reference_row(dtype: str, remat: str, dry_run: bool) -> str:
+def reference_row(arch: str, dtype: str, remat: str, dry_run: bool) -> str:
     """Check 2 as a table row, run in a subprocess (its own compile and memory peak)."""
     command = [
         sys.executable,
         "-m",
         "wsda_jax.tools.benchmarks.device_check",
         "--part=reference",
+        f"--reference_archs={arch}",
         f"--reference_dtype={dtype}",
         f"--reference_remat={remat}",
         f"--reference_steps={_REFERENCE_STEPS.value}",
@@ -198,13 +239,16 @@ def reference_row(dtype: str, remat: str, dry_run: bool) -> str:
             command, capture_output=True, text=True, timeout=_TIMEOUT.value, check=False
         )
     except subprocess.TimeoutExpired:
-        return f"| 2. reference step | {dtype} | | | | | | | FAILED: over {_TIMEOUT.value} s |"
+        return (
+            f"| 2. reference step | {arch}, {dtype} | | | | | | | FAILED: over {_TIMEOUT.value} s |"
+        )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         errors = [line for line in done.stderr.splitlines() if ERROR_LINE.match(line)]
         last = (errors or done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return (
-            f"| 2. reference step | {dtype} | | | | | | | FAILED (rc {done.returncode}): {last} |"
+            f"| 2. reference step | {arch}, {dtype} | | | | | | | FAILED (rc {done.returncode}): "
+            f"{last} |"
         )
     r = json.loads(lines[-1])
     fmt = lambda x, spec: "n/a" if x is None else format(x, spec)
@@ -285,18 +329,29 @@ def main(argv: Sequence[str]) -> None:
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_disable_most_optimizations", True)  # Faster tiny compiles.
     if _PART.value == "reference":
-        result = reference_result(_DTYPE.value, _REMAT.value[0], dry_run, _REFERENCE_STEPS.value)
+        result = reference_result(
+            _ARCHS.value[0], _DTYPE.value, _REMAT.value[0], dry_run, _REFERENCE_STEPS.value
+        )
         print(json.dumps(result))
         return
     device = jax.devices()[0]
-    rows = [tiny_check()]
-    for remat in _REMAT.value:
-        rows += [reference_row(dtype, remat, dry_run) for dtype in ("float32", "bfloat16")]
     profile_dir = os.path.abspath(_PROFILE_DIR.value)
-    rows.append(synthetic_row(dry_run, 4 if dry_run else _SYNTHETIC_STEPS.value, profile_dir))
+    checks = [tiny_check]
+    for arch in _ARCHS.value:
+        for remat in _REMAT.value:
+            checks += [
+                functools.partial(reference_row, arch, dtype, remat, dry_run)
+                for dtype in ("float32", "bfloat16")
+            ]
+    synthetic_steps = 4 if dry_run else _SYNTHETIC_STEPS.value
+    checks.append(functools.partial(synthetic_row, dry_run, synthetic_steps, profile_dir))
     print(f"Device check: {jax.device_count()}x {device.device_kind} ({device.platform}), ", end="")
     print(f"jax {jax.__version__}{', DRY RUN (tiny sizes)' if dry_run else ''}")
-    print("\n".join([*HEADER, *rows]))
+    print("\n".join(HEADER), flush=True)
+    rows = []
+    for check in checks:  # Each row as it finishes: a run cut short keeps what it measured.
+        rows.append(check())
+        print(rows[-1], flush=True)
     print(
         f"Profile of the last synthetic_coarse steps: {profile_dir} (tensorboard --logdir "
         "with the profile plugin, or the trace.json.gz in Perfetto)."

@@ -52,7 +52,16 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from wsda_jax import aot, config_lib, config_model, optim, parallel, steps, train_state  # noqa: E402
+from wsda_jax import (  # noqa: E402
+    aot,
+    config_lib,
+    config_model,
+    feature_distance,
+    optim,
+    parallel,
+    steps,
+    train_state,
+)
 from wsda_jax.aot import memory_of  # noqa: E402
 from wsda_jax.aot_targets import TARGETS  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
@@ -178,6 +187,11 @@ def random_state(config, model, optimizer) -> train_state.TrainState:
         target_prototypes=jnp.copy(prototypes),  # Distinct buffers: the state is donated.
         rng=jax.random.PRNGKey(0),
         skipped_steps=jnp.zeros((), jnp.int32),
+        imnet_encoder=(
+            feature_distance.encoder_variables(params, batch_stats)
+            if config.loss.imnet_fd > 0
+            else {}
+        ),
     )
 
 
