@@ -76,6 +76,7 @@ def test_dry_run_prints_one_table(tmp_path_factory, tmp_path):
             "--dry_run",
             f"--profile_dir={tmp_path / 'profile'}",
             "--reference_archs=deeplabv2",
+            "--reference_dtypes=bfloat16",  # float32 is what the other rows run.
         ],
         capture_output=True,
         text=True,
@@ -88,9 +89,9 @@ def test_dry_run_prints_one_table(tmp_path_factory, tmp_path):
     table = [line for line in lines if line.startswith("|")]
     assert table[:2] == list(device_check.HEADER)
     rows = table[2:]
-    assert [row.split("|")[1].strip().split(" ")[0] for row in rows] == ["1.", "2.", "2.", "3."]
+    assert [row.split("|")[1].strip().split(" ")[0] for row in rows] == ["1.", "2.", "3."]
     assert all("| ok" in row for row in rows), rows
-    assert "float32, remat=none" in rows[1] and "bfloat16, remat=none" in rows[2]
+    assert "ResNet-18 w4, 32x32, 2+2, bfloat16, remat=none" in rows[1]
     assert "DRY RUN" in done.stdout
     assert f"Profile of the last synthetic_coarse steps: {tmp_path / 'profile'}" in done.stdout
     assert list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))

@@ -10,9 +10,8 @@ import importlib.util
 import os
 import pathlib
 import re
-import subprocess
-import sys
 
+import module_help
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -87,23 +86,33 @@ def test_relative_links_point_to_existing_files():
     assert not broken, "\n".join(broken)
 
 
+@pytest.fixture(scope="module")
+def help_outputs():
+    """{module: (exit status, output)} of `python -m MODULE --help` for every documented
+    module, from one fresh interpreter (`module_help`: a forked child per module)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return module_help.help_outputs(sorted(flags_by_module()), cwd=str(REPO), env=env)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", sorted(flags_by_module()))
-def test_documented_module_help_lists_its_flags(module):
-    """`python -m MODULE --help` in a fresh process: absl prints the module's flags and
-    exits with 0 or 1 (absl's `--help` exits 1); a traceback or a missing flag fails."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [sys.executable, "-m", module, "--help"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode in (0, 1) and "Traceback" not in output, output[-2000:]
+def test_documented_module_help_lists_its_flags(module, help_outputs):
+    """absl prints the module's flags and exits with 0 or 1 (absl's `--help` exits 1); a
+    traceback or a missing flag fails."""
+    returncode, output = help_outputs[module]
+    assert returncode in (0, 1) and "Traceback" not in output, output[-2000:]
     listed = {name for _, name in _HELP_FLAG.findall(output)}
     listed |= {"no" + name for negatable, name in _HELP_FLAG.findall(output) if negatable}
     missing = flags_by_module()[module] - listed
     assert listed and not missing, f"{module} --help does not list {sorted(missing)}"
+
+
+def test_a_forked_module_run_reports_a_traceback_and_its_exit_status(tmp_path):
+    """The forked runs see what a fresh `python -m` would: a module that raises gives
+    exit status 1 and its traceback, `sys.exit(3)` gives 3."""
+    (tmp_path / "raises.py").write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "exits.py").write_text("import sys\nprint(sys.argv[1:])\nsys.exit(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), JAX_PLATFORMS="cpu")
+    results = module_help.help_outputs(["raises", "exits"], cwd=str(tmp_path), env=env)
+    assert results["raises"][0] == 1 and "RuntimeError: boom" in results["raises"][1]
+    assert results["exits"] == (3, "['--help']\n")

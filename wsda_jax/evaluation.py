@@ -24,14 +24,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
 import ml_collections
 import numpy as np
 
 from wsda_jax import augment, classes, metrics, parallel
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first.
 
 TITLES = ("image", "ground truth", "prediction")
 
@@ -308,9 +304,18 @@ def write_report(
     return report
 
 
+def _figure(**kwargs):
+    """A matplotlib Figure drawn off-screen (Agg), outside pyplot's global figure list;
+    matplotlib is imported here, by the processes that draw (about 0.5 s)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def plot_panels(examples: list[dict[str, np.ndarray]], predictions: np.ndarray, path: str) -> None:
     """One row per example: image | ground truth | prediction (class palette)."""
-    figure, axes = plt.subplots(len(examples), 3, figsize=(9, 2.2 * len(examples)), squeeze=False)
+    figure = _figure(figsize=(9, 2.2 * len(examples)))
+    axes = figure.subplots(len(examples), 3, squeeze=False)
     for row, (example, prediction) in enumerate(zip(examples, predictions, strict=True)):
         panels = (
             example["image"],
@@ -324,7 +329,6 @@ def plot_panels(examples: list[dict[str, np.ndarray]], predictions: np.ndarray, 
                 axes[row, col].set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 def plot_confusion(confusion: np.ndarray, path: str) -> None:
@@ -332,7 +336,8 @@ def plot_confusion(confusion: np.ndarray, path: str) -> None:
     totals = confusion.sum(axis=1, keepdims=True)
     normalised = np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
     names = classes.CLASS_NAMES[: confusion.shape[0]]
-    figure, axis = plt.subplots(figsize=(8, 7))
+    figure = _figure(figsize=(8, 7))
+    axis = figure.subplots()
     image = axis.imshow(normalised, vmin=0.0, vmax=1.0, cmap="Blues")
     axis.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     axis.set_yticks(range(len(names)), names, fontsize=7)
@@ -341,4 +346,3 @@ def plot_confusion(confusion: np.ndarray, path: str) -> None:
     figure.colorbar(image, ax=axis, fraction=0.046)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)

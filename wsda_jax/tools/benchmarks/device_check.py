@@ -65,8 +65,17 @@ _DTYPE = flags.DEFINE_enum(
 _ARCHS = flags.DEFINE_list(
     "reference_archs",
     ["deeplabv2", "daformer"],
-    "Architectures of the reference rows, of deeplabv2, daformer (each adds a float32 and a "
-    "bfloat16 row per remat).",
+    "Architectures of the reference rows, of deeplabv2, daformer (one row per dtype and remat).",
+)
+_DTYPES = flags.DEFINE_list(
+    "reference_dtypes",
+    ["float32", "bfloat16"],
+    "config.compute_dtype of the reference rows, of float32, bfloat16.",
+)
+flags.register_validator(
+    "reference_dtypes",
+    lambda dtypes: bool(dtypes) and set(dtypes) <= {"float32", "bfloat16"},
+    "--reference_dtypes: a comma-separated list of float32, bfloat16",
 )
 flags.register_validator(
     "reference_archs",
@@ -341,7 +350,7 @@ def main(argv: Sequence[str]) -> None:
         for remat in _REMAT.value:
             checks += [
                 functools.partial(reference_row, arch, dtype, remat, dry_run)
-                for dtype in ("float32", "bfloat16")
+                for dtype in _DTYPES.value
             ]
     synthetic_steps = 4 if dry_run else _SYNTHETIC_STEPS.value
     checks.append(functools.partial(synthetic_row, dry_run, synthetic_steps, profile_dir))
