@@ -15,6 +15,7 @@ from wsda_jax import train
 from wsda_jax.tools.experiments import synthetic_table
 
 
+@pytest.mark.extended  # Real training; the skipping is also tested with a stub below.
 def test_smoke_table_runs_and_resumes(tmp_path_factory, monkeypatch):
     outdir = str(tmp_path_factory.mktemp("table"))
     kept = str(tmp_path_factory.mktemp("kept_results"))
@@ -80,6 +81,22 @@ def _record_training(monkeypatch):
 
     monkeypatch.setattr(train, "train_and_evaluate", record)
     return trained
+
+
+def test_finished_runs_are_never_retrained(tmp_path, monkeypatch):
+    """A run whose result exists, in its workdir or in --results_dir (a new machine), is
+    read back, not trained again."""
+    outdir, kept = str(tmp_path / "out"), str(tmp_path / "kept")
+    trained = _record_training(monkeypatch)
+    first = synthetic_table.run_table(["coarse"], seeds=1, outdir=outdir, results_dir=kept)
+    assert trained == ["source_only_seed0", "coarse_seed0"]
+    assert sorted(os.listdir(kept)) == ["coarse_seed0.json", "source_only_seed0.json"]
+    again = synthetic_table.run_table(["coarse"], seeds=1, outdir=outdir)
+    assert again == first and len(trained) == 2
+    for name in ("coarse_seed0", "source_only_seed0"):
+        shutil.rmtree(os.path.join(outdir, name))
+    again = synthetic_table.run_table(["coarse"], seeds=1, outdir=outdir, results_dir=kept)
+    assert again == first and len(trained) == 2
 
 
 def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monkeypatch):
