@@ -19,8 +19,9 @@ jax.config.update("jax_disable_most_optimizations", True)
 cpu_flags.apply_cpu_defaults(subprocesses.FAST_COMPILE_FLAGS)  # Appended to XLA_FLAGS.
 
 # Test modules that share the session's CLI run (`tiny_cli_run`): one xdist worker runs
-# them all, so the run is made once.
-CLI_MODULES = ("test_main", "test_faults", "test_resume")
+# them all, so the run is made once (and its programs are in that worker's compilation
+# cache: the device check's dry run trains the same synthetic program).
+CLI_MODULES = ("test_main", "test_faults", "test_resume", "test_device_check")
 
 
 @pytest.hookimpl(tryfirst=True)  # Before pytest-xdist's worker hook reads the groups.
