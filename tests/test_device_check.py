@@ -45,6 +45,17 @@ def test_unknown_device_has_no_peak():
     assert device_check.peak_tflops("cpu", "float32") is None
 
 
+def test_reference_rows_skip_a_remat_mode_the_architecture_lacks():
+    settings = device_check.reference_settings(
+        ["deeplabv2", "daformer"], ["none", "conv_outputs"], ["bfloat16"]
+    )
+    assert settings == [
+        ("deeplabv2", "none", "bfloat16"),
+        ("deeplabv2", "conv_outputs", "bfloat16"),
+        ("daformer", "none", "bfloat16"),
+    ]
+
+
 def test_processes_take_only_the_accelerator_memory_they_use():
     """The check and each reference row's subprocess share one GPU: none preallocates."""
     assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"

@@ -50,7 +50,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from wsda_jax import config_presets, optim, parallel, train, train_state  # noqa: E402
+from wsda_jax import (  # noqa: E402
+    config_model,
+    config_presets,
+    optim,
+    parallel,
+    train,
+    train_state,
+)
 from wsda_jax.data import pipeline, sources  # noqa: E402
 from wsda_jax.models import deeplab  # noqa: E402
 from wsda_jax.tools.benchmarks import train_step as bench  # noqa: E402
@@ -85,8 +92,14 @@ flags.register_validator(
 _REMAT = flags.DEFINE_list(
     "reference_remat",
     ["none"],
-    "config.model.remat settings of the reference rows (each adds a float32 and a bfloat16 "
-    "row); e.g. none,conv_outputs,blocks.",
+    "config.model.remat settings of the reference rows (each adds a row per dtype to each "
+    "architecture that has it); e.g. none,conv_outputs,blocks.",
+)
+flags.register_validator(
+    "reference_remat",
+    lambda remats: set(remats) <= set(config_model.REMAT_MODES["deeplabv2"]),
+    "--reference_remat: a comma-separated list of "
+    + ", ".join(config_model.REMAT_MODES["deeplabv2"]),
 )
 _REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 5, "Timed reference steps.")
 _SYNTHETIC_STEPS = flags.DEFINE_integer("synthetic_steps", 50, "Steps of synthetic_coarse.")
@@ -178,6 +191,20 @@ def tiny_check() -> str:
         f"2+2, float32, 2 steps | {seconds:.1f} (both steps) | | | | | | {verdict}: losses "
         f"device/cpu {losses}, max rel. diff {error:.1e} (tol {TINY_RTOL:g}) |"
     )
+
+
+def reference_settings(
+    archs: Sequence[str], remats: Sequence[str], dtypes: Sequence[str]
+) -> list[tuple[str, str, str]]:
+    """(arch, remat, dtype) of each reference row, in that order; a remat mode that an
+    architecture does not have (the MiT has no `conv_outputs`) is left out for it."""
+    return [
+        (arch, remat, dtype)
+        for arch in archs
+        for remat in remats
+        if remat in config_model.REMAT_MODES[arch]
+        for dtype in dtypes
+    ]
 
 
 def reference_config(arch: str, dtype: str, remat: str, dry_run: bool):
@@ -346,12 +373,8 @@ def main(argv: Sequence[str]) -> None:
     device = jax.devices()[0]
     profile_dir = os.path.abspath(_PROFILE_DIR.value)
     checks = [tiny_check]
-    for arch in _ARCHS.value:
-        for remat in _REMAT.value:
-            checks += [
-                functools.partial(reference_row, arch, dtype, remat, dry_run)
-                for dtype in _DTYPES.value
-            ]
+    for arch, remat, dtype in reference_settings(_ARCHS.value, _REMAT.value, _DTYPES.value):
+        checks.append(functools.partial(reference_row, arch, dtype, remat, dry_run))
     synthetic_steps = 4 if dry_run else _SYNTHETIC_STEPS.value
     checks.append(functools.partial(synthetic_row, dry_run, synthetic_steps, profile_dir))
     print(f"Device check: {jax.device_count()}x {device.device_kind} ({device.platform}), ", end="")
