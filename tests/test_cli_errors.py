@@ -62,3 +62,30 @@ def test_the_sigint_handler_is_restored_after_the_command():
     before = signal.getsignal(signal.SIGINT)
     cli_errors.run_reporting_errors(lambda argv: None, ["main"])
     assert signal.getsignal(signal.SIGINT) is before
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_orbax_failed_metadata_write_leaves_no_traceback(tmp_path, quiet):
+    """Orbax logs a failed metadata write (a full disk, say) with its traceback from a
+    background thread; the CLI's filter drops it, the run's one error line says why."""
+    import io
+    import logging as std_logging
+
+    from orbax.checkpoint._src.metadata import checkpoint as orbax_metadata
+
+    stream = io.StringIO()
+    handler = std_logging.StreamHandler(stream)
+    if quiet:
+        handler.addFilter(cli_errors.quiet_orbax_logs)
+    logger = std_logging.getLogger("absl")
+    logger.addHandler(handler)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    store = orbax_metadata.metadata_store(enable_write=True)
+    try:
+        with pytest.raises(OSError):
+            store._write_and_log(blocker / "_CHECKPOINT_METADATA", {"metrics": {}})
+    finally:
+        logger.removeHandler(handler)
+        store.close()
+    assert ("Traceback" in stream.getvalue()) is not quiet

@@ -34,12 +34,15 @@ _ORBAX_SAVE_FAILURES = (
 
 def quiet_orbax_logs(record: std_logging.LogRecord) -> bool:
     """A log filter that drops Orbax's many INFO lines per checkpoint, its warning that a
-    periodic checkpoint carries no mIoU and its tracebacks of a failed background save;
-    other warnings still show."""
+    periodic checkpoint carries no mIoU, and its error logs of a failed write (a known
+    background-save message, or any record carrying an operating system's error, such as
+    a full disk while it writes a step's metadata); other warnings still show."""
     if "/orbax/" not in record.pathname:
         return True
     message = record.getMessage()
     if any(failure in message for failure in _ORBAX_SAVE_FAILURES):
+        return False
+    if record.exc_info and isinstance(record.exc_info[1], OSError):
         return False
     return record.levelno >= std_logging.WARNING and "tracked_metric" not in message
 
