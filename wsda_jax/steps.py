@@ -148,14 +148,19 @@ def adapt_loss(
     Returns (total loss pmean-ed over devices, (weighted terms, anchor counts, the new
     batch_stats, the new source prototypes)).
     """
-    forward = functools.partial(deeplab.train_forward, model, params)
+    # The student's passes of equal shapes go through one jitted forward, which traces the
+    # model once for all of them (a shorter trace; inlined, the same compiled step). The
+    # source pass with imnet_fd stays plain: it intercepts the encoder's output.
+    forward = functools.partial(jax.jit(deeplab.train_forward, static_argnums=0), model, params)
+    plain_forward = functools.partial(deeplab.train_forward, model, params)
+    source_forward = plain_forward if config.loss.imnet_fd > 0 else forward
     dropout = step_inputs.dropout_keys(state, axis_name)
     # (2) Student on target: seg_u, im_u.
     out_u, batch_stats = forward(state.batch_stats, inputs.target_image, dropout["target"])
     terms = target_terms(out_u, inputs, config, contrast_on)
     # (3) Student on source: seg_s, edge_s (and imnet_fd, not in the reference).
     out_s, batch_stats, fd = feature_distance.source_forward(
-        model, forward, batch_stats, inputs, state.imnet_encoder, config, dropout["source"]
+        model, source_forward, batch_stats, inputs, state.imnet_encoder, config, dropout["source"]
     )
     terms.update(source_terms(out_s, inputs.source_label, keys["edge"], config, axis_name), **fd)
     # (7, source) Source prototypes from the student's source features.
