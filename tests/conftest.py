@@ -103,8 +103,8 @@ def compilation_cache(tmp_path_factory):
     """The test process compiles through the persistent compilation cache that its
     subprocesses use (`subprocesses.jax_env`): a program compiled once, here or in a CLI
     run, is read back wherever it recurs. Set before the session's first compile."""
-    base = tmp_path_factory.getbasetemp()
-    jax.config.update("jax_compilation_cache_dir", str(base / "jax_cache"))
+    cache_dir = subprocesses.compilation_cache_dir(tmp_path_factory.getbasetemp())
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 

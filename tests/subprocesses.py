@@ -22,14 +22,22 @@ def xla_flags(devices: int | None = None) -> str:
     return " ".join([*FAST_COMPILE_FLAGS, *count])
 
 
+def compilation_cache_dir(base) -> str:
+    """The persistent compilation cache of the whole pytest run: under the run's root
+    temp directory, shared by both pytest-xdist workers (a program that one compiled, the
+    other reads), else under `base` (pytest's base temp directory)."""
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return str(root / "jax_cache")
+
+
 def jax_env(base, devices: int | None = None) -> dict[str, str]:
-    """CPU-only JAX sharing one compilation cache under pytest's base temp directory
-    (`base`), with most XLA optimisations off and the fast-compile flags: tiny models
-    compile much faster."""
+    """CPU-only JAX sharing the run's compilation cache (`compilation_cache_dir`), with
+    most XLA optimisations off and the fast-compile flags: tiny models compile much
+    faster."""
     env = dict(os.environ)
     env.update(
         JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(base / "jax_cache"),
+        JAX_COMPILATION_CACHE_DIR=compilation_cache_dir(base),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",
         XLA_FLAGS=xla_flags(devices),

@@ -14,8 +14,9 @@ import pytest
 import subprocesses
 import tiny_runs
 
-from wsda_jax import config_lib
+from wsda_jax import config_lib, config_presets, parallel
 from wsda_jax.models import daformer_head, deeplab
+from wsda_jax.tools.benchmarks import train_step as train_step_bench
 
 NUM_CLASSES = 3
 PROJ_DIM = 8
@@ -187,27 +188,61 @@ def test_build_model_from_config():
         deeplab.build_model(config)
 
 
-@pytest.mark.slow
-def test_cli_trains_and_evaluates_daformer(tmp_path, tmp_path_factory):
-    """`python -m wsda_jax.main` with --config.model.arch=daformer (the tiny preset's
-    MiT-B0 of one narrow block per stage): two adaptation steps, one evaluation."""
+def _run_cli(tmp_path, tmp_path_factory, config, *overrides):
+    """`python -m wsda_jax.main --config=configs/CONFIG.py:tiny` with
+    --config.model.arch=daformer (the tiny preset's MiT-B0 of one narrow block per stage):
+    two steps, one evaluation; returns its eval report after checking the run."""
     workdir = tmp_path / "run"
     result = subprocesses.run_main(
         tmp_path_factory.getbasetemp(),
-        subprocesses.TINY,
+        f"--config=configs/{config}.py:tiny",
         f"--workdir={workdir}",
         "--config.model.arch=daformer",
         "--config.num_steps=2",
-        "--config.loss.contrast_start=2",  # One train program: before contrast_start.
         "--config.eval.every_steps=2",
         "--config.per_device_batch_size=2",
+        *overrides,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     train = tiny_runs.train_lines(workdir)
     assert [line["step"] for line in train] == [1, 2]
     assert all(np.isfinite(line["total"]) and line["skipped_steps"] == 0 for line in train)
     assert os.listdir(workdir / "checkpoints") == ["2"]
-    report = json.load(open(workdir / "eval" / "2.json"))
+    return json.load(open(workdir / "eval" / "2.json"))
+
+
+@pytest.mark.slow
+def test_cli_trains_and_evaluates_daformer(tmp_path, tmp_path_factory):
+    """Stage 1 with the DAFormer architecture through the CLI: it trains, checkpoints and
+    evaluates (its adaptation step: traced below, run by the extended test)."""
+    report = _run_cli(tmp_path, tmp_path_factory, "synthetic_source_only")
+    assert 0.0 <= report["student"]["miou"] <= 1.0
+    assert report["student"]["pixels"] == 8 * 32 * 64  # Every val pixel of the tiny split.
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_cli_adapts_and_evaluates_daformer(tmp_path, tmp_path_factory):
+    """The adaptation stage with the DAFormer architecture through the CLI."""
+    contrast_start = "--config.loss.contrast_start=2"  # One train program: before it.
+    report = _run_cli(tmp_path, tmp_path_factory, "synthetic_coarse", contrast_start)
     for name in ("student", "teacher"):
         assert 0.0 <= report[name]["miou"] <= 1.0
-        assert report[name]["pixels"] == 8 * 32 * 64  # Every val pixel of the tiny split.
+        assert report[name]["pixels"] == 8 * 32 * 64
+
+
+def test_adapt_step_traces_with_daformer():
+    """The sharded adaptation step with the DAFormer recipe on the tiny MiT, with the
+    ImageNet feature distance on the MiT's last stage and MIC, traces through shard_map
+    with check_vma and logs their terms (tracing only: compiling it costs a minute)."""
+    config = config_presets.synthetic(stage="adapt", weak_label="coarse", arg="daformer,tiny")
+    config.loss.imnet_fd = 0.005
+    config.mic.enabled = True
+    assert config.loss.contrast_start == 0
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    model, optimizer, step = train_step_bench.make_step(config, mesh)
+    state = train_step_bench.abstract_state(config, model, optimizer, mesh)
+    batch = train_step_bench.abstract_batch(config, mesh)
+    new_state, metrics = jax.eval_shape(step, state, batch)
+    assert {"imnet_fd", "mic", "seg_mix", "inter", "intra_src", "im_proto"} <= set(metrics)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)

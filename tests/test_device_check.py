@@ -90,7 +90,7 @@ def test_dry_run_prints_one_table(tiny_cli_run, tmp_path_factory, tmp_path):
             "--dry_run",
             f"--profile_dir={tmp_path / 'profile'}",
             "--reference_archs=deeplabv2",
-            "--reference_dtypes=bfloat16",  # float32 is what the other rows run.
+            "--reference_dtypes=float32",  # Row 1's program: read from the compilation cache.
         ],
         capture_output=True,
         text=True,
@@ -105,7 +105,7 @@ def test_dry_run_prints_one_table(tiny_cli_run, tmp_path_factory, tmp_path):
     rows = table[2:]
     assert [row.split("|")[1].strip().split(" ")[0] for row in rows] == ["1.", "2.", "3."]
     assert all("| ok" in row for row in rows), rows
-    assert "ResNet-18 w4, 32x32, 2+2, bfloat16, remat=none" in rows[1]
+    assert "ResNet-18 w4, 32x32, 2+2, float32, remat=none" in rows[1]
     assert "DRY RUN" in done.stdout
     assert f"Profile of the last synthetic_coarse steps: {tmp_path / 'profile'}" in done.stdout
     assert list((tmp_path / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))

@@ -1,5 +1,6 @@
 """Tests of wsda_jax.steps on a tiny DeepLab (one compiled adapt step shared by the file)."""
 
+import functools
 import os
 
 import chex
@@ -152,8 +153,8 @@ def test_teacher_ema_in_step(runner):
     device_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
     names = step_inputs.ADAPT_KEYS
     jitter_key = dict(zip(names, jax.random.split(device_key, len(names)), strict=True))["jitter_t"]
-    target_image = step_inputs.input_images(
-        jitter_key, jnp.asarray(runner.batches[0]["target"]["image"]), runner.config
+    target_image = jax.jit(lambda key, x: step_inputs.input_images(key, x, runner.config))(
+        jitter_key, runner.batches[0]["target"]["image"]
     )
     state, _ = runner.step(state, batch)
     blend = lambda t, s: 0.999 * t + 0.001 * s
@@ -164,11 +165,10 @@ def test_teacher_ema_in_step(runner):
         expected_params,
     )
     blended_stats = jax.tree.map(blend, after_one.teacher_batch_stats, after_one.batch_stats)
-    _, updates = tiny_model(runner.config, bn_axis_name=None).apply(
-        {"params": expected_params, "batch_stats": blended_stats},
-        target_image,
-        train=True,
-        mutable=["batch_stats"],
+    model = tiny_model(runner.config, bn_axis_name=None)
+    teacher_forward = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))
+    _, updates = teacher_forward(
+        {"params": expected_params, "batch_stats": blended_stats}, target_image
     )
     teacher_stats = _host(state.teacher_batch_stats)
     jax.tree.map(
@@ -342,7 +342,11 @@ def test_other_weak_label_kinds_trace(weak_label):
     assert "inter" in step_metrics
 
 
-@pytest.mark.parametrize("weak_label", ["point", "none"])  # 'image': image_tags_runner.
+@pytest.mark.parametrize(
+    "weak_label",
+    # 'image': image_tags_runner; 'point' also runs in test_parallel.
+    [pytest.param("point", marks=pytest.mark.extended), "none"],
+)
 def test_other_weak_label_kinds_run(weak_label):
     run = Runner(weak_label)
     state, step_metrics = run.step(run.state(), run.put(run.batches[0]))
@@ -486,11 +490,12 @@ def test_predict_directory_on_images_of_different_sizes(runner, tmp_path):
     )
     assert sorted(os.path.basename(path) for path in written) == ["a.png", "b.png"]
     palette = classes.colorize(np.arange(NUM_CLASSES, dtype=np.uint8)[None])[0]
+    forward = jax.jit(lambda v, x: runner.model.apply(v, x, train=False).logits)
     for name, (height, width) in sizes.items():
         out = np.asarray(PIL.Image.open(tmp_path / "out" / (name[:-4] + ".png")).convert("RGB"))
         assert out.shape == (height, width, 3)
         pixels = np.asarray(PIL.Image.open(inputs / name).convert("RGB"))[None]
-        logits = runner.model.apply(variables, augment.normalize(pixels), train=False).logits
+        logits = forward(variables, augment.normalize(pixels))
         assert logits.shape == (1, height, width, NUM_CLASSES)
         expected = palette[np.asarray(logits)[0].argmax(-1)]
         np.testing.assert_array_equal(out, expected)
@@ -549,8 +554,7 @@ def test_inter_takes_plain_downsampled_source_labels():
     names = ("inter", "intra_src", "intra_tgt")
     keys = dict(zip(names, jax.random.split(jax.random.key(0), 3), strict=True))
     protos = jnp.ones((NUM_CLASSES, 4)) / 2.0
-    _, counts = contrastive.contrastive_losses(
-        keys, out, out, ignored, ignored, *teacher, protos, protos, config
-    )
+    losses_fn = jax.jit(lambda *args: contrastive.contrastive_losses(*args, config))
+    _, counts = losses_fn(keys, out, out, ignored, ignored, *teacher, protos, protos)
     assert int(counts["inter"]) == 0  # Fused labels would make every pixel a class-1 anchor.
     assert int(counts["intra_src"]) > 0
