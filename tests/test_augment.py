@@ -119,10 +119,19 @@ def test_classmix_batch_draw_counts_ignore_label():
     assert min(counts.values()) > 15  # Roughly uniform: each expected 40 * 2/3 times.
 
 
+# Jitted once per setting: op by op, each call would compile every primitive it uses.
+strong_augment = jax.jit(
+    augment.strong_augment,
+    static_argnames=("jitter_prob", "jitter_strength", "blur_prob", "blur_sigma",
+                     "per_image_decisions"),
+)  # fmt: skip
+color_jitter = jax.jit(augment.color_jitter, static_argnums=2)
+
+
 def test_strong_augment_shape_range_determinism():
     key = jax.random.PRNGKey(0)
     images = jax.random.uniform(key, (4, 32, 32, 3))
-    aug = jax.jit(augment.strong_augment)
+    aug = strong_augment
     out1 = aug(jax.random.PRNGKey(3), images)
     out2 = aug(jax.random.PRNGKey(3), images)
     out3 = aug(jax.random.PRNGKey(4), images)
@@ -131,17 +140,17 @@ def test_strong_augment_shape_range_determinism():
     np.testing.assert_array_equal(out1, out2)
     assert not np.allclose(out1, out3)
     # With both probabilities 0 the images pass through unchanged.
-    same = augment.strong_augment(key, images, jitter_prob=0.0, blur_prob=0.0)
+    same = strong_augment(key, images, jitter_prob=0.0, blur_prob=0.0)
     np.testing.assert_allclose(same, images, atol=1e-6)
     # Blur only: a constant image stays constant (reflect padding, normalised kernel),
     # a checkerboard loses contrast.
     const = jnp.full((1, 32, 32, 3), 0.3)
     np.testing.assert_allclose(
-        augment.strong_augment(key, const, jitter_prob=0.0, blur_prob=1.0), const, atol=1e-5
+        strong_augment(key, const, jitter_prob=0.0, blur_prob=1.0), const, atol=1e-5
     )
     board = (jnp.indices((32, 32)).sum(0) % 2).astype(jnp.float32)[None, ..., None]
     board = jnp.broadcast_to(board, (1, 32, 32, 3))
-    blurred = augment.strong_augment(key, board, jitter_prob=0.0, blur_prob=1.0)
+    blurred = strong_augment(key, board, jitter_prob=0.0, blur_prob=1.0)
     assert float(blurred.std()) < 0.8 * float(board.std())
 
 
@@ -152,7 +161,7 @@ def test_blur_kernel_size_is_odd_and_about_ten_percent():
 
 
 def _changed_per_image(key, images, per_image_decisions):
-    out = augment.strong_augment(
+    out = strong_augment(
         key, images, jitter_prob=0.5, blur_prob=0.0, per_image_decisions=per_image_decisions
     )
     return np.abs(np.asarray(out) - np.asarray(images)).reshape(images.shape[0], -1).max(1) > 1e-3
@@ -196,7 +205,7 @@ def _sequential_jitter(image, draw):
 def test_color_jitter_equals_the_sequential_ops_in_the_drawn_order():
     images = jax.random.randint(jax.random.key(0), (6, 16, 16, 3), 90, 160).astype(jnp.uint8)
     key = jax.random.key(3)
-    out = np.asarray(augment.color_jitter(key, images, 0.25))
+    out = np.asarray(color_jitter(key, images, 0.25))
     draws = jax.vmap(lambda k: augment.jitter_draw(k, 0.25))(jax.random.split(key, 6))
     for i in range(6):
         draw = jax.tree.map(lambda x, i=i: x[i], draws)
@@ -204,7 +213,7 @@ def test_color_jitter_equals_the_sequential_ops_in_the_drawn_order():
         assert expected.min() > 0 and expected.max() < 255  # no clipping involved
         np.testing.assert_allclose(out[i], expected, atol=1e-3)
     assert len({tuple(np.asarray(o)) for o in draws.order}) > 1  # orders differ per image
-    np.testing.assert_array_equal(augment.color_jitter(key, images, 0.0), images)
+    np.testing.assert_array_equal(color_jitter(key, images, 0.0), images)
 
 
 def test_color_jitter_draws_have_torchvision_distributions():
@@ -224,10 +233,10 @@ def test_color_jitter_draws_have_torchvision_distributions():
 
 def test_color_jitter_clips_and_keeps_grey_under_hue_and_saturation():
     grey = jnp.full((1, 4, 4, 3), 120, jnp.uint8)
-    out = augment.color_jitter(jax.random.key(1), grey, 0.25)
+    out = color_jitter(jax.random.key(1), grey, 0.25)
     np.testing.assert_allclose(out[..., 0], out[..., 1], atol=1e-3)  # still grey
     bright = jnp.full((8, 4, 4, 3), 250, jnp.uint8)
-    out = augment.color_jitter(jax.random.key(2), bright, 0.25)
+    out = color_jitter(jax.random.key(2), bright, 0.25)
     assert float(out.max()) <= 255.0 and float(out.min()) >= 0.0
 
 

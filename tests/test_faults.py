@@ -378,6 +378,11 @@ def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
         ("wsda_jax.tools.browse", [TINY, "--out=o", "--bogus=1"], "Unknown command line flag"),
         ("wsda_jax.data.prepare", [], "Flag --dataset must have a value other than None"),
         ("wsda_jax.data.prepare", ["--dataset=gta5", "x"], "unexpected arguments ['x']"),
+        (
+            "wsda_jax.tools.benchmarks.device_check",
+            ["--dry_run", "--reference_remat=none,conv"],
+            "--reference_remat: a comma-separated list of none, blocks, conv_outputs",
+        ),
     ],
 )
 def test_tools_fail_in_one_line(tool, args, expected, base):

@@ -1,6 +1,7 @@
 """The thing-class ImageNet feature distance (feature_distance.py) against NumPy written
 here from DAFormer's `downscale_label_ratio` and `masked_feat_dist`, and in the step."""
 
+import collections
 import functools
 
 import jax
@@ -108,11 +109,19 @@ def test_source_forward_against_the_formula(fd_setup):
     batch = synthetic_batch(0, 2, "coarse")
     images = jnp.asarray(batch["source"]["image"], jnp.float32) / 64.0 - 2.0
     labels = jnp.asarray(batch["source"]["label"], jnp.int32)
-    inputs = type("Inputs", (), {"source_image": images, "source_label": labels})
+    inputs = collections.namedtuple("Inputs", ["source_image", "source_label"])
     forward = functools.partial(deeplab.train_forward, model, state.params)
-    out, stats, terms = feature_distance.source_forward(
-        model, forward, state.batch_stats, inputs, state.imnet_encoder, config
+    source_forward = jax.jit(
+        lambda images, labels: feature_distance.source_forward(
+            model,
+            forward,
+            state.batch_stats,
+            inputs(source_image=images, source_label=labels),
+            state.imnet_encoder,
+            config,
+        )
     )
+    out, stats, terms = source_forward(images, labels)
     student, _ = model.apply(
         state.student_variables(), images, train=True, method="encode", mutable=["batch_stats"]
     )
@@ -125,7 +134,7 @@ def test_source_forward_against_the_formula(fd_setup):
     np.testing.assert_allclose(float(terms["imnet_fd"]), norms[mask].mean(), rtol=1e-5)
     config.loss.imnet_fd = 0.0
     plain_out, plain_stats, none = feature_distance.source_forward(
-        model, forward, state.batch_stats, inputs, state.imnet_encoder, config
+        model, forward, state.batch_stats, inputs(images, labels), state.imnet_encoder, config
     )
     config.loss.imnet_fd = 1.0
     assert none == {}

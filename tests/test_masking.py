@@ -67,7 +67,8 @@ def test_masked_batch_zeroes_masked_blocks_and_keeps_the_labels():
     target = augment.normalize(jnp.asarray(rng.integers(0, 256, (2, 16, 24, 3)), jnp.float32))
     label = jnp.asarray(rng.integers(0, 5, (2, 16, 24)), jnp.int32)
     weight = jnp.asarray(rng.random((2, 16, 24)), jnp.float32)
-    out = masking.masked_batch(jax.random.PRNGKey(1), target, label, weight, _config())
+    masked_batch = jax.jit(lambda *args: masking.masked_batch(*args, _config()))
+    out = masked_batch(jax.random.PRNGKey(1), target, label, weight)
     keep = np.asarray(out.keep)
     assert 0 < keep.mean() < 1
     expected = np.where(keep[..., None], np.asarray(target), 0.0)

@@ -23,6 +23,7 @@ PRESENCE_SOURCES = ("crop", "image")
 TEACHER_INITS = ("ema", "student")
 BOUNDARY_MAX = ("device", "global")
 OPTIMIZERS = ("sgd", "adamw")  # `optim.make_optimizer`
+COMPUTE_DTYPES = ("float32", "bfloat16")  # config.compute_dtype
 
 
 def has_label_map(weak_label: str) -> bool:
@@ -298,7 +299,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         )
     if config.loss.contrast_start < 0:
         raise ValueError(f"config.loss.contrast_start={config.loss.contrast_start} must be >= 0")
-    if config.compute_dtype not in ("float32", "bfloat16"):
+    if config.compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.compute_dtype={config.compute_dtype!r}: float32 or bfloat16")
 
 

@@ -102,20 +102,31 @@ def _init_state(config, model, key, *, image_shape, optimizer) -> TrainState:
     init_key, step_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros(image_shape, jnp.float32), train=False)
     params = variables["params"]
-    batch_stats = variables["batch_stats"]
+    return fresh_state(config, params, variables["batch_stats"], optimizer.init(params), step_key)
+
+
+def fresh_state(
+    config: ml_collections.ConfigDict,
+    params: Any,
+    batch_stats: Any,
+    opt_state: Any,
+    rng: jax.Array,
+) -> TrainState:
+    """The state at step 0 of a student with these variables: the teacher a copy, the
+    prototypes zero, and with config.loss.imnet_fd > 0 the frozen encoder a copy (its
+    values are set from config.init.imagenet at the start, `train.initial_state`)."""
     prototypes = jnp.zeros((config.num_classes, config.model.proj_dim), jnp.float32)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=batch_stats,
-        opt_state=optimizer.init(params),
+        opt_state=opt_state,
         teacher_params=jax.tree.map(jnp.copy, params),
         teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
         source_prototypes=prototypes,
-        target_prototypes=jnp.copy(prototypes),
-        rng=step_key,
+        target_prototypes=jnp.copy(prototypes),  # Distinct buffers: the state is donated.
+        rng=rng,
         skipped_steps=jnp.zeros((), jnp.int32),
-        # Its values are set from config.init.imagenet at the start (`train.initial_state`).
         imnet_encoder=feature_distance.encoder_variables(params, batch_stats)
         if config.loss.imnet_fd > 0
         else {},

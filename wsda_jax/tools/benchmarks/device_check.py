@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from wsda_jax import (  # noqa: E402
+    config_lib,
     config_model,
     config_presets,
     optim,
@@ -67,40 +68,42 @@ _PART = flags.DEFINE_enum(
     "part", "all", ["all", "reference"], "Internal: 'reference' runs one check-2 row."
 )
 _DTYPE = flags.DEFINE_enum(
-    "reference_dtype", "float32", ["float32", "bfloat16"], "Internal (--part)."
+    "reference_dtype", "float32", config_lib.COMPUTE_DTYPES, "Internal (--part)."
 )
+# Every remat mode of some architecture; a row is left out where its architecture lacks it.
+_REMAT_MODES = tuple(dict.fromkeys(m for modes in config_model.REMAT_MODES.values() for m in modes))
+
+
+def _list_of(values: Sequence[str], flag: str):
+    """A flags validator: a non-empty comma-separated list of `values`, else its message."""
+    return (lambda chosen: bool(chosen) and set(chosen) <= set(values)), (
+        f"--{flag}: a comma-separated list of {', '.join(values)}"
+    )
+
+
 _ARCHS = flags.DEFINE_list(
     "reference_archs",
-    ["deeplabv2", "daformer"],
-    "Architectures of the reference rows, of deeplabv2, daformer (one row per dtype and remat).",
+    list(config_model.ARCHS),
+    "Architectures of the reference rows, of "
+    + ", ".join(config_model.ARCHS)
+    + " (one row per dtype and remat).",
 )
 _DTYPES = flags.DEFINE_list(
     "reference_dtypes",
-    ["float32", "bfloat16"],
-    "config.compute_dtype of the reference rows, of float32, bfloat16.",
-)
-flags.register_validator(
-    "reference_dtypes",
-    lambda dtypes: bool(dtypes) and set(dtypes) <= {"float32", "bfloat16"},
-    "--reference_dtypes: a comma-separated list of float32, bfloat16",
-)
-flags.register_validator(
-    "reference_archs",
-    lambda archs: bool(archs) and set(archs) <= {"deeplabv2", "daformer"},
-    "--reference_archs: a comma-separated list of deeplabv2, daformer",
+    list(config_lib.COMPUTE_DTYPES),
+    "config.compute_dtype of the reference rows, of " + ", ".join(config_lib.COMPUTE_DTYPES) + ".",
 )
 _REMAT = flags.DEFINE_list(
     "reference_remat",
     ["none"],
     "config.model.remat settings of the reference rows (each adds a row per dtype to each "
-    "architecture that has it); e.g. none,conv_outputs,blocks.",
+    "architecture that has it); of " + ", ".join(_REMAT_MODES) + ".",
 )
+flags.register_validator("reference_archs", *_list_of(config_model.ARCHS, "reference_archs"))
 flags.register_validator(
-    "reference_remat",
-    lambda remats: set(remats) <= set(config_model.REMAT_MODES["deeplabv2"]),
-    "--reference_remat: a comma-separated list of "
-    + ", ".join(config_model.REMAT_MODES["deeplabv2"]),
+    "reference_dtypes", *_list_of(config_lib.COMPUTE_DTYPES, "reference_dtypes")
 )
+flags.register_validator("reference_remat", *_list_of(_REMAT_MODES, "reference_remat"))
 _REFERENCE_STEPS = flags.DEFINE_integer("reference_steps", 5, "Timed reference steps.")
 _SYNTHETIC_STEPS = flags.DEFINE_integer("synthetic_steps", 50, "Steps of synthetic_coarse.")
 _TIMEOUT = flags.DEFINE_integer("reference_timeout_s", 300, "Limit of one reference row.")

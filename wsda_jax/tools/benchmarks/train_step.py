@@ -56,7 +56,6 @@ from wsda_jax import (  # noqa: E402
     aot,
     config_lib,
     config_model,
-    feature_distance,
     optim,
     parallel,
     steps,
@@ -175,24 +174,8 @@ def random_state(config, model, optimizer) -> train_state.TrainState:
     )
     params = _host_random(abstract.params)
     batch_stats = _host_random(abstract.batch_stats)
-    prototypes = jnp.zeros((config.num_classes, config.model.proj_dim), jnp.float32)
-    return train_state.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=jax.jit(optimizer.init)(params),
-        teacher_params=jax.tree.map(jnp.copy, params),
-        teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-        source_prototypes=prototypes,
-        target_prototypes=jnp.copy(prototypes),  # Distinct buffers: the state is donated.
-        rng=jax.random.PRNGKey(0),
-        skipped_steps=jnp.zeros((), jnp.int32),
-        imnet_encoder=(
-            feature_distance.encoder_variables(params, batch_stats)
-            if config.loss.imnet_fd > 0
-            else {}
-        ),
-    )
+    opt_state = jax.jit(optimizer.init)(params)
+    return train_state.fresh_state(config, params, batch_stats, opt_state, jax.random.PRNGKey(0))
 
 
 def flops_of(compiled) -> float | None:
