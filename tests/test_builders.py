@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import fixture_trees
@@ -252,6 +253,16 @@ def test_unprepared_dataset_error_shows_command(tmp_path):
         f"--data_dir={tmp_path} --points_per_class=2"
     )
     assert command in str(error.value)
+
+
+def test_builder_of_an_unprepared_dataset_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    temp_root = tmp_path / "temp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    config_data = fixture_trees.config_data(tmp_path / "data", "/data/cityscapes")
+    builder = builders.make_builder("cityscapes_weak", config_data)
+    assert not builder.is_prepared()
+    assert list(temp_root.iterdir()) == []
 
 
 def test_missing_manual_dir_lists_expected_paths(tmp_path):

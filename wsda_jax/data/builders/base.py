@@ -249,6 +249,19 @@ def parallel_map(
         progress.close()
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The DatasetInfo of a dataset prepared from local files only.
+
+    Before a dataset is prepared, TFDS looks up precomputed info in its public bucket
+    (`initialize_from_bucket`); that lookup is disabled in this TFDS, yet it leaves one
+    empty `/tmp/tmp*tfds` folder per builder. None of these datasets is in the bucket,
+    so the lookup is skipped.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        """Nothing to look up: the info comes from `_info` and, once prepared, the data dir."""
+
+
 class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base: options -> config name, manual_dir, worker count, preparation summary.
 
@@ -316,7 +329,7 @@ class WsdaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = target_features() if self.is_target() else source_features()
-        return tfds.core.DatasetInfo(builder=self, features=features, description=self.__doc__)
+        return LocalDatasetInfo(builder=self, features=features, description=self.__doc__)
 
     def is_target(self) -> bool:
         """Targets carry coarse_label, point_label and presence."""
