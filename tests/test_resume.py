@@ -150,6 +150,8 @@ def test_sigterm_on_four_devices_saves_and_resumes_on_one(tmp_path, tmp_path_fac
     assert json.load(open(workdir / "eval" / "4.json"))["step"] == 4
 
 
+@pytest.mark.extended  # The default run: SIGINT at start-up (test_faults), in process
+# (test_checkpointing's watcher) and SIGTERM mid-run; one watcher serves both signals.
 def test_sigint_saves_and_exits_like_sigterm(tmp_path, tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     workdir = tmp_path / "run"

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,16 @@ import pytest
 import tiny_runs
 from torchvision_weights import WIDTH, random_state_dict
 
-from wsda_jax import classes, config_lib, optim, parallel, steps, train, train_state
+from wsda_jax import (
+    checkpointing,
+    classes,
+    config_lib,
+    optim,
+    parallel,
+    steps,
+    train,
+    train_state,
+)
 from wsda_jax.data import sources
 from wsda_jax.models import deeplab
 
@@ -167,6 +177,23 @@ def test_oracle_stage_trains_on_the_target_fine_labels(tmp_path_factory):
     assert 0.0 <= report["student"]["miou"] <= 1.0
     (line,) = tiny_runs.train_lines(workdir)
     assert set(line) >= {"seg_s", "edge_s"} and "seg_mix" not in line
+
+
+def test_fresh_run_traces_the_state_initialisation_once(tmp_path, monkeypatch):
+    """train.initial_state with nothing to restore: the abstract state (the restore
+    target) and the state itself come from one trace of the initialisation."""
+    traces = []
+    init_state = train_state._init_state
+    monkeypatch.setattr(
+        train_state, "_init_state", lambda *a, **k: traces.append(1) or init_state(*a, **k)
+    )
+    config = conftest.tiny_config()
+    model, optimizer = conftest.tiny_model(config), optim.make_optimizer(config)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        state, step = train.initial_state(config, model, optimizer, mesh, manager, None)
+    assert step == 0 and int(state.step) == 0
+    assert len(traces) == 1
 
 
 def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):

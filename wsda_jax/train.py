@@ -102,14 +102,12 @@ def initial_state(
     # Resume order:
     # (1) the latest readable checkpoint in the workdir (state and data position);
     key = jax.random.PRNGKey(config.seed)
-    abstract = train_state.create_train_state(
-        config, model, key, optimizer=optimizer, mesh=mesh, abstract=True
-    )
-    restored = _restore_latest(manager, abstract, train_iter)
+    init = train_state.state_initializer(config, model, optimizer=optimizer, mesh=mesh)
+    restored = _restore_latest(manager, train_state.abstract_state(init, key, mesh), train_iter)
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
-    state = train_state.create_train_state(config, model, key, optimizer=optimizer, mesh=mesh)
+    state = init(key)  # Traced once, for the abstract state above.
     # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;
     if config.init.init_from:
         state = checkpointing.load_init_from(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -71,10 +72,10 @@ def create_train_state(
 ) -> TrainState:
     """Initialises the student from `key`; the teacher starts equal to the student.
 
-    One jitted program builds the whole state, replicated on `mesh` when given (placed
-    there directly, never on one device first). With `abstract=True` nothing is computed:
-    the result holds `jax.ShapeDtypeStruct`s (with the mesh's sharding), the target of a
-    checkpoint restore or of an ahead-of-time compile.
+    One jitted program builds the whole state (`state_initializer`), replicated on `mesh`
+    when given (placed there directly, never on one device first). With `abstract=True`
+    nothing is computed: the result holds `jax.ShapeDtypeStruct`s (with the mesh's
+    sharding), the target of a checkpoint restore or of an ahead-of-time compile.
 
     Args:
       config: the run configuration (num_classes, model.proj_dim, optim).
@@ -84,16 +85,35 @@ def create_train_state(
         `init_image_shape(config)`.
       optimizer: defaults to `optim.make_optimizer(config)`.
     """
+    init = state_initializer(config, model, image_shape, optimizer, mesh=mesh)
+    return abstract_state(init, key, mesh) if abstract else init(key)
+
+
+def state_initializer(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    image_shape: tuple[int, ...] | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Callable[[jax.Array], TrainState]:
+    """The jitted program key -> step-0 state of `create_train_state`. Its abstract state
+    (`abstract_state`) and its call share one trace: a run that finds no checkpoint to
+    restore builds the state without tracing the model's initialisation again."""
     if optimizer is None:
         optimizer = optim.make_optimizer(config)
     if image_shape is None:
         image_shape = init_image_shape(config)
-    init = jax.jit(
+    return jax.jit(
         functools.partial(_init_state, config, model, image_shape=image_shape, optimizer=optimizer),
         out_shardings=None if mesh is None else parallel.replicated(mesh),
     )
-    if not abstract:
-        return init(key)
+
+
+def abstract_state(
+    init: Callable[[jax.Array], TrainState], key: jax.Array, mesh: jax.sharding.Mesh | None = None
+) -> TrainState:
+    """The `jax.ShapeDtypeStruct`s of `init(key)` (replicated on `mesh` when given)."""
     shapes = jax.eval_shape(init, key)
     return shapes if mesh is None else parallel.abstract_on(shapes, parallel.replicated(mesh))
 
