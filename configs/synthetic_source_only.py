@@ -22,5 +22,6 @@ from wsda_jax import config_presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the config; `arg='tiny'` shrinks it to a few steps for tests."""
+    """Returns the config; `arg='tiny'` shrinks it to a few steps for tests, 'mit' trains
+    the small MiT + DAFormer head of the 'daformer' variants instead of the ResNet-18."""
     return config_presets.synthetic(stage="source_only", weak_label="none", arg=arg)

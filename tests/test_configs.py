@@ -155,3 +155,41 @@ def test_daformer_is_refused_outside_adaptation(path):
     with pytest.raises(ValueError, match="one-stage adaptation") as error:
         _load(path, "daformer")
     assert "\n" not in str(error.value)
+
+
+# What `:mit` changes in a synthetic config: the network and optimiser of its `:daformer`.
+SYNTHETIC_MIT = {
+    "model.arch": "daformer",
+    "model.mit": "b0",
+    "model.mit_embed_dims": (16, 32, 80, 128),
+    "model.mit_depths": (1, 1, 1, 1),
+    "model.decoder_dim": 32,
+    "model.drop_path_rate": 0.1,
+    "optim.name": "adamw",
+    "optim.lr": 4 * 6e-5,
+    "optim.weight_decay": 0.01,
+    "optim.head_lr_mult": 10.0,
+    "optim.warmup_ratio": 1e-6,
+    "optim.power": 1.0,
+}
+
+
+@pytest.mark.parametrize("path", SYNTHETIC, ids=os.path.basename)
+def test_synthetic_mit_switch_swaps_the_network_in_any_stage(path):
+    """`file.py:mit`: the small MiT and AdamW of `:daformer` in the file's own stage and
+    schedule (steps, warm-up, EMA, contrastive start), for the oracle and source-only
+    bounds of that network; combined with `daformer` it is refused."""
+    plain, config = _flat(_load(path).to_dict()), _load(path, "mit")
+    config_lib.validate(config, num_devices=1)
+    flat = _flat(config.to_dict())
+    changed = {key for key in flat if flat[key] != plain[key]}
+    assert changed <= set(SYNTHETIC_MIT) | {"optim.betas"}, changed - set(SYNTHETIC_MIT)
+    assert {key: flat[key] for key in SYNTHETIC_MIT} == SYNTHETIC_MIT
+    if path in ADAPT:  # The network and optimiser of `:daformer`, not its recipe.
+        daformer = _flat(_load(path, "daformer").to_dict())
+        assert {key: daformer[key] for key in SYNTHETIC_MIT} == SYNTHETIC_MIT
+        with pytest.raises(ValueError, match="choose one"):
+            _load(path, "daformer,mit")
+    tiny = _load(path, "mit,tiny")
+    config_lib.validate(tiny, num_devices=1)
+    assert tiny.model.arch == "daformer" and tiny.num_steps <= 8

@@ -183,19 +183,29 @@ def test_beyond_group_expands_to_both_labels_and_starts_from_source_only(tmp_pat
 
 
 def test_daformer_group_is_one_stage_beside_the_resnet_rows(tmp_path, monkeypatch):
-    """--variants=daformer: the ResNet-18 method rows (two-stage, from source_only) and six
+    """--variants=daformer: the ResNet-18 method rows (two-stage, from source_only), six
     one-stage DAFormer runs (no init_from) with and without the contrastive terms and
-    with MIC at the corrected block size, coarse and point labels; the report has the
-    rare-class table."""
+    with MIC at the corrected block size, coarse and point labels, and both networks'
+    oracle and source-only bounds; the report has the rare-class table."""
     outdir = str(tmp_path / "out")
     daformer = [
         f"daformer_{label}{suffix}"
         for label in ("coarse", "point")
         for suffix in ("", "_no_contrast", "_mic")
     ]
-    assert (
-        synthetic_table.expand_groups(["daformer"]) == ["beyond_coarse", "beyond_point"] + daformer
-    )
+    bounds = ["oracle", "mit_oracle", "source_only", "mit_source_only"]
+    assert synthetic_table.expand_groups(["daformer"]) == [
+        *bounds,
+        "beyond_coarse",
+        "beyond_point",
+        *daformer,
+    ]
+    for variant, stage in (("mit_oracle", "oracle"), ("mit_source_only", "source_only")):
+        config = synthetic_table.make_config(variant, 1, outdir, smoke=False)
+        assert config.stage == stage and config.init.init_from == ""
+        assert not config.init.one_stage and config.model.arch == "daformer"
+        assert config.optim.name == "adamw"
+        assert config.num_steps == synthetic_table.make_config(stage, 1, outdir, False).num_steps
     for variant in daformer:
         config = synthetic_table.make_config(variant, 1, outdir, smoke=False)
         assert config.init.init_from == "" and config.init.one_stage
@@ -207,8 +217,10 @@ def test_daformer_group_is_one_stage_beside_the_resnet_rows(tmp_path, monkeypatc
         assert tiny.model.arch == "daformer" and tiny.num_steps <= 8
     trained = _record_training(monkeypatch)
     synthetic_table.run_table(["daformer"], seeds=1, outdir=outdir)
-    assert trained == ["source_only_seed0", "beyond_coarse_seed0", "beyond_point_seed0"] + [
-        f"{v}_seed0" for v in daformer
+    assert trained == [
+        f"{v}_seed0"
+        for v in ("oracle", "source_only", "beyond_coarse", "beyond_point", *daformer)
+        + ("mit_oracle", "mit_source_only")
     ]
     kept = tmp_path / "kept"
     kept.mkdir()

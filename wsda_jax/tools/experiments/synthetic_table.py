@@ -34,7 +34,9 @@ Group `daformer` (`--variants=daformer`): DAFormer's one-stage recipe on a small
 DAFormer head (`configs/synthetic_*.py:daformer`, no stage 1), with the method's losses
 (daformer_coarse, daformer_point), without the contrastive ones (_no_contrast) and with
 masked image consistency (_mic), beside the ResNet-18 method rows beyond_coarse and
-beyond_point (docs/daformer.md). The table also gives the rarest classes' IoU.
+beyond_point (docs/daformer.md), and the two networks' bounds: oracle and source_only
+(ResNet-18), mit_oracle and mit_source_only (the small MiT, `:mit`). The table also
+gives the rarest classes' IoU.
 """
 
 from __future__ import annotations
@@ -108,18 +110,26 @@ for _label in ("coarse", "point"):
             f"configs.synthetic_{_label}:daformer",
             _overrides,
         )
+# The bounds of the small MiT at this scale (`:mit`: its network and optimiser, the
+# stage's own schedule): supervised on the target's labels, and on the source's only.
+VARIANTS["mit_oracle"] = ("configs.synthetic_oracle:mit", {})
+VARIANTS["mit_source_only"] = ("configs.synthetic_source_only:mit", {})
 TABLE = ("oracle", "source_only", "uda", "image", "point", "coarse", "coarse_no_contrast")
 # Names --variants accepts for several variants at once.
 GROUPS = {
     "table": TABLE,
     "beyond": tuple(v for v in VARIANTS if v.startswith("beyond_")),
     "daformer": (
+        "oracle",
+        "mit_oracle",
+        "source_only",
+        "mit_source_only",
         "beyond_coarse",
         "beyond_point",
         *(v for v in VARIANTS if v.startswith("daformer_")),
     ),
 }
-STAGE_ONE = ("oracle", "source_only", "source_only_warm")
+STAGE_ONE = ("oracle", "source_only", "source_only_warm", "mit_oracle", "mit_source_only")
 # The synthetic source's rarest classes (docs/beyond_reference.md, class_frequencies).
 RARE_CLASSES = ("traffic sign", "traffic light", "motorcycle", "bicycle", "pole")
 # The stage-1 variant a stage-2 variant starts from, where it is not source_only.
