@@ -11,7 +11,6 @@ import pytest
 from conftest import IMAGE_SIZE, synthetic_batch, tiny_config, tiny_model
 
 from wsda_jax import feature_distance, optim, parallel, steps, train_state
-from wsda_jax.models import deeplab
 
 IGNORE = 255
 
@@ -110,7 +109,7 @@ def test_source_forward_against_the_formula(fd_setup):
     images = jnp.asarray(batch["source"]["image"], jnp.float32) / 64.0 - 2.0
     labels = jnp.asarray(batch["source"]["label"], jnp.int32)
     inputs = collections.namedtuple("Inputs", ["source_image", "source_label"])
-    forward = functools.partial(deeplab.train_forward, model, state.params)
+    forward = functools.partial(feature_distance.train_forward_with_encoding, model, state.params)
     source_forward = jax.jit(
         lambda images, labels: feature_distance.source_forward(
             model,

@@ -16,6 +16,7 @@ with the mask: the cell's label (`downscale_label_ratio`, min ratio 0.75) is one
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -119,6 +120,21 @@ def forward_with_encoding(
     return out, batch_stats, encoding
 
 
+def train_forward_with_encoding(
+    model: nn.Module,
+    params: Any,
+    batch_stats: Any,
+    images: jax.Array,
+    dropout_key: jax.Array | None = None,
+) -> tuple[deeplab.SegmentationOutput, Any, jax.Array]:
+    """`deeplab.train_forward` and the encoder's last feature map of the same pass:
+    (SegmentationOutput, the updated batch_stats, encoding [B, h, w, C]). The student's
+    passes in the adaptation step all use it, jitted, so that the model is traced once;
+    the passes that do not need the encoding drop it."""
+    forward = functools.partial(deeplab.train_forward, model, params)
+    return forward_with_encoding(forward, batch_stats, images, dropout_key)
+
+
 def frozen_encoding(model: nn.Module, imnet_encoder: Any, images: jax.Array) -> jax.Array:
     """The frozen ImageNet encoder's last feature map (eval mode, no gradient)."""
     encoding = model.apply(imnet_encoder, images, train=False, method="encode")
@@ -127,7 +143,7 @@ def frozen_encoding(model: nn.Module, imnet_encoder: Any, images: jax.Array) -> 
 
 def source_forward(
     model: nn.Module,
-    forward: Callable[..., tuple[deeplab.SegmentationOutput, Any]],
+    forward: Callable[..., tuple[deeplab.SegmentationOutput, Any, jax.Array]],
     batch_stats: Any,
     inputs: Any,
     imnet_encoder: Any,
@@ -135,16 +151,17 @@ def source_forward(
     dropout_key: jax.Array | None = None,
 ) -> tuple[deeplab.SegmentationOutput, Any, dict[str, jax.Array]]:
     """The student's source pass `forward(batch_stats, images, dropout_key)` (its
-    `deeplab.train_forward` with model and params bound) and, with config.loss.imnet_fd >
-    0, the unweighted `imnet_fd` term: (out, batch_stats, {'imnet_fd': scalar} or {}).
+    `train_forward_with_encoding` with model and params bound) and, with
+    config.loss.imnet_fd > 0, the unweighted `imnet_fd` term: (out, batch_stats,
+    {'imnet_fd': scalar} or {}).
 
     `inputs` holds `source_image` float32 [B, H, W, 3] and `source_label` int32 [B, H, W]
     (`step_inputs.AdaptInputs`).
     """
     images, labels = inputs.source_image, inputs.source_label
+    out, batch_stats, student = forward(batch_stats, images, dropout_key)
     if config.loss.imnet_fd <= 0:
-        return (*forward(batch_stats, images, dropout_key), {})
-    out, batch_stats, student = forward_with_encoding(forward, batch_stats, images, dropout_key)
+        return out, batch_stats, {}
     frozen = frozen_encoding(model, imnet_encoder, images)
     return out, batch_stats, {"imnet_fd": feature_distance(student, frozen, labels, config)}
 

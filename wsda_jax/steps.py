@@ -149,18 +149,18 @@ def adapt_loss(
     batch_stats, the new source prototypes)).
     """
     # The student's passes of equal shapes go through one jitted forward, which traces the
-    # model once for all of them (a shorter trace; inlined, the same compiled step). The
-    # source pass with imnet_fd stays plain: it intercepts the encoder's output.
-    forward = functools.partial(jax.jit(deeplab.train_forward, static_argnums=0), model, params)
-    plain_forward = functools.partial(deeplab.train_forward, model, params)
-    source_forward = plain_forward if config.loss.imnet_fd > 0 else forward
+    # model once for all of them (a shorter trace; inlined, the same compiled step). It
+    # also returns the encoder's output, which the source pass's imnet_fd reads.
+    forward = functools.partial(
+        jax.jit(feature_distance.train_forward_with_encoding, static_argnums=0), model, params
+    )
     dropout = step_inputs.dropout_keys(state, axis_name)
     # (2) Student on target: seg_u, im_u.
-    out_u, batch_stats = forward(state.batch_stats, inputs.target_image, dropout["target"])
+    out_u, batch_stats, _ = forward(state.batch_stats, inputs.target_image, dropout["target"])
     terms = target_terms(out_u, inputs, config, contrast_on)
     # (3) Student on source: seg_s, edge_s (and imnet_fd, not in the reference).
     out_s, batch_stats, fd = feature_distance.source_forward(
-        model, source_forward, batch_stats, inputs, state.imnet_encoder, config, dropout["source"]
+        model, forward, batch_stats, inputs, state.imnet_encoder, config, dropout["source"]
     )
     terms.update(source_terms(out_s, inputs.source_label, keys["edge"], config, axis_name), **fd)
     # (7, source) Source prototypes from the student's source features.
@@ -199,13 +199,13 @@ def adapt_loss(
         teacher.weight,
         config.classmix,
     )
-    out_m, batch_stats = forward(batch_stats, mixed.image, dropout["mixed"])
+    out_m, batch_stats, _ = forward(batch_stats, mixed.image, dropout["mixed"])
     terms["seg_mix"] = losses.cross_entropy(out_m.logits, mixed.label, mixed.weight)
     if config.mic.enabled:  # Masked image consistency, not in the reference.
         masked = masking.masked_batch(
             mic_key, inputs.target_image, teacher.label, teacher.weight, config
         )
-        out_k, batch_stats = forward(batch_stats, masked.image, dropout["masked"])
+        out_k, batch_stats, _ = forward(batch_stats, masked.image, dropout["masked"])
         terms["mic"] = masking.mic_loss(out_k.logits, masked)
     # (11) Weighted total, averaged over devices: the loss that is differentiated.
     weighted = weighted_terms(terms, config.loss, contrast_ramp(state.step, config))
