@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from wsda_jax import config_lib
+from wsda_jax import config_lib, config_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -193,3 +193,14 @@ def test_synthetic_mit_switch_swaps_the_network_in_any_stage(path):
     tiny = _load(path, "mit,tiny")
     config_lib.validate(tiny, num_devices=1)
     assert tiny.model.arch == "daformer" and tiny.num_steps <= 8
+
+
+def test_model_name_says_which_network():
+    """The network in the AOT figures, the device check and the benchmarks' lines."""
+    path = os.path.join(ROOT, "configs", "gta2cs_coarse.py")
+    synthetic = os.path.join(ROOT, "configs", "synthetic_coarse.py")
+    assert config_model.model_name(_load(path)) == "ResNet-101 w64"
+    assert config_model.model_name(_load(path, "daformer")) == "MiT-B5 + DAFormer head d256"
+    assert config_model.model_name(_load(synthetic, "daformer")) == (
+        "MiT widths (16, 32, 80, 128) + DAFormer head d32"
+    )

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from wsda_jax import optim, parallel, steps, train_state
+from wsda_jax import config_model, optim, parallel, steps, train_state
 from wsda_jax.aot_targets import GB, Target, gpu_target_config, verdict
 from wsda_jax.models import deeplab
 
@@ -312,7 +312,7 @@ def summary(result: AotResult, target: Target, config: ml_collections.ConfigDict
         "stage": config.stage,
         "crop": list(config.data.crop_size),
         "per_device_batch_size": config.per_device_batch_size,
-        "depth": config.model.depth,
+        "model": config_model.model_name(config),
         "dtype": config.compute_dtype,
         "remat": config.model.remat,
         "lower_s": round(result.lower_s, 1),

@@ -46,6 +46,17 @@ def _check_mit(model: ml_collections.ConfigDict) -> None:
         )
 
 
+def model_name(config: ml_collections.ConfigDict) -> str:
+    """The network in words, for tables and logs: 'ResNet-101 w64' or 'MiT-B5 + DAFormer
+    head d256' (a MiT with explicit widths: 'MiT widths (16, 32, 80, 128) + ...')."""
+    model = config.model
+    if model.arch == "daformer":
+        dims = tuple(model.mit_embed_dims)
+        encoder = f"MiT widths {dims}" if dims else f"MiT-{model.mit.upper()}"
+        return f"{encoder} + DAFormer head d{model.decoder_dim}"
+    return f"ResNet-{model.depth} w{model.width}"
+
+
 def validate_model(config: ml_collections.ConfigDict) -> None:
     """Raises a one-line ValueError for a model section (with the crop size it needs)
     that cannot be built; numeric ranges are checked in `config_ranges.validate_ranges`."""

@@ -229,14 +229,6 @@ def reference_config(arch: str, dtype: str, remat: str, dry_run: bool):
     return config
 
 
-def _model_name(config) -> str:
-    if config.model.arch == "daformer":
-        dims = tuple(config.model.mit_embed_dims)
-        encoder = f"MiT widths {dims}" if dims else f"MiT-{config.model.mit.upper()}"
-        return f"{encoder} + DAFormer head d{config.model.decoder_dim}"
-    return f"ResNet-{config.model.depth} w{config.model.width}"
-
-
 def reference_result(arch: str, dtype: str, remat: str, dry_run: bool, num_steps: int) -> dict:
     """Check 2 in this process: compile and time one step size, with peak memory."""
     config = reference_config(arch, dtype, remat, dry_run)
@@ -248,9 +240,8 @@ def reference_result(arch: str, dtype: str, remat: str, dry_run: bool, num_steps
     tflops = None if flops is None else flops / 1e3 / result["step_s"] / jax.device_count()
     peak_tf = peak_tflops(jax.devices()[0].device_kind, dtype)
     return {
-        "setting": (
-            f"{_model_name(config)}, {crop}x{crop}, {images}+{images}, {dtype}, remat={remat}"
-        ),
+        "setting": f"{config_model.model_name(config)}, {crop}x{crop}, {images}+{images}, "
+        f"{dtype}, remat={remat}",
         "compile_s": result["lower_s"] + result["compile_s"],
         "step_s": result["step_s"],
         "images_per_s": result["images_per_s"],

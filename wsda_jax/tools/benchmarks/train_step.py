@@ -307,7 +307,7 @@ def compile_for_target(config, target_name: str, json_out: str | None) -> None:
     config_lib.validate(config, 1)
     info = aot.summary(aot.compile_for_target(config, target), target, config)
     print(
-        f"target={target.name} devices={info['devices']} model=ResNet-{config.model.depth} "
+        f"target={target.name} devices={info['devices']} model={config_model.model_name(config)!r} "
         f"crop={config.data.crop_size[0]} images_per_device={config.per_device_batch_size}+"
         f"{config.per_device_batch_size} dtype={config.compute_dtype} remat={config.model.remat}"
     )
