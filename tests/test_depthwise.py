@@ -44,6 +44,23 @@ def test_gradients_keep_their_inputs_dtypes():
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
 
 
+def residual_bytes(fn, *args) -> int:
+    """Bytes the gradient of `fn` keeps from the forward pass (the vjp's residuals)."""
+    _, vjp = jax.vjp(fn, *args)
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+
+
+def test_gradient_keeps_only_the_inputs():
+    """The backward pass recomputes the float32 taps: it keeps x, kernel and bias, not
+    nine float32 copies of a bfloat16 x (18x its size, most of DAFormer's activations)."""
+    x = jnp.ones((2, 16, 16, 32), jnp.bfloat16)
+    kernel, bias = jnp.ones((3, 3, 1, 32)), jnp.zeros((32,))
+    kept = residual_bytes(lambda *a: depthwise.depthwise_conv3x3(*a, 6), x, kernel, bias)
+    assert kept <= x.nbytes + kernel.nbytes + bias.nbytes
+    taps = residual_bytes(lambda *a: depthwise._shifted_sum(*a, 6), x, kernel, bias)
+    assert taps >= 9 * 2 * x.nbytes  # Without the checkpoint (the check can fail).
+
+
 def test_replicated_parameters_get_the_summed_gradient_under_shard_map():
     """With device-varying activations and replicated kernel and bias (the train step's
     case, check_vma on), the written-out gradient is accepted and equals the derived one

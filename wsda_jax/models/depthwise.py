@@ -29,6 +29,12 @@ def _shifted_sum(x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int
     return out.astype(x.dtype)
 
 
+# The backward pass recomputes the nine float32 taps from x rather than keeping them: kept,
+# they are 9 float32 copies of x per convolution (18x a bfloat16 x), which made them most
+# of DAFormer's saved activations (docs/aot.md).
+_recomputed_shifted_sum = jax.checkpoint(_shifted_sum, static_argnums=(3,))
+
+
 def depthwise_conv3x3(
     x: jax.Array, kernel: jax.Array, bias: jax.Array, dilation: int = 1
 ) -> jax.Array:
@@ -37,7 +43,7 @@ def depthwise_conv3x3(
     x: `[B, H, W, C]`; kernel: `[3, 3, 1, C]` (nn.Conv's grouped layout); bias: `[C]`.
     Returns `[B, H, W, C]` in x's dtype; equal to `depthwise_conv3x3_grouped`.
     """
-    return _shifted_sum(x, kernel, bias, dilation)
+    return _recomputed_shifted_sum(x, kernel, bias, dilation)
 
 
 def depthwise_conv3x3_grouped(
