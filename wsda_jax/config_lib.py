@@ -61,9 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.proj_dim = 256
     c.model.aspp_dilations = (12, 24, 36, 48)
     c.model.stage_sizes = ()  # Blocks per stage; () = the depth's standard (3, 4, 23, 3) etc.
-    # Rematerialisation: 'none', 'blocks' (recompute each residual block in the backward
-    # pass; DAFormer: each transformer block and each conv module of the decoder) or
-    # 'conv_outputs' (DeepLabV2: keep conv outputs, recompute BatchNorm and ReLU).
+    # Backbone rematerialisation: 'none', 'blocks' (recompute each residual block in the
+    # backward pass) or 'conv_outputs' (keep conv outputs, recompute BatchNorm and ReLU).
     # Peak memory and speed of each: README "Accelerator readiness".
     c.model.remat = "none"
     # DAFormer: MiT variant 'b0'..'b5'; () = the variant's widths / blocks per stage.

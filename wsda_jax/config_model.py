@@ -12,8 +12,8 @@ import ml_collections
 
 ARCHS = ("deeplabv2", "daformer")
 DEPTHS = (18, 34, 50, 101)
-# Rematerialisation modes of each architecture (models.resnet.REMAT_MODES: the encoder's
-# residual blocks; models.daformer_head: transformer blocks and decoder conv modules).
+# Rematerialisation modes of each architecture's encoder (models.resnet.REMAT_MODES,
+# models.mix_transformer: per transformer block).
 REMAT_MODES = {"deeplabv2": ("none", "blocks", "conv_outputs"), "daformer": ("none", "blocks")}
 MIT_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5")
 # Attention heads of the four MiT stages (every variant): embed_dims must divide by them.

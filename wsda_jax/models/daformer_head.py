@@ -110,16 +110,6 @@ class ConvBNReLU(nn.Module):
         return nn.relu(x)
 
 
-def conv_module_class(remat: str) -> type[nn.Module]:
-    """`ConvBNReLU`, recomputed in the backward pass under remat='blocks': the decoder's
-    conv modules run at stride 4 on up to 1024 channels, and their float32 BatchNorm
-    intermediates were most of its saved activations (docs/aot.md)."""
-    if remat not in mix_transformer.REMAT_MODES:
-        raise ValueError(f"remat={remat!r}: expected one of {mix_transformer.REMAT_MODES}")
-    # static_argnums counts the module as 0: `train` (argument 2) picks the BatchNorm mode.
-    return nn.remat(ConvBNReLU, static_argnums=(2,)) if remat == "blocks" else ConvBNReLU
-
-
 class SeparableConvBNReLU(nn.Module):
     """mmcv's DepthwiseSeparableConvModule: a dilated depthwise 3x3 ConvBNReLU
     (`depthwise`) and a 1x1 ConvBNReLU (`pointwise`)."""
@@ -128,16 +118,14 @@ class SeparableConvBNReLU(nn.Module):
     dilation: int
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
-    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv_module = conv_module_class(self.remat)
         common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
-        x = conv_module(x.shape[-1], 3, self.dilation, depthwise=True, name="depthwise", **common)(
+        x = ConvBNReLU(x.shape[-1], 3, self.dilation, depthwise=True, name="depthwise", **common)(
             x, train
         )
-        return conv_module(self.features, name="pointwise", **common)(x, train)
+        return ConvBNReLU(self.features, name="pointwise", **common)(x, train)
 
 
 class DAFormerHead(nn.Module):
@@ -149,7 +137,6 @@ class DAFormerHead(nn.Module):
 
     train: BatchNorm on batch statistics (apply with mutable=['batch_stats']).
     stochastic: Dropout2d on (draws from the 'dropout' rng stream).
-    remat: 'none' or 'blocks' (each conv module recomputed in the backward pass).
     """
 
     num_classes: int
@@ -159,7 +146,6 @@ class DAFormerHead(nn.Module):
     dropout_rate: float = DROPOUT_RATE
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
-    remat: str = "none"
 
     @nn.compact
     def __call__(
@@ -183,17 +169,14 @@ class DAFormerHead(nn.Module):
             embedded.append(x)
         x = jnp.concatenate(embedded, axis=-1)
         common = dict(bn_axis_name=self.bn_axis_name, dtype=self.dtype)
-        conv_module = conv_module_class(self.remat)
         branches = []
         for j, dilation in enumerate(self.dilations):
             if dilation == 1:
-                branch = conv_module(self.decoder_dim, name=f"aspp_{j}", **common)
+                branch = ConvBNReLU(self.decoder_dim, name=f"aspp_{j}", **common)
             else:
-                branch = SeparableConvBNReLU(
-                    self.decoder_dim, dilation, name=f"aspp_{j}", remat=self.remat, **common
-                )
+                branch = SeparableConvBNReLU(self.decoder_dim, dilation, name=f"aspp_{j}", **common)
             branches.append(branch(x, train))
-        fused = conv_module(self.decoder_dim, 3, name="bottleneck", **common)(
+        fused = ConvBNReLU(self.decoder_dim, 3, name="bottleneck", **common)(
             jnp.concatenate(branches, axis=-1), train
         )
         # Dropout2d: whole channels of an image, so the mask broadcasts over h and w.
@@ -224,8 +207,7 @@ class DAFormer(nn.Module):
     (bilinear, align_corners=False, as DAFormer resizes its logits).
 
     variant: MiT 'b0'..'b5'; embed_dims / depths: () = the variant's, else overrides for
-    tiny models (see mix_transformer). remat: 'none' or 'blocks' (each transformer block
-    and each conv module of the decoder is recomputed in the backward pass).
+    tiny models (see mix_transformer). remat: 'none' or 'blocks' (per transformer block).
     """
 
     num_classes: int
@@ -254,7 +236,6 @@ class DAFormer(nn.Module):
             proj_dim=self.proj_dim,
             bn_axis_name=self.bn_axis_name,
             dtype=self.dtype,
-            remat=self.remat,
         )
 
     def __call__(
