@@ -41,9 +41,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from wsda_jax import aot, config_lib, config_model, parallel  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_TOP = flags.DEFINE_integer("top", 25, "Rows to print (the largest).")
-
 
 @dataclasses.dataclass(frozen=True)
 class Residuals:
@@ -158,12 +155,20 @@ def _run(argv: Sequence[str]) -> None:
         f"{config.compute_dtype}, remat={config.model.remat}: tracing ...",
         flush=True,
     )
-    print(table(saved_activations(config), _TOP.value))
+    print(table(saved_activations(config), flags.FLAGS.top))
 
 
 def main(argv: Sequence[str]) -> None:
     cli_errors.run_reporting_errors(_run, argv)
 
 
+def define_flags() -> None:
+    """The command's flags, defined when it runs (importing the module defines none, so
+    it can share a process with other tools that define --config)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_integer("top", 25, "Rows to print (the largest).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli_errors.parse_flags)
