@@ -7,8 +7,9 @@
 Traces the configured train step (the program `--mode=compile` compiles: for 'adapt'
 the one with the contrastive losses) for one device on the CPU, and lists the residuals
 that JAX's reverse-mode differentiation of the student's loss keeps from the forward
-passes for the backward pass, summed by the source line that computed them (the
-innermost line of this package). Nothing is compiled and nothing runs, so a MiT-B5 step
+passes for the backward pass, summed by the Flax module that computed them (the blocks
+of a stage merged) or, outside the model, by the innermost source line of this package.
+Nothing is compiled and nothing runs, so a MiT-B5 step
 at 512x512 takes a minute or two on a laptop.
 
 These are JAX's residuals before XLA's fusion and scheduling: the compiled program can
@@ -88,10 +89,10 @@ def residuals(fn: Callable, *args: Any) -> list[Residuals]:
     for var in kept:
         aval = var.aval
         nbytes = int(np.prod(aval.shape)) * aval.dtype.itemsize
-        eqn = None if isinstance(var, jax.extend.core.Literal) else producers.get(var)
+        literal = isinstance(var, jax.extend.core.Literal)
+        eqn = None if literal else producers.get(var)
         if eqn is None:
-            kept_input = not isinstance(var, jax.extend.core.Literal) and var in inputs
-            key = ("(inputs)", "argument" if kept_input else "constant")
+            key = ("(inputs)", "argument" if not literal and var in inputs else "constant")
         else:
             where = _module_path(str(eqn.source_info.name_stack))
             key = (where or _package_line(eqn.source_info.traceback), eqn.primitive.name)
