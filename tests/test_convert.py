@@ -203,7 +203,8 @@ def _mmseg_state_dict(variables):
     from wsda_jax.models import daformer_head, mix_transformer
 
     out = {}
-    for path, leaf in flax.traverse_util.flatten_dict(variables["params"]["backbone"]).items():
+    backbone = mix_transformer.unstack_blocks(variables["params"]["backbone"])
+    for path, leaf in flax.traverse_util.flatten_dict(backbone).items():
         out[f"backbone.{mix_transformer.torch_key(path)}"] = _torch_layout(leaf)
     for collection in ("params", "batch_stats"):
         head = flax.traverse_util.flatten_dict(variables[collection]["head"])

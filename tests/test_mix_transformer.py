@@ -58,11 +58,14 @@ def test_variants_and_bad_settings():
         lambda x: mt.MixTransformer("b1").init(jax.random.PRNGKey(0), x, train=False),
         jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
     )["params"]
-    assert sorted(k for k in shapes if k.startswith("block3_")) == ["block3_0", "block3_1"]
+    assert [k for k in shapes if k.startswith("block")] == [f"block{s}" for s in range(1, 5)]
     assert shapes["norm4"]["scale"].shape == (512,)
-    assert shapes["block1_0"]["attn"]["sr"]["kernel"].shape == (8, 8, 64, 64)
-    assert shapes["block1_0"]["mlp"]["dwconv"]["kernel"].shape == (3, 3, 1, 256)
-    assert "sr" not in shapes["block4_0"]["attn"]
+    assert shapes["block1"]["attn"]["sr"]["kernel"].shape == (2, 8, 8, 64, 64)
+    assert shapes["block3"]["mlp"]["dwconv"]["kernel"].shape == (2, 3, 3, 1, 1280)
+    assert "sr" not in shapes["block4"]["attn"]
+    per_block = jax.eval_shape(mt.unstack_blocks, shapes)
+    assert sorted(k for k in per_block if k.startswith("block3")) == ["block3_0", "block3_1"]
+    assert per_block["block1_1"]["mlp"]["dwconv"]["kernel"].shape == (3, 3, 1, 256)
     with pytest.raises(ValueError, match=r"remat='conv_outputs': expected one of \('none'"):
         tiny(remat="conv_outputs").init(jax.random.PRNGKey(0), images(1), train=False)
     with pytest.raises(ValueError, match="variant='b9'"):
@@ -120,7 +123,11 @@ def test_a_misplaced_weight_is_caught(weights, swap):
 
 def test_state_dict_round_trip(weights):
     sd, variables = weights
-    flat = flax.traverse_util.flatten_dict(variables["params"])
+    per_block = mt.unstack_blocks(variables["params"])
+    restacked = mt.stack_blocks(per_block)
+    for a, b in zip(*map(jax.tree.leaves, (restacked, variables["params"])), strict=True):
+        np.testing.assert_array_equal(a, b)
+    flat = flax.traverse_util.flatten_dict(per_block)
     back = {mt.torch_key(path): value for path, value in flat.items()}
     assert sorted(back) == sorted(set(sd) - {"head.weight", "head.bias"})
     for path, value in flat.items():
@@ -132,7 +139,7 @@ def test_state_dict_round_trip(weights):
         "block1.1.mlp.dwconv.dwconv.weight"
     )
     np.testing.assert_array_equal(
-        variables["params"]["block1_1"]["attn"]["kv"]["kernel"], sd["block1.1.attn.kv.weight"].T
+        variables["params"]["block1"]["attn"]["kv"]["kernel"][1], sd["block1.1.attn.kv.weight"].T
     )
 
 
@@ -173,10 +180,11 @@ def test_imagenet_npz_into_backbone(weights, tmp_path):
 
 
 def test_remat_same_outputs_and_gradients(weights):
-    """remat='blocks': the same outputs; each block is one rematerialised call
-    (`jax.checkpoint`) in the program, holding the block's matrix products (without remat
-    only the depthwise convolutions are checkpointed calls); a rematerialised block has
-    the same gradients as a plain one."""
+    """Each stage is one loop over its blocks (a `scan` of length `depths[s]`); with
+    remat='blocks' its body is one rematerialised call (`jax.checkpoint`) holding the
+    block's matrix products (without remat only the depthwise convolutions are
+    checkpointed calls). The outputs, and the gradients of a rematerialised block, are
+    those of the plain one."""
     _, variables = weights
     x = images(2)
     plain = jitted(tiny())(variables, x, train=False)
@@ -184,18 +192,30 @@ def test_remat_same_outputs_and_gradients(weights):
     for a, b in zip(plain, remat, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
-    def checkpointed_calls(model):
-        """The top-level checkpointed calls of the forward, each as its program's text."""
+    def stage_loops(model):
+        """(length, checkpointed calls of the body as text) of each top-level loop."""
         program = jax.make_jaxpr(lambda p: model.apply({"params": p}, x, train=False))
-        eqns = program(variables["params"]).jaxpr.eqns
-        return [str(e.params["jaxpr"]) for e in eqns if e.primitive.name == "remat2"]
+        loops = [e for e in program(variables["params"]).jaxpr.eqns if e.primitive.name == "scan"]
+        return [
+            (
+                loop.params["length"],
+                [
+                    str(e.params["jaxpr"])
+                    for e in loop.params["jaxpr"].eqns
+                    if "remat" in str(e.primitive)
+                ],
+            )
+            for loop in loops
+        ]
 
-    blocks = checkpointed_calls(tiny(remat="blocks"))
-    assert len(blocks) == sum(DEPTHS) and all("dot_general" in b for b in blocks)
-    no_remat = checkpointed_calls(tiny())
-    assert len(no_remat) == sum(DEPTHS) and not any("dot_general" in b for b in no_remat)
+    blocks = stage_loops(tiny(remat="blocks"))
+    assert [length for length, _ in blocks] == list(DEPTHS)
+    assert all(len(calls) == 1 and "dot_general" in calls[0] for _, calls in blocks)
+    no_remat = stage_loops(tiny())
+    assert [length for length, _ in no_remat] == list(DEPTHS)
+    assert all(len(calls) == 1 and "dot_general" not in calls[0] for _, calls in no_remat)
 
-    block_params = {"params": variables["params"]["block1_1"]}
+    block_params = {"params": mt.unstack_blocks(variables["params"])["block1_1"]}
     y = jnp.asarray(np.random.default_rng(0).normal(size=(2, 17, 25, DIMS[0])), jnp.float32)
 
     def block_grads(block_cls):

@@ -209,7 +209,8 @@ def test_sgd_is_the_default_and_unchanged():
 def test_norm_decay_mask_on_mit_is_mmcv_name_rule():
     """On the DAFormer model (tiny MiT), the leaves without decay are exactly those whose
     name holds 'norm' and not 'head' (mmcv's custom_keys order: head before norm); the
-    names follow NVlabs' (`block1_0.norm1`, `patch_embed1.norm`, `attn.norm`, `norm4`)."""
+    names follow NVlabs' (`block1.norm1`, stacked over stage 1's blocks; `patch_embed1.norm`,
+    `attn.norm`, `norm4`)."""
     from wsda_jax import config_presets
     from wsda_jax.models import deeplab
 

@@ -15,14 +15,22 @@ from 0 to `drop_path_rate` over all blocks (timm's per-sample DropPath).
 LayerNorm epsilons as the original: 1e-6 in the blocks (norm1, norm2) and the stage
 norms, torch's default 1e-5 in the patch embeddings and the attention's reduction norm.
 
+Each stage runs its blocks as one `nn.scan` (a loop in the compiled program, not
+`depths[s]` copies of the block): MiT-B5's 52 blocks otherwise make the train step a
+program XLA takes about an hour to compile on two cores (docs/aot.md). A stage's block
+parameters are therefore stacked along a leading axis: `block{s}/...` of shape
+`[depths[s], ...]`.
+
 The module tree mirrors the NVlabs / DAFormer key names one-to-one
-(`variables_from_state_dict`): `patch_embed{s}/{proj,norm}`, `block{s}_{i}/{norm1,
-attn/{q,kv,sr,norm,proj},norm2,mlp/{fc1,dwconv,fc2}}`, `norm{s}`.
+(`variables_from_state_dict`) once the stacks are split per block (`unstack_blocks`):
+`patch_embed{s}/{proj,norm}`, `block{s}_{i}/{norm1, attn/{q,kv,sr,norm,proj},norm2,
+mlp/{fc1,dwconv,fc2}}`, `norm{s}`.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +59,8 @@ TORCH_NORM_EPS = 1e-5  # nn.LayerNorm's default: patch embeddings, attention red
 REMAT_MODES = ("none", "blocks")
 # Keys of the NVlabs ImageNet checkpoints that the encoder has no place for (the classifier).
 IGNORED_KEYS = ("head.weight", "head.bias")
+BLOCK_STACK = re.compile(r"block\d")  # A stage's blocks, stacked: params 'block3'.
+UNSTACKED_BLOCK = re.compile(r"(block\d)_(\d+)")  # One block of `unstack_blocks`: 'block3_12'.
 
 # timm's trunc_normal_(std=.02) truncates at +-2 (absolute), i.e. 100 std: a plain normal.
 dense_init = nn.initializers.normal(0.02)
@@ -200,26 +210,37 @@ class MixFFN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with stochastic depth (rng stream 'dropout' in train)."""
+    """Pre-norm transformer block: `[B, H, W, C] -> [B, H, W, C]`.
+
+    Attributes:
+      stochastic_depth: draw drop-path masks (rng stream 'dropout') at the rate given
+        to the call; False in eval and when the model's `drop_path_rate` is 0.
+    """
 
     num_heads: int
     sr_ratio: int
-    drop_path_rate: float = 0.0
-    train: bool = False
+    stochastic_depth: bool = False
     dtype: Any = jnp.float32
 
-    def _residual(self, x: jax.Array, y: jax.Array) -> jax.Array:
-        if self.train and self.drop_path_rate > 0.0:
-            y = drop_path(y, self.drop_path_rate, self.make_rng("dropout"))
+    def _residual(self, x: jax.Array, y: jax.Array, rate: jax.Array) -> jax.Array:
+        if self.stochastic_depth:
+            y = drop_path(y, rate, self.make_rng("dropout"))
         return x + y
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, drop_path_rate: jax.Array | float = 0.0) -> jax.Array:
         dim = x.shape[-1]
+        attn = Attention(self.num_heads, self.sr_ratio, self.dtype, name="attn")
         y = layer_norm(BLOCK_NORM_EPS, self.dtype, "norm1")(x)
-        x = self._residual(x, Attention(self.num_heads, self.sr_ratio, self.dtype, name="attn")(y))
+        x = self._residual(x, attn(y), drop_path_rate)
         y = layer_norm(BLOCK_NORM_EPS, self.dtype, "norm2")(x)
-        return self._residual(x, MixFFN(MLP_RATIO * dim, self.dtype, name="mlp")(y))
+        mlp = MixFFN(MLP_RATIO * dim, self.dtype, name="mlp")
+        return self._residual(x, mlp(y), drop_path_rate)
+
+
+def _block_step(block: Block, x: jax.Array, rate: jax.Array) -> tuple[jax.Array, None]:
+    """One iteration of a stage's scan over its blocks."""
+    return block(x, rate), None
 
 
 class MixTransformer(nn.Module):
@@ -250,7 +271,8 @@ class MixTransformer(nn.Module):
         if self.remat not in REMAT_MODES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_MODES}")
         block_cls = nn.remat(Block) if self.remat == "blocks" else Block
-        rates = np.linspace(0.0, self.drop_path_rate, sum(depths))
+        rates = np.linspace(0.0, self.drop_path_rate, sum(depths), dtype=np.float32)
+        first_block = np.cumsum((0,) + depths)
         x = images.astype(self.dtype)
         outputs = []
         for s in range(4):
@@ -258,15 +280,20 @@ class MixTransformer(nn.Module):
             x = OverlapPatchEmbed(
                 dims[s], kernel_size, stride, self.dtype, name=f"patch_embed{s + 1}"
             )(x)
-            for i in range(depths[s]):
-                x = block_cls(
-                    NUM_HEADS[s],
-                    SR_RATIOS[s],
-                    drop_path_rate=float(rates[sum(depths[:s]) + i]),
-                    train=train,
-                    dtype=self.dtype,
-                    name=f"block{s + 1}_{i}",
-                )(x)
+            blocks = nn.scan(
+                _block_step,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=depths[s],
+            )
+            block = block_cls(
+                NUM_HEADS[s],
+                SR_RATIOS[s],
+                stochastic_depth=train and self.drop_path_rate > 0.0,
+                dtype=self.dtype,
+                name=f"block{s + 1}",
+            )
+            x, _ = blocks(block, x, jnp.asarray(rates[first_block[s] : first_block[s + 1]]))
             x = layer_norm(BLOCK_NORM_EPS, self.dtype, f"norm{s + 1}")(x)
             outputs.append(x)
         return outputs
@@ -276,8 +303,8 @@ class MixTransformer(nn.Module):
 
 
 def torch_key(path: tuple[str, ...]) -> str:
-    """Flax param path -> NVlabs key, e.g. ('block1_0', 'mlp', 'dwconv', 'kernel') ->
-    'block1.0.mlp.dwconv.dwconv.weight', ('norm1', 'scale') -> 'norm1.weight'."""
+    """Param path in `unstack_blocks`' view -> NVlabs key, e.g. ('block1_0', 'mlp', 'dwconv',
+    'kernel') -> 'block1.0.mlp.dwconv.dwconv.weight', ('norm1', 'scale') -> 'norm1.weight'."""
     *modules, leaf = path
     names = [m.replace("_", ".") if m.startswith("block") else m for m in modules]
     if modules[-1] == "dwconv":
@@ -304,6 +331,33 @@ def _first(keys: Sequence[str], what: str) -> str:
     return f"{len(keys)} {what} (first: {', '.join(keys[:3])})"
 
 
+def unstack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """MiT params with each stage's stacked blocks (`block{s}`, leading axis the block)
+    split into one subtree per block (`block{s}_{i}`), as NVlabs numbers them."""
+    out = {}
+    for name, subtree in params.items():
+        if BLOCK_STACK.fullmatch(name):
+            for i in range(jax.tree.leaves(subtree)[0].shape[0]):
+                out[f"{name}_{i}"] = jax.tree.map(lambda a, i=i: a[i], subtree)
+        else:
+            out[name] = subtree
+    return out
+
+
+def stack_blocks(params: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `unstack_blocks`: `block{s}_{i}` subtrees stacked (NumPy) into `block{s}`."""
+    out, stages = {}, {}
+    for name, subtree in params.items():
+        match = UNSTACKED_BLOCK.fullmatch(name)
+        if match:
+            stages.setdefault(match[1], {})[int(match[2])] = subtree
+        else:
+            out[name] = subtree
+    for name, blocks in stages.items():
+        out[name] = jax.tree.map(lambda *a: np.stack(a), *(blocks[i] for i in sorted(blocks)))
+    return out
+
+
 def convert_state_dict(state_dict: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """NVlabs state dict -> MiT params with the structure and shapes of `params`.
 
@@ -311,7 +365,7 @@ def convert_state_dict(state_dict: dict[str, Any], params: dict[str, Any]) -> di
     does not use and mis-shaped keys. Only `IGNORED_KEYS` (the ImageNet classifier) may
     be left over. Returns float32 NumPy leaves.
     """
-    flat = flax.traverse_util.flatten_dict(params)
+    flat = flax.traverse_util.flatten_dict(jax.eval_shape(unstack_blocks, params))
     expected = {torch_key(path): (path, torch_shape(tuple(v.shape))) for path, v in flat.items()}
     missing = [key for key in expected if key not in state_dict]
     extra = sorted(key for key in state_dict if key not in expected and key not in IGNORED_KEYS)
@@ -331,8 +385,10 @@ def convert_state_dict(state_dict: dict[str, Any], params: dict[str, Any]) -> di
     ]
     if problems:
         raise ValueError("MiT state_dict: " + "; ".join(problems))
-    return flax.traverse_util.unflatten_dict(
-        {path: to_flax(state_dict[key]) for key, (path, _) in expected.items()}
+    return stack_blocks(
+        flax.traverse_util.unflatten_dict(
+            {path: to_flax(state_dict[key]) for key, (path, _) in expected.items()}
+        )
     )
 
 

@@ -7,8 +7,8 @@
 Traces the configured train step (the program `--mode=compile` compiles: for 'adapt'
 the one with the contrastive losses) for one device on the CPU, and lists the residuals
 that JAX's reverse-mode differentiation of the student's loss keeps from the forward
-passes for the backward pass, summed by the Flax module that computed them (the blocks
-of a stage merged) or, outside the model, by the innermost source line of this package.
+passes for the backward pass, summed by the Flax module that computed them (a stage's
+blocks are one loop: one place) or, outside the model, by the innermost source line of this package.
 Nothing is compiled and nothing runs, so a MiT-B5 step
 at 512x512 takes a minute or two on a laptop.
 
@@ -46,9 +46,10 @@ from wsda_jax import aot, config_lib, config_model, parallel  # noqa: E402
 @dataclasses.dataclass(frozen=True)
 class Residuals:
     """The residuals that one operation kind of one place computed: `where` is the Flax
-    module path (blocks of a stage merged, 'backbone/block3_*/attn') or, outside the
-    model, the innermost source line of this package ('losses.py:49'); `what` the
-    primitive ('mul', 'convert_element_type'; 'argument' for a parameter kept as is)."""
+    module path ('backbone/block3/attn'; a stage's blocks are one loop, so one place) or,
+    outside the model, the innermost source line of this package ('losses.py:49'); `what`
+    the primitive ('mul', 'convert_element_type'; 'argument' for a parameter kept as is,
+    'loop input' for what a loop iteration received, e.g. a rematerialised block's input)."""
 
     where: str
     what: str
@@ -57,16 +58,21 @@ class Residuals:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Name-stack entries that are not modules: transformations (jvp(DAFormer), jit(f)) and
-# einsum specs ('bhwi,io->bhwo').
+# Name-stack entries that are not modules: transformations (jvp(DAFormer), jit(f)), einsum
+# specs ('bhwi,io->bhwo') and the functions Flax lifts into a loop ('block3._block_step').
 _TRANSFORM = re.compile(r"^\w+\(.*\)$")
-_REPEATED_BLOCK = re.compile(r"^([a-z]+\d+)_\d+$")  # block3_12 -> block3_*.
+_LIFTED_FUNCTION = re.compile(r"^\w+\.\w+$")
+_INPUTS = "(inputs)"
 
 
 def _module_path(name_stack: str) -> str:
-    """The Flax module path in a name stack, transformations dropped, blocks merged."""
-    names = [n for n in name_stack.split("/") if n and not _TRANSFORM.match(n) and "->" not in n]
-    return "/".join(_REPEATED_BLOCK.sub(r"\1_*", n) for n in names)
+    """The Flax module path in a name stack, transformations dropped."""
+    names = [
+        n
+        for n in name_stack.split("/")
+        if n and not _TRANSFORM.match(n) and not _LIFTED_FUNCTION.match(n) and "->" not in n
+    ]
+    return "/".join(names)
 
 
 def _package_line(traceback) -> str:
@@ -77,26 +83,37 @@ def _package_line(traceback) -> str:
     return "?"
 
 
+def _origin(var: Any, jaxpr: Any) -> tuple[str, str]:
+    """(where, what) computed `var` in `jaxpr`; a loop's stacked output is traced to the
+    loop body's operation, under the loop's module path."""
+    if isinstance(var, jax.extend.core.Literal):
+        return _INPUTS, "constant"
+    eqn = next((e for e in jaxpr.eqns if any(v is var for v in e.outvars)), None)
+    if eqn is None:
+        return _INPUTS, "argument" if any(v is var for v in jaxpr.invars) else "constant"
+    where = _module_path(str(eqn.source_info.name_stack))
+    if eqn.primitive.name == "scan":
+        body = eqn.params["jaxpr"].jaxpr
+        inner = body.outvars[eqn.outvars.index(var)]
+        inner_where, what = _origin(inner, body)
+        if inner_where == _INPUTS:  # Placed where the body first uses it.
+            user = next((e for e in body.eqns if any(v is inner for v in e.invars)), None)
+            inner_where = _module_path(str(user.source_info.name_stack)) if user else ""
+            what = "loop input"
+        return "/".join(p for p in (where, inner_where) if p), what
+    return where or _package_line(eqn.source_info.traceback), eqn.primitive.name
+
+
 def residuals(fn: Callable, *args: Any) -> list[Residuals]:
     """What reverse-mode differentiation of `fn` at `args` (arrays or ShapeDtypeStructs)
     keeps from the forward pass, grouped by place and primitive, largest first."""
     closed, (_, vjp_shape) = jax.make_jaxpr(lambda *a: jax.vjp(fn, *a), return_shape=True)(*args)
     jaxpr = closed.jaxpr
     kept = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(vjp_shape)) :]
-    producers = {var: eqn for eqn in jaxpr.eqns for var in eqn.outvars}
-    inputs = set(jaxpr.invars)
     sizes: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
     for var in kept:
         aval = var.aval
-        nbytes = int(np.prod(aval.shape)) * aval.dtype.itemsize
-        literal = isinstance(var, jax.extend.core.Literal)
-        eqn = None if literal else producers.get(var)
-        if eqn is None:
-            key = ("(inputs)", "argument" if not literal and var in inputs else "constant")
-        else:
-            where = _module_path(str(eqn.source_info.name_stack))
-            key = (where or _package_line(eqn.source_info.traceback), eqn.primitive.name)
-        sizes[key].append(nbytes)
+        sizes[_origin(var, jaxpr)].append(int(np.prod(aval.shape)) * aval.dtype.itemsize)
     rows = [Residuals(where, what, len(n), sum(n)) for (where, what), n in sizes.items()]
     return sorted(rows, key=lambda row: -row.nbytes)
 
