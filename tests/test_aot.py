@@ -201,6 +201,26 @@ def test_roofline_is_the_larger_of_compute_and_memory_time():
     assert aot.roofline_ms(v5e, "float32", None, 1e9) is None
 
 
+def test_cpu_cost_lowers_the_mit_blocks_unrolled(monkeypatch):
+    """XLA's cost analysis counts a loop's body once, so the FLOPs come from a lowering
+    with the MiT's blocks unrolled; the caller's config is left as it was."""
+    lowered_with = []
+
+    class Lowered:
+        def cost_analysis(self):
+            return {"flops": 7.0, "bytes accessed": 3.0}
+
+    def lower(config, devices):
+        lowered_with.append((config.model.mit_unroll, devices[0].platform))
+        return Lowered()
+
+    monkeypatch.setattr(aot, "lower", lower)
+    config = config_lib.base_config()
+    assert aot.cpu_cost(config) == {"flops": 7.0, "bytes_accessed": 3.0}
+    assert lowered_with == [(True, "cpu")]
+    assert config.model.mit_unroll is False
+
+
 def test_gpu_flag_set_for_a_gpu_platform_and_absent_elsewhere(monkeypatch):
     never, always = (lambda name: False), (lambda name: True)
     assert gpu_flags.will_use_gpu({"JAX_PLATFORMS": "cuda"}, never)

@@ -255,3 +255,26 @@ def test_bfloat16_compute_float32_params(weights):
     for a, b in zip(outputs, reference, strict=True):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=0.15)
+
+
+def test_unrolled_blocks_are_the_same_function_without_loops(weights):
+    """unroll=True: the same outputs from the same parameters, and XLA's cost analysis
+    then counts every block (it counts a loop's body once)."""
+    _, variables = weights
+    x = images(2)
+    for a, b in zip(
+        jitted(tiny())(variables, x, train=False),
+        jitted(tiny(unroll=True))(variables, x, train=False),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+    def flops(model, params):
+        lowered = jax.jit(lambda p: model.apply(p, x, train=False)).lower(params)
+        return lowered.cost_analysis()["flops"]
+
+    one_block = mt.MixTransformer(variant="b0", embed_dims=DIMS, depths=(1, 1, 1, 1))
+    one_block_params = one_block.init(jax.random.PRNGKey(0), x, train=False)
+    # Stage 1 has two blocks; looped, the analysis sees one, as in a model of one block.
+    assert flops(tiny(), variables) == flops(one_block, one_block_params)
+    assert flops(tiny(unroll=True), variables) > flops(tiny(), variables)

@@ -174,7 +174,10 @@ def cpu_cost(config: ml_collections.ConfigDict) -> dict[str, float]:
     """FLOPs and bytes of one device's step from XLA's cost analysis of the program lowered
     for one CPU device (HLO before optimisation: no compile). The FLOPs are those of the
     convolutions and dots the step asks for; the bytes count every op's operands and
-    results, as if nothing were fused (an upper bound)."""
+    results, as if nothing were fused (an upper bound). The analysis counts a loop's body
+    once, so the MiT's blocks are lowered unrolled (`config.model.mit_unroll`)."""
+    config = config.copy_and_resolve_references()
+    config.model.mit_unroll = True
     return cost_of(lower(config, jax.devices("cpu")[:1]).cost_analysis())
 
 

@@ -47,7 +47,7 @@ IDENTITY = ("stage", "weak_label", "data.source", "data.target", "model")
 # What evaluating or predicting with a checkpoint needs to match: the model, and the stage
 # (which models an evaluation reports); evaluating on another dataset is allowed.
 INFERENCE_IDENTITY = ("stage", "model")
-NOT_IDENTITY = ("model.remat",)  # How the model is computed, not what it is.
+NOT_IDENTITY = ("model.remat", "model.mit_unroll")  # How the model is computed, not what.
 
 
 class DifferentModelError(ValueError):

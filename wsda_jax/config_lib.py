@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mit_embed_dims = ()
     c.model.mit_depths = ()
     c.model.drop_path_rate = 0.1  # Stochastic depth of the MiT blocks (DAFormer's 0.1).
+    # Each MiT stage runs its blocks as one loop; True unrolls them into straight-line code
+    # (the same model; XLA compiles MiT-B5 many times slower). aot.cpu_cost sets it: XLA's
+    # cost analysis counts a loop's body once.
+    c.model.mit_unroll = False
     c.model.decoder_dim = 256  # Channels of the DAFormer decoder's embeddings and fusion.
 
     c.init = ml_collections.ConfigDict()

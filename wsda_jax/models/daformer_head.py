@@ -208,6 +208,7 @@ class DAFormer(nn.Module):
 
     variant: MiT 'b0'..'b5'; embed_dims / depths: () = the variant's, else overrides for
     tiny models (see mix_transformer). remat: 'none' or 'blocks' (per transformer block).
+    unroll: the encoder's blocks as straight-line code (`MixTransformer.unroll`).
     """
 
     num_classes: int
@@ -220,6 +221,7 @@ class DAFormer(nn.Module):
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
     remat: str = "none"
+    unroll: bool = False
 
     def setup(self) -> None:
         self.backbone = mix_transformer.MixTransformer(
@@ -229,6 +231,7 @@ class DAFormer(nn.Module):
             drop_path_rate=self.drop_path_rate,
             dtype=self.dtype,
             remat=self.remat,
+            unroll=self.unroll,
         )
         self.head = DAFormerHead(
             self.num_classes,

@@ -165,6 +165,7 @@ def build_model(config: ml_collections.ConfigDict, bn_axis_name: str | None = No
             bn_axis_name=bn_axis_name,
             dtype=dtypes[config.compute_dtype],
             remat=config.model.remat,
+            unroll=config.model.mit_unroll,
         )
     if arch != "deeplabv2":
         raise ValueError(f"config.model.arch={arch!r}: expected one of {ARCHS}")

@@ -253,6 +253,9 @@ class MixTransformer(nn.Module):
       drop_path_rate: stochastic depth of the last block (DAFormer: 0.1).
       dtype: compute dtype (float32, bfloat16; float64 for parity); parameters float32.
       remat: 'none' or 'blocks' (recompute each transformer block in the backward pass).
+      unroll: each stage's blocks as straight-line code rather than one loop: the same
+        function and parameters, a program XLA compiles far slower, but whose cost
+        analysis counts every block (it counts a loop's body once).
     """
 
     variant: str = "b0"
@@ -261,6 +264,7 @@ class MixTransformer(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Any = jnp.float32
     remat: str = "none"
+    unroll: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> list[jax.Array]:
@@ -285,6 +289,7 @@ class MixTransformer(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 length=depths[s],
+                unroll=self.unroll,  # True: all iterations; False (0): one per loop trip.
             )
             block = block_cls(
                 NUM_HEADS[s],
