@@ -221,6 +221,25 @@ def test_cpu_cost_lowers_the_mit_blocks_unrolled(monkeypatch):
     assert config.model.mit_unroll is False
 
 
+def test_flops_of_a_program_with_loops_come_from_the_unrolled_lowering(monkeypatch):
+    """A compiled program's own cost analysis gives the FLOPs unless it has a loop, whose
+    body it counts once; then the CPU lowering's (`cpu_cost`, MiT blocks unrolled)."""
+    x = jnp.ones((8, 64))
+    programs = {
+        "plain": lambda x: jnp.tanh(x @ x.T),
+        "loop": lambda x: jax.lax.fori_loop(0, 5, lambda i, c: jnp.tanh(c @ c.T), x @ x.T),
+    }
+    monkeypatch.setattr(aot, "target_devices", lambda target: jax.devices("cpu")[:1])
+    monkeypatch.setattr(aot, "cpu_cost", lambda config: {"flops": 123.0})
+    flops = {}
+    for name, fn in programs.items():
+        monkeypatch.setattr(aot, "lower", lambda config, devices, fn=fn: jax.jit(fn).lower(x))
+        result = aot.compile_for_target(None, aot_targets.TARGETS["h100"])
+        flops[name] = (result.flops, bool(result.hlo["slow_ops"].get("while")))
+    assert flops["loop"] == (123.0, True)
+    assert flops["plain"][1] is False and flops["plain"][0] >= 2 * 8 * 64 * 8
+
+
 def test_gpu_flag_set_for_a_gpu_platform_and_absent_elsewhere(monkeypatch):
     never, always = (lambda name: False), (lambda name: True)
     assert gpu_flags.will_use_gpu({"JAX_PLATFORMS": "cuda"}, never)

@@ -10,12 +10,15 @@ from wsda_jax.tools.benchmarks import saved_activations
 
 
 def test_residuals_of_known_gradients():
-    """d sin(x) keeps cos(x); residuals computed in a loop over Flax modules (as a MiT
-    stage's blocks) carry the loop's module path and are stacked over its iterations; a
-    rematerialised loop body keeps only its input; a parameter kept as is is an argument."""
+    """d sin(x) keeps cos(x), also inside a jitted call; residuals computed in a loop over
+    Flax modules (as a MiT stage's blocks) carry the loop's module path and are stacked
+    over its iterations; a rematerialised loop body keeps only its input; a parameter
+    kept as is is an argument."""
     x = jnp.ones((4, 8), jnp.float32)
     [row] = saved_activations.residuals(jnp.sin, x)
     assert (row.what, row.count, row.nbytes) == ("cos", 1, x.nbytes)
+    [row] = saved_activations.residuals(jax.jit(lambda x: jnp.sin(2 * x)), x)
+    assert (row.what, row.count, row.nbytes) == ("cos", 1, x.nbytes)  # Traced into the jit.
 
     class Layer(nn.Module):
         @nn.compact

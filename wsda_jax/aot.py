@@ -237,7 +237,9 @@ class AotResult:
     lower_s: float
     compile_s: float
     memory: dict[str, float] | None
-    cost: dict[str, float]  # flops, bytes_accessed of the compiled program, where given.
+    # flops, bytes_accessed of the compiled program, where given and the program has no
+    # loops (XLA's analysis counts a loop's body once).
+    cost: dict[str, float]
     cpu_cost: dict[str, float]  # The same from the CPU lowering (cpu_cost), if asked.
     hlo: dict[str, Any]
     error: str = ""  # The compiler's refusal (e.g. RESOURCE_EXHAUSTED), if any.
@@ -288,7 +290,10 @@ def compile_for_target(
             raise
         error = str(exception).strip().splitlines()[0]
     compile_s = time.perf_counter() - start
+    hlo = {} if compiled is None else hlo_facts(compiled.as_text())
     cost = {} if compiled is None else cost_of(compiled.cost_analysis())
+    if hlo.get("slow_ops", {}).get("while"):
+        cost = {}  # The analysis counts a loop's body once: the CPU lowering's, unrolled.
     return AotResult(
         target=target.name,
         devices=len(devices),
@@ -298,7 +303,7 @@ def compile_for_target(
         memory=None if compiled is None else memory_of(compiled),
         cost=cost,
         cpu_cost=cpu_cost(config) if with_cpu_cost and "flops" not in cost else {},
-        hlo={} if compiled is None else hlo_facts(compiled.as_text()),
+        hlo=hlo,
         error=error,
         required_gb=required_gb_from_error(error) if error else None,
     )

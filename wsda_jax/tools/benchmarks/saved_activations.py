@@ -62,16 +62,21 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 # specs ('bhwi,io->bhwo') and the functions Flax lifts into a loop ('block3._block_step').
 _TRANSFORM = re.compile(r"^\w+\(.*\)$")
 _LIFTED_FUNCTION = re.compile(r"^\w+\.\w+$")
+_CLASS_NAME = re.compile(r"^[A-Z]\w*$")
 _INPUTS = "(inputs)"
+_NESTED_PROGRAMS = ("scan", "jit", "pjit")  # Whose 'jaxpr' maps outputs one-to-one.
 
 
 def _module_path(name_stack: str) -> str:
-    """The Flax module path in a name stack, transformations dropped."""
+    """The Flax module path in a name stack, transformations and the top-level module's
+    class name ('DAFormer', which a jitted `model.apply` adds) dropped."""
     names = [
         n
         for n in name_stack.split("/")
         if n and not _TRANSFORM.match(n) and not _LIFTED_FUNCTION.match(n) and "->" not in n
     ]
+    if names and _CLASS_NAME.match(names[0]):
+        names = names[1:]
     return "/".join(names)
 
 
@@ -84,24 +89,29 @@ def _package_line(traceback) -> str:
 
 
 def _origin(var: Any, jaxpr: Any) -> tuple[str, str]:
-    """(where, what) computed `var` in `jaxpr`; a loop's stacked output is traced to the
-    loop body's operation, under the loop's module path."""
+    """(where, what) computed `var` in `jaxpr`. An output of a loop (stacked over its
+    iterations) or of a jitted call is traced to the operation inside that computed it,
+    under the loop's or call's module path."""
     if isinstance(var, jax.extend.core.Literal):
         return _INPUTS, "constant"
     eqn = next((e for e in jaxpr.eqns if any(v is var for v in e.outvars)), None)
     if eqn is None:
         return _INPUTS, "argument" if any(v is var for v in jaxpr.invars) else "constant"
     where = _module_path(str(eqn.source_info.name_stack))
-    if eqn.primitive.name == "scan":
-        body = eqn.params["jaxpr"].jaxpr
-        inner = body.outvars[eqn.outvars.index(var)]
-        inner_where, what = _origin(inner, body)
-        if inner_where == _INPUTS:  # Placed where the body first uses it.
-            user = next((e for e in body.eqns if any(v is inner for v in e.invars)), None)
-            inner_where = _module_path(str(user.source_info.name_stack)) if user else ""
-            what = "loop input"
-        return "/".join(p for p in (where, inner_where) if p), what
-    return where or _package_line(eqn.source_info.traceback), eqn.primitive.name
+    if eqn.primitive.name not in _NESTED_PROGRAMS:
+        return where or _package_line(eqn.source_info.traceback), eqn.primitive.name
+    body = eqn.params["jaxpr"].jaxpr
+    inner = body.outvars[eqn.outvars.index(var)]
+    inner_where, what = _origin(inner, body)
+    if inner_where == _INPUTS:  # Placed where the body first uses it.
+        user = next((e for e in body.eqns if any(v is inner for v in e.invars)), None)
+        inner_where = _module_path(str(user.source_info.name_stack)) if user else ""
+        what = "loop input" if eqn.primitive.name == "scan" else "argument"
+    if inner_where == "?" or not (where or inner_where):  # No place inside: the call's.
+        return where or _package_line(eqn.source_info.traceback), what
+    if ".py:" in inner_where:
+        return inner_where, what
+    return "/".join(p for p in (where, inner_where) if p), what
 
 
 def residuals(fn: Callable, *args: Any) -> list[Residuals]:
@@ -138,13 +148,12 @@ def _recording_gradients(record: list) -> Iterator[None]:
 
 def saved_activations(config: ml_collections.ConfigDict) -> list[Residuals]:
     """The residuals of `config`'s train step on one device (module docstring), largest
-    first. Traces with the step's shared jitted forward inlined (`jax.disable_jit`), so
-    that its residuals are seen where the model computes them."""
+    first."""
     mesh = parallel.make_mesh(jax.devices()[:1])
     model, optimizer, program = aot.train_program(config, mesh)
     state = aot.abstract_state(config, model, optimizer, mesh)
     record: list = []
-    with _recording_gradients(record), jax.disable_jit():
+    with _recording_gradients(record):
         jax.eval_shape(program, state, aot.abstract_batch(config, mesh))
     if len(record) != 1:
         raise RuntimeError(f"expected one differentiated loss in the step, traced {len(record)}")
