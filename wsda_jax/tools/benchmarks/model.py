@@ -170,11 +170,14 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def time_mit(variant: str, batch: int, size: int, runs: int) -> dict[str, list[float]]:
-    """Our MiT encoder (eval mode, float32): seconds of `runs` jitted forward calls and
-    forward+backward calls of sum_stages mean(out^2) w.r.t. all parameters, after one
-    compiling call each (its seconds under 'compile_fwd', 'compile_fwd_bwd')."""
-    model = mix_transformer.MixTransformer(variant=variant)
+def time_mit(
+    variant: str, batch: int, size: int, runs: int, unroll: bool = False
+) -> dict[str, list[float]]:
+    """Our MiT encoder (eval mode, float32; blocks unrolled if `unroll`): seconds of `runs`
+    jitted forward calls and forward+backward calls of sum_stages mean(out^2) w.r.t. all
+    parameters, after one compiling call each (its seconds under 'compile_fwd',
+    'compile_fwd_bwd')."""
+    model = mix_transformer.MixTransformer(variant=variant, unroll=unroll)
     params = host_random_variables(model, 64)["params"]
     images = jnp.asarray(
         np.random.default_rng(1).standard_normal((batch, size, size, 3)), jnp.float32
@@ -201,9 +204,10 @@ def time_mit(variant: str, batch: int, size: int, runs: int) -> dict[str, list[f
 
 
 def daformer_rows(variant: str, sizes: Sequence[int], batches: Sequence[int], runs: int,
-                  source: str) -> list[str]:  # fmt: skip
-    """Lines of a table: ours vs DAFormer's torch encoder (when torch imports and `source`
-    names a DAFormer checkout), medians of `runs`, the ratio ours / torch."""
+                  source: str, unroll: bool = False) -> list[str]:  # fmt: skip
+    """Lines of a table: ours (blocks unrolled if `unroll`) vs DAFormer's torch encoder
+    (when torch imports and `source` names a DAFormer checkout), medians of `runs`, the
+    ratio ours / torch."""
     try:
         import torch  # noqa: F401 - only to know whether the torch side can run.
     except ImportError:
@@ -212,7 +216,7 @@ def daformer_rows(variant: str, sizes: Sequence[int], batches: Sequence[int], ru
              f"{'ratio':>6} {'compile s':>9} {'load':>5}"]  # fmt: skip
     for size in sizes:
         for batch in batches:
-            ours = time_mit(variant, batch, size, runs)
+            ours = time_mit(variant, batch, size, runs, unroll)
             theirs = None
             if source:
                 theirs = daformer_torch.time_encoder(source, variant, batch, size, runs)
@@ -231,6 +235,9 @@ def daformer_rows(variant: str, sizes: Sequence[int], batches: Sequence[int], ru
 
 _ARCH = flags.DEFINE_enum("arch", "deeplabv2", ["deeplabv2", "daformer"], "Which network.")
 _MIT = flags.DEFINE_enum("mit", "b5", list(mix_transformer.VARIANTS), "daformer: MiT variant.")
+_MIT_UNROLL = flags.DEFINE_bool(
+    "mit_unroll", False, "daformer: the blocks unrolled, as config.model.mit_unroll."
+)
 _BATCHES = flags.DEFINE_list("batches", ["1", "2"], "daformer: batch sizes.")
 _DAFORMER_SOURCE = flags.DEFINE_string(
     "daformer_source", os.environ.get("DAFORMER_SOURCE", ""),
@@ -249,7 +256,9 @@ def main(argv: Sequence[str]) -> None:
     print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}")
     if _ARCH.value == "daformer":
         sizes, batches = [int(s) for s in _SIZES.value], [int(b) for b in _BATCHES.value]
-        lines = daformer_rows(_MIT.value, sizes, batches, _RUNS.value, _DAFORMER_SOURCE.value)
+        lines = daformer_rows(
+            _MIT.value, sizes, batches, _RUNS.value, _DAFORMER_SOURCE.value, _MIT_UNROLL.value
+        )
         print("\n".join(lines))
         return
     rows = benchmark_rows(
