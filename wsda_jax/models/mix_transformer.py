@@ -289,7 +289,7 @@ class MixTransformer(nn.Module):
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 length=depths[s],
-                unroll=self.unroll,  # True: all iterations; False (0): one per loop trip.
+                unroll=self.unroll,  # True: every iteration written out; False: a loop.
             )
             block = block_cls(
                 NUM_HEADS[s],
