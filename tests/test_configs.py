@@ -113,6 +113,7 @@ DAFORMER = {
     "optim.lr": 6e-5,
     "optim.weight_decay": 0.01,
     "optim.power": 1.0,
+    "ema.ramp": True,
     "data.rare_class_sampling.enabled": True,
     "loss.imnet_fd": 0.005,
     "loss.contrast_start": 4000,
@@ -134,6 +135,8 @@ def test_reference_daformer_switch(path):
     assert (flat["pseudo.ignore_top"], flat["pseudo.ignore_bottom"]) == (15, 120)
     assert flat["init.init_from"] == "" and flat["optim.warmup_steps"] == 1500
     assert (flat["model.mit"], flat["model.drop_path_rate"]) == ("b5", 0.1)
+    # DAFormer's crop bound, 3000 * 0.5 pixels of its 1280-wide training crops.
+    assert flat["data.rare_class_sampling.min_crop_pixels"] == 1500
 
 
 @pytest.mark.parametrize("path", [p for p in ADAPT if p in SYNTHETIC], ids=os.path.basename)
@@ -144,6 +147,8 @@ def test_synthetic_daformer_switch(path):
     assert config.init.one_stage and config.loss.imnet_fd == 0.0  # No ImageNet weights.
     assert config.loss.contrast_start < config.num_steps == 1200
     assert config.mic.block_size == 6 and config.data.rare_class_sampling.enabled
+    # DAFormer's 1500-px crop bound in a 1280x720 image, by area in a 128x256 one.
+    assert config.data.rare_class_sampling.min_crop_pixels == round(1500 * 128 * 256 / 921600)
     for arg in ("daformer,tiny", "tiny,daformer"):
         tiny = _load(path, arg)
         config_lib.validate(tiny, num_devices=4)

@@ -3,7 +3,6 @@ and the statistics file kept beside the prepared dataset."""
 
 import json
 import math
-import types
 
 import numpy as np
 import pytest
@@ -30,7 +29,6 @@ class _Rcs:
     enabled = True
     temperature = TEMPERATURE
     min_pixels = MIN_PIXELS
-    min_crop_ratio = 0.5
 
 
 def _expected_image_probabilities():
@@ -164,9 +162,10 @@ def _block_example(top=20, left=40, size=12):
 
 def test_crop_is_redrawn_until_it_holds_the_class():
     """Against the rule written out: with the same generator, the kept crop is the first of
-    at most 11 plain scale-and-crop draws that holds more than min_pixels * 0.5 pixels of
-    the drawn class, else the 11th. The re-draw raises the share of qualifying crops."""
-    bound = 15 * 0.5
+    at most 11 plain scale-and-crop draws that holds more than min_crop_pixels pixels of
+    the drawn class, else the 11th. The re-draw raises the share of qualifying crops; with
+    min_crop_pixels 0 the first draw is kept."""
+    bound = 7
     crop = rare_class_sampling.RareClassCrop((0.75, 1.25), (16, 32), bound)
     plain = transforms.RandomScaleCrop((0.75, 1.25), (16, 32))
     example = _block_example()
@@ -182,33 +181,33 @@ def test_crop_is_redrawn_until_it_holds_the_class():
         first_ok += np.count_nonzero(draws[0]["label"] == 1) > bound
         redrawn += len(draws) > 1
     assert redrawn > 50 and first_ok < 150 and kept_ok >= 195, (redrawn, first_ok, kept_ok)
-    # Ratio 0: DAFormer keeps the first crop.
-    config = types.SimpleNamespace(min_pixels=15, min_crop_ratio=0.0)
-    assert rare_class_sampling.min_crop_pixels(config) is None
-    config.min_crop_ratio = 0.5
-    assert rare_class_sampling.min_crop_pixels(config) == bound
+    first_only = rare_class_sampling.RareClassCrop((0.75, 1.25), (16, 32), 0)
+    for seed in range(20):
+        got = first_only.random_map((example, 1), np.random.default_rng(seed))
+        first = plain.random_map(example, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got["label"], first["label"])
 
 
 def test_pipeline_crops_hold_the_rare_class():
     """Through the train pipeline: nearly every draw is for the rare class 1 (T = 0.01);
-    each source crop holds more than min_pixels * min_crop_ratio of it, which most plain
-    crops do not (min_crop_ratio 0); and a resumed iterator replays the same crops."""
+    each source crop holds more than min_crop_pixels of it, which most plain crops do not
+    (min_crop_pixels 0); and a resumed iterator replays the same crops."""
     source = [
         records.encode_example({**_block_example(top=4 * i, left=8 * i), "name": f"s{i}"})
         for i in range(5)
     ]
     pixels = rare_class_sampling.class_pixel_counts(source, 19)
 
-    def crops(ratio, skip=0):
+    def crops(min_crop_pixels, skip=0):
         config = _rcs_config()
         config.data.crop_size, config.data.scale_range = (16, 32), (1.0, 1.0)
-        config.data.rare_class_sampling.min_crop_ratio = ratio
+        config.data.rare_class_sampling.min_crop_pixels = min_crop_pixels
         iterator = pipeline.make_train_iterator(config, source, TARGET, source_class_pixels=pixels)
         iterator.set_state(json.dumps({"batches": skip, "batch_size": 2}).encode())
         batches = take(iterator, 8 - skip)
         return np.concatenate([(b["source"]["label"] == 1).sum(axis=(1, 2)) for b in batches])
 
-    with_rule = crops(0.5)
-    assert np.all(with_rule > 15 * 0.5), with_rule
-    assert np.mean(crops(0.0) > 15 * 0.5) < 0.75
-    np.testing.assert_array_equal(crops(0.5, skip=5), with_rule[10:])
+    with_rule = crops(7)
+    assert np.all(with_rule > 7), with_rule
+    assert np.mean(crops(0) > 7) < 0.75
+    np.testing.assert_array_equal(crops(7, skip=5), with_rule[10:])

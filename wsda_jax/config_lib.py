@@ -136,8 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     # scaled by area to the 1280x720 prepared images.
     c.data.rare_class_sampling.min_pixels = 1372
     # The crop of a drawn image is re-drawn (up to 10 times) until it holds more than
-    # min_pixels * min_crop_ratio pixels of the class; 0 = no re-draw. DAFormer's 0.5.
-    c.data.rare_class_sampling.min_crop_ratio = 0.5
+    # min_crop_pixels pixels of the class; 0 = no re-draw. DAFormer's bound, min_pixels *
+    # min_crop_ratio = 3000 * 0.5, counted in the crop of its 1280x720 training image (the
+    # prepared resolution here), where its 3000-px image filter counts the 1914x1052 label.
+    c.data.rare_class_sampling.min_crop_pixels = 1500
 
     c.loss = ml_collections.ConfigDict()
     c.loss.seg_mix = 1.0

@@ -22,9 +22,11 @@ _REFERENCE_CROP_HEIGHT = 512
 # crops of half-resolution images (1/16 of the crop height; its 64 px are for 1024-px
 # crops at full resolution, MIC `seg/experiments.py`). DAFormer's rare class sampling
 # counts 3000 pixels of a class in GTA5's 1914x1052 label maps (0.149% of the image);
-# SYNTHIA's are 1280x760, where DAFormer keeps 3000.
+# SYNTHIA's are 1280x760, where DAFormer keeps 3000. Its crop rule counts 3000 * 0.5
+# pixels of the class in a crop of the 1280x720 training image.
 _MIC_BLOCK_SIZE = 32
 _RCS_MIN_PIXELS, _RCS_IMAGE_AREA = 3000, 1914 * 1052
+_RCS_MIN_CROP_PIXELS, _RCS_TRAIN_AREA = 1500, 1280 * 720
 # The synthetic `daformer` configs' MiT widths (heads 1, 2, 5, 8 divide them).
 SYNTHETIC_MIT_DIMS = (16, 32, 80, 128)
 
@@ -35,6 +37,10 @@ def _scaled_block_size(crop_height: int) -> int:
 
 def _scaled_min_pixels(height: int, width: int) -> int:
     return round(_RCS_MIN_PIXELS * height * width / _RCS_IMAGE_AREA)
+
+
+def _scaled_min_crop_pixels(height: int, width: int) -> int:
+    return round(_RCS_MIN_CROP_PIXELS * height * width / _RCS_TRAIN_AREA)
 
 
 def variants(arg: str | None, allowed: tuple[str, ...], stage: str) -> set[str]:
@@ -75,8 +81,9 @@ def reference(
 def daformer(config: ml_collections.ConfigDict) -> None:
     """DAFormer's recipe on a reference config (docs/daformer.md, each value's source
     file there): one-stage adaptation from ImageNet weights with MiT-B5 + DAFormer head,
-    AdamW with mmcv's poly schedule, 40k steps of 2 + 2 images, EMA 0.999, rare class
-    sampling with its crop rule, the thing-class ImageNet feature distance; pseudo-label
+    AdamW with mmcv's poly schedule, 40k steps of 2 + 2 images, EMA 0.999 reached by
+    DAFormer's ramp min(1 - 1/(step + 1), 0.999), rare class sampling with its crop rule,
+    the thing-class ImageNet feature distance; pseudo-label
     threshold 0.968 and the crop of the pseudo weights (top 15, bottom 120) are the
     reference's already. The method's weak-label, prototype and contrastive losses stay."""
     config.init.one_stage = True
@@ -84,11 +91,12 @@ def daformer(config: ml_collections.ConfigDict) -> None:
     config.num_steps = 40_000
     config.per_device_batch_size = 2
     config.ema.decay = 0.999
+    config.ema.ramp = True
     config.pseudo.threshold = 0.968
     config.pseudo.ignore_top, config.pseudo.ignore_bottom = 15, 120
     config.data.rare_class_sampling.enabled = True
     config.data.rare_class_sampling.temperature = 0.01
-    config.data.rare_class_sampling.min_crop_ratio = 0.5
+    # min_pixels and min_crop_pixels: the defaults and the synthetic presets scale DAFormer's.
     config.loss.imnet_fd = 0.005
     # One stage: after the 1,500-step warm-up and 2.5 EMA time constants (1,000 steps
     # each at 0.999), when the teacher follows a student trained at the full rate
@@ -157,6 +165,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
     config.mic.block_size = _scaled_block_size(96)  # 6 px: a 16 x 32 grid on 96x192 crops.
     config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(128, 256)  # 49 px.
+    config.data.rare_class_sampling.min_crop_pixels = _scaled_min_crop_pixels(128, 256)  # 53.
 
     config.eval.every_steps = 200
     config.eval.per_device_batch_size = 8
@@ -242,6 +251,7 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.pseudo.ignore_bottom = _scaled_rows(120, 32)
     config.mic.block_size = _scaled_block_size(32)  # 2 px.
     config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(32, 64)  # 3 px.
+    config.data.rare_class_sampling.min_crop_pixels = _scaled_min_crop_pixels(32, 64)  # 3 px.
 
     config.eval.every_steps = 4
     config.eval.per_device_batch_size = 4

@@ -47,7 +47,7 @@ NUMERIC_RANGES = (
     ("mic.block_size", 1, None, _INTEGER),
     ("mic.mask_ratio", 0.0, 1.0, _REAL),
     ("data.rare_class_sampling.min_pixels", 0, None, _INTEGER),
-    ("data.rare_class_sampling.min_crop_ratio", 0.0, None, _REAL),
+    ("data.rare_class_sampling.min_crop_pixels", 0, None, _INTEGER),
     ("loss.inter", 0.0, None, _REAL),
     ("loss.intra_tgt", 0.0, None, _REAL),
     ("loss.intra_src", 0.0, None, _REAL),

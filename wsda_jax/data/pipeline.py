@@ -169,9 +169,7 @@ def _domain_dataset(
         ds = rare_class_sampling.rare_class_dataset(records, class_pixels, rcs, seed)
         ds = ds.map(_DecodePicked(decode))
         ds = ds.random_map(
-            rare_class_sampling.RareClassCrop(
-                scale_range, crop_size, rare_class_sampling.min_crop_pixels(rcs)
-            )
+            rare_class_sampling.RareClassCrop(scale_range, crop_size, rcs.min_crop_pixels)
         )
     else:
         ds = grain.MapDataset.source(records)[process_index::process_count]

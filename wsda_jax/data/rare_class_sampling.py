@@ -11,8 +11,9 @@ the source images holding more than `min_pixels` pixels of c. Rare classes are t
 seen far more often. The per-image class pixel counts are computed once from the
 prepared source labels and kept beside the prepared dataset (`STATS_FILE`, JSON).
 The random scale and crop of a drawn image is then re-drawn up to CROP_RETRIES times
-until the crop holds more than `min_pixels * min_crop_ratio` pixels of c
-(`RareClassCrop`, DAFormer's `UDADataset.get_rare_class_sample`).
+until the crop holds more than `min_crop_pixels` pixels of c (`RareClassCrop`,
+DAFormer's `UDADataset.get_rare_class_sample`, whose bound `min_pixels * min_crop_ratio`
+= 3000 * 0.5 it counts in crops of its training resolution, the prepared one here).
 
 The draws are grain `RandomMap`s on an infinite index dataset: example k is a pure
 function of the pipeline seed and k, so a run resumes exactly from its batch index.
@@ -170,14 +171,14 @@ class RareClassCrop(grain.transforms.RandomMap):
     """(example, class id c) -> the example's random scale and crop, re-drawn up to
     CROP_RETRIES times while the crop's 'label' holds `min_crop_pixels` or fewer pixels
     of c (DAFormer's `n_class > min_pixels * min_crop_ratio`); the last draw is kept when
-    none qualifies. With `min_crop_pixels` None the first crop is kept (DAFormer's
+    none qualifies. With `min_crop_pixels` 0 the first crop is kept (DAFormer's
     min_crop_ratio 0)."""
 
     def __init__(
         self,
         scale_range: tuple[float, float],
         crop_size: tuple[int, int],
-        min_crop_pixels: float | None,
+        min_crop_pixels: int,
     ):
         self.crop = transforms.RandomScaleCrop(scale_range, crop_size)
         self.min_crop_pixels = min_crop_pixels
@@ -185,20 +186,13 @@ class RareClassCrop(grain.transforms.RandomMap):
     def random_map(self, element: tuple[Any, int], rng: np.random.Generator) -> Any:
         example, class_id = element
         crop = self.crop.draw(example, rng)
-        if self.min_crop_pixels is None:
+        if self.min_crop_pixels <= 0:
             return crop
         for _ in range(CROP_RETRIES):
             if np.count_nonzero(crop["label"] == class_id) > self.min_crop_pixels:
                 break
             crop = self.crop.draw(example, rng)
         return crop
-
-
-def min_crop_pixels(config_rcs: Any) -> float | None:
-    """The crop rule's bound `min_pixels * min_crop_ratio`; None (no re-draw) for ratio 0."""
-    if config_rcs.min_crop_ratio <= 0:
-        return None
-    return config_rcs.min_pixels * config_rcs.min_crop_ratio
 
 
 def frequency_table(pixels: np.ndarray, config_rcs: Any) -> str:
