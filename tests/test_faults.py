@@ -191,6 +191,19 @@ def test_out_of_range_config_value_is_one_line(override, message, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("data.rare_class_sampling.min_crop_ratio=0.5", "rare_class_sampling.min_crop_pixels?)"),
+        ("optim.learning_rate=0.1", None),  # Nothing close beside it: no guess.
+    ],
+)
+def test_unknown_override_key_names_the_closest_key_beside_it(override, hint, tmp_path):
+    result = run_main(tmp_path, TINY, f"--config.{override}", f"--workdir={tmp_path / 'w'}")
+    assert_one_line_error(result, "unknown key in a --config.KEY override")
+    assert (hint in result.stderr) if hint else ("did you mean" not in result.stderr)
+
+
 def test_garbage_imagenet_file_is_named(tmp_path, base):
     weights = tmp_path / "resnet.npz"
     weights.write_bytes(b"this is not a weight file")

@@ -8,6 +8,7 @@ that resumes. Nothing here imports JAX.
 
 from __future__ import annotations
 
+import difflib
 import logging as std_logging
 import os
 import shlex
@@ -76,6 +77,28 @@ def _where(error: BaseException) -> str:
 _HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
 
+def _closest_override(argv: list[str], message: str) -> str:
+    """' (did you mean --config.KEY?)' for the first --config.KEY override in `argv` that
+    is not a config key, naming the closest key beside it (same parent); '' if none is
+    close or `message` (ml_collections') already suggests one."""
+    from wsda_jax import config_lib, config_schema  # ml_collections only, no JAX.
+
+    if "did you mean" in message.lower():
+        return ""
+    known = config_schema.leaves(config_lib.base_config())
+    for arg in argv[1:]:
+        key = arg.removeprefix("--config.").split("=")[0]
+        if not arg.startswith("--config.") or key in known:
+            continue
+        parent, _, name = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        closest = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
+        if not closest:
+            return ""
+        return f" (did you mean --config.{'.'.join(filter(None, (parent, closest[0])))}?)"
+    return ""
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, but every failure is one line and exit status 1: a bad or missing
     flag, a config file that is missing, fails to import or raises (with its file and
@@ -87,7 +110,11 @@ def parse_flags(argv: list[str]) -> list[str]:
             sys.exit(0)
         raise
     except (AttributeError, KeyError) as error:  # How config_flags reports an unknown key.
-        print(f"error: unknown key in a --config.KEY override: {one_line(error)}", file=sys.stderr)
+        print(
+            f"error: unknown key in a --config.KEY override: {one_line(error)}"
+            f"{_closest_override(argv, one_line(error))}",
+            file=sys.stderr,
+        )
     except flags.Error as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
     except Exception as error:  # noqa: BLE001 - a config file that fails to import or run.

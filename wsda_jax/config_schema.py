@@ -17,15 +17,15 @@ ELEMENT_TYPES = {"data.eval_resize": int, "model.stage_sizes": int}
 PAIRS = ("data.crop_size", "data.scale_range", "classmix.blur_sigma", "data.eval_resize")
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
     """{'data.crop_size': (512, 512), ...}: every key of `config` with a value."""
-    leaves = {}
+    found = {}
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            leaves.update(_leaves(value, f"{prefix}{key}."))
+            found.update(leaves(value, f"{prefix}{key}."))
         else:
-            leaves[f"{prefix}{key}"] = value
-    return leaves
+            found[f"{prefix}{key}"] = value
+    return found
 
 
 def _kind(default: object) -> tuple[type, ...]:
@@ -51,8 +51,8 @@ def validate_types(config: ml_collections.ConfigDict, defaults: ml_collections.C
     its default in `defaults` (`config_lib.base_config()`): a bool, an integer, a number,
     a string, or a sequence of one of these; or a pair key (`PAIRS`) that is not a pair.
     Keys without a default there (a config's own) are left to the code that reads them."""
-    defaults = _leaves(defaults)
-    for key, value in _leaves(config).items():
+    defaults = leaves(defaults)
+    for key, value in leaves(config).items():
         default = defaults.get(key)
         if default is None:
             continue
