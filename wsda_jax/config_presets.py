@@ -83,9 +83,9 @@ def daformer(config: ml_collections.ConfigDict) -> None:
     file there): one-stage adaptation from ImageNet weights with MiT-B5 + DAFormer head,
     AdamW with mmcv's poly schedule, 40k steps of 2 + 2 images, EMA 0.999 reached by
     DAFormer's ramp min(1 - 1/(step + 1), 0.999), rare class sampling with its crop rule,
-    the thing-class ImageNet feature distance; pseudo-label
-    threshold 0.968 and the crop of the pseudo weights (top 15, bottom 120) are the
-    reference's already. The method's weak-label, prototype and contrastive losses stay."""
+    the thing-class ImageNet feature distance; pseudo-label threshold 0.968 and the crop
+    of the pseudo weights (top 15, bottom 120) are the reference's already. The method's
+    weak-label, prototype and contrastive losses stay."""
     config.init.one_stage = True
     _daformer_network_and_optimizer(config)
     config.num_steps = 40_000
