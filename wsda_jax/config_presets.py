@@ -35,12 +35,12 @@ def _scaled_block_size(crop_height: int) -> int:
     return max(1, round(_MIC_BLOCK_SIZE * crop_height / _REFERENCE_CROP_HEIGHT))
 
 
-def _scaled_min_pixels(height: int, width: int) -> int:
-    return round(_RCS_MIN_PIXELS * height * width / _RCS_IMAGE_AREA)
-
-
-def _scaled_min_crop_pixels(height: int, width: int) -> int:
-    return round(_RCS_MIN_CROP_PIXELS * height * width / _RCS_TRAIN_AREA)
+def _scale_rare_class_counts(config: ml_collections.ConfigDict, height: int, width: int) -> None:
+    """DAFormer's rare-class pixel counts (image filter, crop bound) scaled by area to
+    `height x width` source images."""
+    rcs = config.data.rare_class_sampling
+    rcs.min_pixels = round(_RCS_MIN_PIXELS * height * width / _RCS_IMAGE_AREA)
+    rcs.min_crop_pixels = round(_RCS_MIN_CROP_PIXELS * height * width / _RCS_TRAIN_AREA)
 
 
 def variants(arg: str | None, allowed: tuple[str, ...], stage: str) -> set[str]:
@@ -164,8 +164,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.pseudo.ignore_top = _scaled_rows(config.pseudo.ignore_top, 96)
     config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
     config.mic.block_size = _scaled_block_size(96)  # 6 px: a 16 x 32 grid on 96x192 crops.
-    config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(128, 256)  # 49 px.
-    config.data.rare_class_sampling.min_crop_pixels = _scaled_min_crop_pixels(128, 256)  # 53.
+    _scale_rare_class_counts(config, 128, 256)  # 49 px per image, 53 per crop.
 
     config.eval.every_steps = 200
     config.eval.per_device_batch_size = 8
@@ -250,8 +249,7 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.pseudo.ignore_top = _scaled_rows(15, 32)
     config.pseudo.ignore_bottom = _scaled_rows(120, 32)
     config.mic.block_size = _scaled_block_size(32)  # 2 px.
-    config.data.rare_class_sampling.min_pixels = _scaled_min_pixels(32, 64)  # 3 px.
-    config.data.rare_class_sampling.min_crop_pixels = _scaled_min_crop_pixels(32, 64)  # 3 px.
+    _scale_rare_class_counts(config, 32, 64)  # 3 px per image, 3 per crop.
 
     config.eval.every_steps = 4
     config.eval.per_device_batch_size = 4
