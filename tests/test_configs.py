@@ -76,6 +76,11 @@ def test_reference_configs_change_only_source_target_stage_and_weak_label(path):
     assert changed <= allowed, changed - allowed
     assert config["data.source"] == ("synthia" if "synthia" in path else "gta5")
     assert config["data.target"] == "cityscapes_weak"
+    # DAFormer's 3000-px image filter counts GTA5's 1914x1052 labels: by area at the
+    # prepared 1280x720. SYNTHIA's labels are not resized.
+    gta5_pixels = round(3000 * 1280 * 720 / (1914 * 1052))
+    expected = 3000 if "synthia" in path else gta5_pixels
+    assert config["data.rare_class_sampling.min_pixels"] == expected
 
 
 @pytest.mark.parametrize("path", SYNTHETIC, ids=os.path.basename)

@@ -134,7 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rare_class_sampling.temperature = 0.01
     # Pixels at the prepared resolution: DAFormer's 3000 of GTA5's 1914x1052 label maps,
     # scaled by area to the 1280x720 prepared images.
-    c.data.rare_class_sampling.min_pixels = 1372
+    c.data.rare_class_sampling.min_pixels = 1373
     # The crop of a drawn image is re-drawn (up to 10 times) until it holds more than
     # min_crop_pixels pixels of the class; 0 = no re-draw. DAFormer's bound, min_pixels *
     # min_crop_ratio = 3000 * 0.5, counted in the crop of its 1280x720 training image (the
