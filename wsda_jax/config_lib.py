@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.stage_sizes = ()  # Blocks per stage; () = the depth's standard (3, 4, 23, 3) etc.
     # Backbone rematerialisation: 'none', 'blocks' (recompute each residual block in the
     # backward pass) or 'conv_outputs' (keep conv outputs, recompute BatchNorm and ReLU).
-    # Peak memory and speed of each: README "Accelerator readiness".
+    # Peak memory and speed of each: docs/accelerators.md, docs/aot.md.
     c.model.remat = "none"
     # DAFormer: MiT variant 'b0'..'b5'; () = the variant's widths / blocks per stage.
     c.model.mit = "b5"
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = True
     # How prepared records store images: 'npy' (raw arrays, no decoding: ~3x the images
     # per host core of 'png', at ~1.8x the disk of PNG photos) or 'png' (compact). Part
-    # of the prepared dataset's name (README "Input pipeline").
+    # of the prepared dataset's name (docs/benchmarks.md, "Input pipeline").
     c.data.image_format = "npy"
     c.data.jitter = 0.25  # Colour jitter strength, applied in the train step.
     # grain worker processes per host; -1 = chosen from the host's cores and local
@@ -122,8 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_target_train = 1000
     c.data.synthetic.num_target_val = 200
     c.data.synthetic.seed = 0
-    # Synthesised coarse labels: 'eroded' or 'every_class' (thin classes kept, README
-    # "Results on the synthetic domains").
+    # Synthesised coarse labels: 'eroded' or 'every_class' (thin classes kept,
+    # docs/synthetic_results.md "Coarse labels that keep thin classes").
     c.data.synthetic.coarse = "eroded"
     # Rare class sampling (DAFormer, Hoyer et al., CVPR 2022), not in the reference: a
     # source class c drawn with probability softmax((1 - f_c) / temperature) of the

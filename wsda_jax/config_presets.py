@@ -143,7 +143,8 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.data.synthetic.width = 256
     config.data.crop_size = (96, 192)
     config.data.scale_range = (0.75, 1.5)
-    config.data.num_workers = -1  # The host's choice: none below 4 cores (README "Input pipeline").
+    # The host's choice: none below 4 cores (docs/benchmarks.md, "Input pipeline").
+    config.data.num_workers = -1
 
     config.model.depth = 18
     config.model.stage_sizes = (1, 1, 1, 1)

@@ -43,7 +43,7 @@ READ_THREADS = 4
 # Training batches each process reads ahead (a thread assembles a whole batch).
 READ_BATCHES = 4
 # Automatic worker count (config.data.num_workers = -1): one core keeps ~130 images/s
-# flowing from 'npy' records (README "Input pipeline"), and a GPU at the reference size
+# flowing from 'npy' records (docs/benchmarks.md, "Input pipeline"), and a GPU at the reference size
 # takes ~170/s, so 3 workers per device leave headroom; 2 cores stay with the training
 # process (JAX dispatch, host-to-device copies, checkpoints).
 WORKERS_PER_DEVICE = 3
@@ -193,7 +193,8 @@ def num_workers(config_data: ml_collections.ConfigDict, num_local_devices: int) 
     """grain worker processes: `config.data.num_workers`, or for -1 the host's choice:
     WORKERS_PER_DEVICE per local device, leaving RESERVED_CORES to the training
     process, and none on a host of fewer than 4 cores (there the training process
-    computes on the same cores, and a worker only adds copies: README "Input pipeline")."""
+    computes on the same cores, and a worker only adds copies: docs/benchmarks.md,
+    "Input pipeline")."""
     if config_data.num_workers >= 0:
         return config_data.num_workers
     cores = base.available_cores()

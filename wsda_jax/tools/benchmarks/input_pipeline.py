@@ -15,8 +15,8 @@ count: training batches exactly as the step receives them.
 divided by the wall time of the timed steps, so "images/s per core" = images / CPU
 seconds is a property of the code rather than of how idle the machine is; the last
 column is the cores one GPU needs to be fed `--gpu_images_per_s` (170: the
-reference-size step at a good fraction of an H100's bf16 peak, README "Input
-pipeline"). Not a test: wall-clock numbers depend on the host's free cores.
+reference-size step at a good fraction of an H100's bf16 peak, docs/benchmarks.md,
+"Input pipeline"). Not a test: wall-clock numbers depend on the host's free cores.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ outputs - aliased + temporaries on its own line (everything live at once: an upp
 of what the device must hold), and the FLOPs of
 `cost_analysis()`. The analysis is of the program XLA compiled for THIS backend: the
 CPU's buffer assignment and fusion differ from a GPU's or a TPU's, so on the CPU it
-estimates the accelerator's number (see README "Accelerator readiness").
+estimates the accelerator's number (see docs/accelerators.md).
 
 `--target=h100|h200|a100|a100-40gb|tpu-v4-8|tpu-v5e-8|tpu-v5p-8` (with `--compile_only`)
 compiles instead for that accelerator with its own XLA compiler, without one
@@ -71,7 +71,7 @@ _CROP = flags.DEFINE_integer("crop", 256, "Square crop size in pixels.")
 _IMAGES = flags.DEFINE_integer(
     "images_per_device", 1, "Source images per device per step (and as many target images)."
 )
-# The name of earlier commands (README "Benchmarks"), the same on one device.
+# The name of earlier commands (docs/benchmarks.md), the same on one device.
 flags.DEFINE_alias("batch", "images_per_device")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _WEAK = flags.DEFINE_enum("weak_label", "coarse", list(config_lib.WEAK_LABEL_KINDS), "Kind.")
