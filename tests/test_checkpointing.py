@@ -4,6 +4,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import types
@@ -161,12 +162,23 @@ def test_init_from_loads_student_and_teacher(tmp_path):
     jax.jit(lambda state: state, donate_argnums=0)(loaded)
 
 
-def test_init_from_shape_mismatch_names_parameter(tmp_path):
+@pytest.mark.parametrize(
+    "model, named",
+    [(None, ""), ({"arch": "deeplabv2", "depth": 18, "width": 4}, " (ResNet-18 w4)")],
+    ids=["saved_config_without_model", "saved_resnet"],
+)
+def test_init_from_shape_mismatch_names_parameter(tmp_path, model, named):
+    """The first differing parameter, and the checkpoint's network where its saved config
+    names one."""
     config = _config()
+    if model:
+        config.model = model
     with checkpointing.make_manager(str(tmp_path), config) as manager:
         checkpointing.save(manager, 1, _state(kernel_shape=(3, 3)), _iterator(), config)
         manager.wait_until_finished()
-    with pytest.raises(ValueError, match=r"params/backbone/conv/kernel has shape \(3, 3\)") as e:
+    parameter = r"params/backbone/conv/kernel has shape \(3, 3\)"
+    expected = f"different model{re.escape(named)}: {parameter}"
+    with pytest.raises(ValueError, match=expected) as e:
         checkpointing.load_init_from(str(tmp_path), _state(kernel_shape=(3, 4)), _mesh())
     assert "\n" not in str(e.value)
 

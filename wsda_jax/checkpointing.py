@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from wsda_jax import checkpoint_recovery, errors, parallel, train_state
+from wsda_jax import checkpoint_recovery, config_model, errors, parallel, train_state
 
 BEST_METRIC = "miou"
 
@@ -256,6 +256,16 @@ def saved_config(directory: str, step: int) -> dict[str, Any] | None:
     return config
 
 
+def _saved_model_name(directory: str, step: int) -> str:
+    """' (ResNet-18 w16)': the network checkpoint `step` was written with, in words, for an
+    error message; '' when its saved config is unreadable or lacks the model keys."""
+    saved = checkpoint_recovery.saved_run_configs(directory).get(step)
+    try:
+        return f" ({config_model.model_name(ml_collections.ConfigDict(saved))})"
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
 def _resolve_init_dir(path: str) -> str:
     """Accepts a stage-1 workdir or its `checkpoints/` directory."""
     path = os.path.abspath(os.path.expanduser(path))
@@ -296,8 +306,9 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
                     getattr(state, name), metadata.get(name, {}), name
                 )
                 if problem:
+                    model = _saved_model_name(directory, step)
                     raise DifferentModelError(
-                        f"checkpoint {step} was written by a different model: {problem}"
+                        f"checkpoint {step} was written by a different model{model}: {problem}"
                     )
             target = parallel.abstract_on(
                 {name: metadata[name] for name in names}, parallel.replicated(mesh)
