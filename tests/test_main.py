@@ -106,6 +106,15 @@ def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory
         (["--config={tmp}/raises.py"], "the config: {tmp}/raises.py:3: RuntimeError: no GPU"),
         (["--config={tmp}/imports.py"], "{tmp}/imports.py:1: ModuleNotFoundError: No module"),
         ([TINY], "Not a directory: {tmp}/data/synthetic_"),  # run_main's data_dir.
+        (
+            ["--config=configs/synthetic_coarse.py:daformr"],
+            "cannot load the config --config=configs/synthetic_coarse.py:daformr: unknown config "
+            "variant 'daformr': this config takes 'tiny', 'daformer', 'mit' (comma-separated)",
+        ),
+        (
+            ["--config={tmp}/raises.py:tiny"],
+            "the config --config={tmp}/raises.py:tiny: TypeError: get_config() takes 0 positional",
+        ),
     ],
     ids=[
         "missing_config",
@@ -118,6 +127,8 @@ def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory
         "config_raises",
         "config_missing_import",
         "data_dir_a_file",
+        "config_variant_typo",
+        "config_takes_no_argument",
     ],
 )
 def test_bad_input_is_one_line(args, expected, tmp_path):

@@ -99,6 +99,25 @@ def _closest_override(argv: list[str], message: str) -> str:
     return ""
 
 
+# How ml_collections' config_flags quotes the ValueError or TypeError of a config file.
+_QUOTED_CONFIG_ERROR = ": Error whilst parsing config file"
+
+
+def _config_file_error(error: flags.Error) -> str | None:
+    """'cannot load the config --config=FILE:ARG: message' for a ValueError or TypeError
+    that the config file raised, which config_flags quotes with its traceback (a
+    ValueError's message speaks for itself, a TypeError keeps its name); None for other
+    flag errors."""
+    text = str(error)
+    if _QUOTED_CONFIG_ERROR not in text:
+        return None
+    flag = text.split(_QUOTED_CONFIG_ERROR, 1)[0].removeprefix("flag ")
+    kind, _, message = one_line(error).partition(": ")
+    return f"cannot load the config {flag}: " + (
+        message if kind == "ValueError" else f"{kind}: {message}"
+    )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, but every failure is one line and exit status 1: a bad or missing
     flag, a config file that is missing, fails to import or raises (with its file and
@@ -116,7 +135,7 @@ def parse_flags(argv: list[str]) -> list[str]:
             file=sys.stderr,
         )
     except flags.Error as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
+        print(f"error: {_config_file_error(error) or one_line(error)}", file=sys.stderr)
     except Exception as error:  # noqa: BLE001 - a config file that fails to import or run.
         message = f"{_where(error)}: {type(error).__name__}: {one_line(error)}"
         print(f"error: cannot load the config: {message}", file=sys.stderr)

@@ -50,8 +50,11 @@ def variants(arg: str | None, allowed: tuple[str, ...], stage: str) -> set[str]:
     names = {name.strip() for name in (arg or "").split(",") if name.strip()}
     unknown = sorted(names - set(allowed))
     if unknown:
-        expected = " or ".join(repr(a) for a in allowed)
-        raise ValueError(f"unknown config variant {unknown[0]!r}: expected nothing, {expected}")
+        known = ", ".join(repr(a) for a in allowed)
+        several = " (comma-separated)" if len(allowed) > 1 else ""
+        raise ValueError(
+            f"unknown config variant {unknown[0]!r}: this config takes {known}{several}, or none"
+        )
     if "daformer" in names and stage != "adapt":
         raise ValueError(
             "config variant 'daformer' is DAFormer's one-stage adaptation: use it with an "
