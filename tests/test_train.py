@@ -196,6 +196,42 @@ def test_fresh_run_traces_the_state_initialisation_once(tmp_path, monkeypatch):
     assert len(traces) == 1
 
 
+@pytest.mark.parametrize(
+    "key, name, expected",
+    [
+        ("init_from", "missing", "config.init.init_from='.*missing': no such checkpoint directory"),
+        ("imagenet", "missing.pth", "config.init.imagenet='.*missing.pth': no such file$"),
+        (
+            "imagenet",
+            "weights.txt",
+            "config.init.imagenet='.*weights.txt': expected a .npz or .pth",
+        ),
+    ],
+)
+def test_missing_start_paths_fail_before_the_state_is_made(
+    tmp_path, monkeypatch, key, name, expected
+):
+    """A fresh run with a wrong config.init path stops before the initialiser compiles
+    and runs (minutes for a large model on a CPU): only its abstract trace happened."""
+    calls = []
+    initializer = train_state.state_initializer
+
+    def counting_initializer(*args, **kwargs):
+        init = initializer(*args, **kwargs)
+        return lambda key: calls.append(1) or init(key)
+
+    monkeypatch.setattr(train_state, "state_initializer", counting_initializer)
+    (tmp_path / "weights.txt").write_text("")
+    config = conftest.tiny_config()
+    config.init[key] = str(tmp_path / name)
+    model, optimizer = conftest.tiny_model(config), optim.make_optimizer(config)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with checkpointing.make_manager(str(tmp_path / "w"), config) as manager:
+        with pytest.raises(ValueError, match=expected):
+            train.initial_state(config, model, optimizer, mesh, manager, None)
+    assert len(calls) == 1  # jax.eval_shape's, for the restore target.
+
+
 def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
     """train._from_imagenet: both backbones get the converted torchvision weights (the
     teacher in its own buffers: the step donates the state), the head stays as it was."""

@@ -266,11 +266,15 @@ def _saved_model_name(directory: str, step: int) -> str:
         return ""
 
 
-def _resolve_init_dir(path: str) -> str:
-    """Accepts a stage-1 workdir or its `checkpoints/` directory."""
-    path = os.path.abspath(os.path.expanduser(path))
+def init_dir(path: str) -> str:
+    """The checkpoint directory of config.init.init_from `path` (a stage-1 workdir or its
+    `checkpoints/` directory); a one-line ValueError when there is none."""
+    given, path = path, os.path.abspath(os.path.expanduser(path))
     nested = os.path.join(path, "checkpoints")
-    return nested if os.path.isdir(nested) else path
+    directory = nested if os.path.isdir(nested) else path
+    if not os.path.isdir(directory):
+        raise ValueError(f"config.init.init_from={given!r}: no such checkpoint directory")
+    return directory
 
 
 def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: str = "ema") -> Any:
@@ -283,9 +287,7 @@ def load_init_from(path: str, state: Any, mesh: jax.sharding.Mesh, *, teacher: s
     step, rng) stays fresh. Raises a one-line ValueError naming the first parameter
     whose shape does not match.
     """
-    directory = _resolve_init_dir(path)
-    if not os.path.isdir(directory):
-        raise ValueError(f"config.init.init_from={path!r}: no such checkpoint directory")
+    directory = init_dir(path)
     with checkpoint_recovery.Manager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),

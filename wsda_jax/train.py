@@ -90,6 +90,18 @@ def _with_frozen_encoder(
     return state.replace(imnet_encoder=encoder)
 
 
+def _check_start_paths(config: ml_collections.ConfigDict) -> None:
+    """A one-line ValueError for a fresh run whose config.init.init_from directory or
+    config.init.imagenet file does not exist."""
+    if config.init.init_from:
+        checkpointing.init_dir(config.init.init_from)
+    if config.init.imagenet:
+        try:
+            imagenet_init.check_weights_path(config.init.imagenet)
+        except ValueError as error:
+            raise ValueError(f"config.init.imagenet={config.init.imagenet!r}: {error}") from error
+
+
 def initial_state(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -107,6 +119,7 @@ def initial_state(
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
+    _check_start_paths(config)  # Before the initialiser compiles: minutes on a CPU.
     state = init(key)  # Traced once, for the abstract state above.
     # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;
     if config.init.init_from:

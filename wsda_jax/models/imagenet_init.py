@@ -47,17 +47,27 @@ _NPZ_HINT = (
 )
 
 
+def check_weights_path(path: str) -> str:
+    """`path` with `~` expanded; a one-line ValueError (that does not repeat the path)
+    unless it names an existing .npz or .pth file. What it holds is checked when read."""
+    path = os.path.expanduser(path)
+    if not path.endswith((".npz", ".pth", ".pt")):
+        raise ValueError("expected a .npz or .pth file")
+    if not os.path.isfile(path):
+        raise ValueError("no such file")
+    return path
+
+
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a state dict (key -> tensor) from `.npz` or `.pth` into NumPy arrays.
 
     Raises a one-line ValueError naming the file when it is missing or is not a weight
     file (not an archive of arrays / a torch pickle of tensors).
     """
-    path = os.path.expanduser(path)
-    if not path.endswith((".npz", ".pth", ".pt")):
-        raise ValueError(f"path={path!r}: expected a .npz or .pth file")
-    if not os.path.isfile(path):
-        raise ValueError(f"path={path!r}: no such file")
+    try:
+        path = check_weights_path(path)
+    except ValueError as e:
+        raise ValueError(f"path={path!r}: {e}") from e
     try:
         return _read_weights(path)
     except ImportError as e:
