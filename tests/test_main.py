@@ -105,6 +105,7 @@ def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory
         (["--config={tmp}/syntax.py"], "cannot load the config: {tmp}/syntax.py:2: SyntaxError"),
         (["--config={tmp}/raises.py"], "the config: {tmp}/raises.py:3: RuntimeError: no GPU"),
         (["--config={tmp}/imports.py"], "{tmp}/imports.py:1: ModuleNotFoundError: No module"),
+        (["--config={tmp}/typo.py"], "the config: {tmp}/typo.py:3: AttributeError: 'dpeth'"),
         ([TINY], "Not a directory: {tmp}/data/synthetic_"),  # run_main's data_dir.
         (
             ["--config=configs/synthetic_coarse.py:daformr"],
@@ -126,6 +127,7 @@ def test_predict_mode_writes_colourised_pngs(trained, tmp_path, tmp_path_factory
         "config_syntax_error",
         "config_raises",
         "config_missing_import",
+        "config_reads_an_unknown_key",
         "data_dir_a_file",
         "config_variant_typo",
         "config_takes_no_argument",
@@ -137,6 +139,11 @@ def test_bad_input_is_one_line(args, expected, tmp_path):
         "def get_config():\n    x = 1\n    raise RuntimeError('no GPU')\n"
     )
     (tmp_path / "imports.py").write_text("import no_such_module\n")
+    (tmp_path / "typo.py").write_text(  # Not an override: the file's own code.
+        "from wsda_jax import config_lib\n"
+        "def get_config():\n"
+        "    return config_lib.base_config().model.dpeth\n"
+    )
     (tmp_path / "data").write_text("")  # A file where run_main puts the dataset.
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     expected = expected.replace("{tmp}", str(tmp_path))

@@ -63,15 +63,24 @@ def one_line(error: BaseException) -> str:
 
 def _where(error: BaseException) -> str:
     """'FILE:LINE' where `error` arose in the user's code (a config file, say): the
-    innermost frame outside Python's and the installed packages' own files."""
+    innermost frame outside Python's, the installed packages' and this file's; '?' if
+    there is none."""
     if isinstance(error, SyntaxError) and error.filename:
         return f"{error.filename}:{error.lineno}"
     frames = [
         frame
         for frame in traceback.extract_tb(error.__traceback__)
-        if not frame.filename.startswith("<") and "-packages" not in frame.filename
+        if not frame.filename.startswith("<")
+        and "-packages" not in frame.filename
+        and frame.filename != __file__
     ]
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+def _config_code_error(error: BaseException) -> str:
+    """'cannot load the config: FILE:LINE: Type: message' for an error in a config
+    file's code."""
+    return f"cannot load the config: {_where(error)}: {type(error).__name__}: {one_line(error)}"
 
 
 _HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -128,17 +137,19 @@ def parse_flags(argv: list[str]) -> list[str]:
         if any(arg.split("=")[0] in _HELP_FLAGS for arg in argv[1:]):
             sys.exit(0)
         raise
-    except (AttributeError, KeyError) as error:  # How config_flags reports an unknown key.
-        print(
-            f"error: unknown key in a --config.KEY override: {one_line(error)}"
-            f"{_closest_override(argv, one_line(error))}",
-            file=sys.stderr,
-        )
+    except (AttributeError, KeyError) as error:
+        if _where(error) != "?":  # Raised in a config file's code (config.model.dpeth).
+            print(f"error: {_config_code_error(error)}", file=sys.stderr)
+        else:  # How config_flags reports an unknown key in an override.
+            print(
+                f"error: unknown key in a --config.KEY override: {one_line(error)}"
+                f"{_closest_override(argv, one_line(error))}",
+                file=sys.stderr,
+            )
     except flags.Error as error:
         print(f"error: {_config_file_error(error) or one_line(error)}", file=sys.stderr)
     except Exception as error:  # noqa: BLE001 - a config file that fails to import or run.
-        message = f"{_where(error)}: {type(error).__name__}: {one_line(error)}"
-        print(f"error: cannot load the config: {message}", file=sys.stderr)
+        print(f"error: {_config_code_error(error)}", file=sys.stderr)
     else:
         if len(remaining) <= 1:
             return remaining
