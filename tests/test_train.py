@@ -8,6 +8,7 @@ under pytest's base temp directory (shared with the subprocess tests).
 
 import importlib.util
 import json
+import logging
 import os
 
 import conftest
@@ -197,22 +198,20 @@ def test_fresh_run_traces_the_state_initialisation_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "key, name, expected",
+    "overrides, expected",
     [
-        ("init_from", "missing", "config.init.init_from='.*missing': no such checkpoint directory"),
-        ("imagenet", "missing.pth", "config.init.imagenet='.*missing.pth': no such file$"),
-        (
-            "imagenet",
-            "weights.txt",
-            "config.init.imagenet='.*weights.txt': expected a .npz or .pth",
-        ),
+        ({"init.init_from": "missing"}, "init_from='.*missing': no such checkpoint directory"),
+        ({"init.init_from": "empty"}, "init_from='.*empty': no checkpoint in .*empty$"),
+        ({"init.imagenet": "missing.pth"}, "config.init.imagenet='.*missing.pth': no such file$"),
+        ({"init.imagenet": "weights.txt"}, "imagenet='.*weights.txt': expected a .npz or .pth"),
+        ({"loss.imnet_fd": 0.005}, "imnet_fd=0.005 needs the ImageNet weights"),
     ],
+    ids=["init_from_missing", "init_from_empty", "imagenet_missing", "imagenet_txt", "fd"],
 )
-def test_missing_start_paths_fail_before_the_state_is_made(
-    tmp_path, monkeypatch, key, name, expected
-):
-    """A fresh run with a wrong config.init path stops before the initialiser compiles
-    and runs (minutes for a large model on a CPU): only its abstract trace happened."""
+def test_bad_start_fails_before_the_state_is_made(tmp_path, monkeypatch, overrides, expected):
+    """A fresh run with a wrong config.init path, or a feature distance without ImageNet
+    weights, stops before the initialiser compiles and runs (minutes for a large model
+    on a CPU): only its abstract trace happened."""
     calls = []
     initializer = train_state.state_initializer
 
@@ -222,14 +221,32 @@ def test_missing_start_paths_fail_before_the_state_is_made(
 
     monkeypatch.setattr(train_state, "state_initializer", counting_initializer)
     (tmp_path / "weights.txt").write_text("")
+    (tmp_path / "empty").mkdir()
     config = conftest.tiny_config()
-    config.init[key] = str(tmp_path / name)
+    config.update_from_flattened_dict(
+        {k: str(tmp_path / v) if isinstance(v, str) else v for k, v in overrides.items()}
+    )
     model, optimizer = conftest.tiny_model(config), optim.make_optimizer(config)
     mesh = parallel.make_mesh(jax.devices()[:1])
     with checkpointing.make_manager(str(tmp_path / "w"), config) as manager:
         with pytest.raises(ValueError, match=expected):
             train.initial_state(config, model, optimizer, mesh, manager, None)
     assert len(calls) == 1  # jax.eval_shape's, for the restore target.
+
+
+def test_imagenet_weights_that_nothing_reads_are_named_not_checked(tmp_path, caplog):
+    """With init_from and no feature distance the ImageNet file is not read: a warning
+    says so, and its absence is no error. With the feature distance it is read."""
+    (tmp_path / "stage1" / "4").mkdir(parents=True)
+    config = conftest.tiny_config()
+    config.init.init_from = str(tmp_path / "stage1")
+    config.init.imagenet = str(tmp_path / "missing.pth")
+    with caplog.at_level(logging.WARNING):
+        train._check_fresh_start(config)
+    assert f"config.init.imagenet='{tmp_path / 'missing.pth'}' is not read" in caplog.text
+    config.loss.imnet_fd = 0.005
+    with pytest.raises(ValueError, match="missing.pth': no such file"):
+        train._check_fresh_start(config)
 
 
 def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
@@ -275,9 +292,6 @@ def test_from_imagenet_sets_student_and_teacher_backbones(tmp_path):
         np.testing.assert_array_equal(
             frozen["batch_stats"]["backbone"]["layer2_0"]["downsample_bn"]["var"], expected_var
         )
-    config.init.imagenet = ""
-    with pytest.raises(ValueError, match="imnet_fd=0.005 needs the ImageNet weights"):
-        train._with_frozen_encoder(config, new, mesh)
     del weights["conv1.weight"]
     np.savez(path, **weights)
     with pytest.raises(ValueError, match="config.init.imagenet=.*conv1.weight"):

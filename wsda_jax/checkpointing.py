@@ -268,12 +268,15 @@ def _saved_model_name(directory: str, step: int) -> str:
 
 def init_dir(path: str) -> str:
     """The checkpoint directory of config.init.init_from `path` (a stage-1 workdir or its
-    `checkpoints/` directory); a one-line ValueError when there is none."""
+    `checkpoints/` directory); a one-line ValueError when there is none, or it holds no
+    step folder."""
     given, path = path, os.path.abspath(os.path.expanduser(path))
     nested = os.path.join(path, "checkpoints")
     directory = nested if os.path.isdir(nested) else path
     if not os.path.isdir(directory):
         raise ValueError(f"config.init.init_from={given!r}: no such checkpoint directory")
+    if not any(name.isdigit() for name in os.listdir(directory)):
+        raise ValueError(f"config.init.init_from={given!r}: no checkpoint in {directory}")
     return directory
 
 

@@ -65,7 +65,6 @@ def _from_imagenet(
     variables = parallel.replicate(
         {"params": variables["params"], "batch_stats": variables["batch_stats"]}, mesh
     )
-    logging.info("Initialised student and teacher backbones from ImageNet weights %s.", path)
     return train_state.with_student_and_teacher(
         state, variables["params"], variables["batch_stats"]
     )
@@ -75,31 +74,44 @@ def _with_frozen_encoder(
     config: ml_collections.ConfigDict, state: train_state.TrainState, mesh: jax.sharding.Mesh
 ) -> train_state.TrainState:
     """With config.loss.imnet_fd > 0: `state` with `imnet_encoder` the encoder of
-    config.init.imagenet (the student's, when it was just initialised from it)."""
+    config.init.imagenet (the student's, when it was just initialised from it; set, as
+    `_check_fresh_start` makes sure)."""
     if config.loss.imnet_fd <= 0:
         return state
-    if not config.init.imagenet:
-        raise ValueError(
-            f"config.loss.imnet_fd={config.loss.imnet_fd} needs the ImageNet weights its "
-            "frozen encoder copies: set config.init.imagenet (or config.loss.imnet_fd=0)"
-        )
     imagenet = state
     if config.init.init_from:  # The student came from a checkpoint: read the weights.
         imagenet = _from_imagenet(state, config.init.imagenet, mesh, config.model.arch)
+        logging.info(
+            "Read the frozen encoder of the feature distance from %s.", config.init.imagenet
+        )
     encoder = feature_distance.encoder_variables(imagenet.params, imagenet.batch_stats)
     return state.replace(imnet_encoder=encoder)
 
 
-def _check_start_paths(config: ml_collections.ConfigDict) -> None:
-    """A one-line ValueError for a fresh run whose config.init.init_from directory or
-    config.init.imagenet file does not exist."""
-    if config.init.init_from:
-        checkpointing.init_dir(config.init.init_from)
-    if config.init.imagenet:
+def _check_fresh_start(config: ml_collections.ConfigDict) -> None:
+    """For a fresh run, before the state initialiser compiles (minutes for MiT-B5 on a
+    CPU): a one-line ValueError for a config.init.init_from without checkpoints, a
+    missing config.init.imagenet file, or a feature distance without ImageNet weights;
+    a warning for ImageNet weights that nothing reads."""
+    init = config.init
+    if config.loss.imnet_fd > 0 and not init.imagenet:
+        raise ValueError(
+            f"config.loss.imnet_fd={config.loss.imnet_fd} needs the ImageNet weights its "
+            "frozen encoder copies: set config.init.imagenet (or config.loss.imnet_fd=0)"
+        )
+    if init.init_from:
+        checkpointing.init_dir(init.init_from)
+    if init.imagenet and init.init_from and config.loss.imnet_fd <= 0:
+        logging.warning(
+            "config.init.imagenet=%r is not read: student and teacher come from "
+            "config.init.init_from, and config.loss.imnet_fd is 0.",
+            init.imagenet,
+        )
+    elif init.imagenet:
         try:
-            imagenet_init.check_weights_path(config.init.imagenet)
+            imagenet_init.check_weights_path(init.imagenet)
         except ValueError as error:
-            raise ValueError(f"config.init.imagenet={config.init.imagenet!r}: {error}") from error
+            raise ValueError(f"config.init.imagenet={init.imagenet!r}: {error}") from error
 
 
 def initial_state(
@@ -119,7 +131,7 @@ def initial_state(
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
-    _check_start_paths(config)  # Before the initialiser compiles: minutes on a CPU.
+    _check_fresh_start(config)
     state = init(key)  # Traced once, for the abstract state above.
     # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;
     if config.init.init_from:
@@ -129,6 +141,7 @@ def initial_state(
     # (3) ImageNet weights for the backbones (config.init.imagenet);
     elif config.init.imagenet:
         state = _from_imagenet(state, config.init.imagenet, mesh, config.model.arch)
+        logging.info("Initialised student and teacher backbones from %s.", config.init.imagenet)
     # (4) scratch. (A one-stage run, config.init.one_stage, starts from (3) or (4).)
     else:
         logging.info("Training from scratch (no checkpoint, init_from or imagenet weights).")
