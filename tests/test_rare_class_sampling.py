@@ -3,6 +3,7 @@ and the statistics file kept beside the prepared dataset."""
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -122,6 +123,27 @@ def test_statistics_are_written_once_and_a_corrupt_file_is_one_line(tmp_path):
         with pytest.raises(ValueError, match="delete the file") as error:
             rare_class_sampling.load_or_compute(str(tmp_path), SOURCE, 19)
         assert "\n" not in str(error.value)
+
+
+def test_statistics_file_is_readable_by_all_and_never_half_written(tmp_path, monkeypatch):
+    """Other users of a shared data_dir can read it; a failed write leaves nothing; a
+    file that cannot be read (here a folder of its name) is not called corrupt."""
+    rare_class_sampling.load_or_compute(str(tmp_path), SOURCE, 19)
+    path = tmp_path / rare_class_sampling.STATS_FILE
+    assert path.stat().st_mode & 0o777 == 0o644
+    path.unlink()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rare_class_sampling.json, "dump", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        rare_class_sampling.load_or_compute(str(tmp_path), SOURCE, 19)
+    assert os.listdir(tmp_path) == []
+    path.mkdir()
+    with pytest.raises(ValueError, match="cannot read rare class sampling statistics") as error:
+        rare_class_sampling.load_or_compute(str(tmp_path), SOURCE, 19)
+    assert "corrupt" not in str(error.value)
 
 
 def _rcs_config(seed=0):

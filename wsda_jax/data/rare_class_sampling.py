@@ -59,7 +59,11 @@ def _read_stats(path: str, num_records: int, num_classes: int) -> np.ndarray:
         with open(path) as f:
             stats = json.load(f)
         pixels = np.asarray(stats["pixels"], np.int64)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except OSError as error:  # Not the file's fault: a permission, a folder of that name.
+        raise ValueError(
+            f"cannot read rare class sampling statistics {path}: {error.strerror}"
+        ) from None
+    except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"rare class sampling statistics {path} are corrupt ({type(error).__name__}); "
             "delete the file to recompute them"
@@ -80,9 +84,14 @@ def load_or_compute(directory: str, records: Sequence[Any], num_classes: int) ->
         return _read_stats(path, len(records), num_classes)
     pixels = class_pixel_counts(records, num_classes)
     handle, temporary = tempfile.mkstemp(dir=directory, prefix=STATS_FILE, suffix=".tmp")
-    with os.fdopen(handle, "w") as f:
-        json.dump({"num_classes": num_classes, "pixels": pixels.tolist()}, f)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump({"num_classes": num_classes, "pixels": pixels.tolist()}, f)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from others of data_dir.
+        os.replace(temporary, path)
+    except BaseException:  # A full disk, an interruption: no half-written file is left.
+        os.remove(temporary)
+        raise
     return pixels
 
 
