@@ -43,9 +43,9 @@ READ_THREADS = 4
 # Training batches each process reads ahead (a thread assembles a whole batch).
 READ_BATCHES = 4
 # Automatic worker count (config.data.num_workers = -1): one core keeps ~130 images/s
-# flowing from 'npy' records (docs/benchmarks.md, "Input pipeline"), and a GPU at the reference size
-# takes ~170/s, so 3 workers per device leave headroom; 2 cores stay with the training
-# process (JAX dispatch, host-to-device copies, checkpoints).
+# flowing from 'npy' records (docs/benchmarks.md, "Input pipeline"), and a GPU at the
+# reference size takes ~170/s, so 3 workers per device leave headroom; 2 cores stay with
+# the training process (JAX dispatch, host-to-device copies, checkpoints).
 WORKERS_PER_DEVICE = 3
 RESERVED_CORES = 2
 # The record key of the weak label map that travels with the target crop. 'image' uses

@@ -9,9 +9,9 @@ presence vector for targets, and the image name:
 Both image formats are lossless. 'npy' (numpy's own array file: a short header,
 then the raw bytes) needs no decoding, which makes the input pipeline several
 times faster per core, at about 1.8x the disk of a PNG photo; 'png' is the compact
-choice (`config.data.image_format`, docs/benchmarks.md "Input pipeline"). Labels are always
-PNG: they compress ~50x and decode in well under a millisecond. `decode_example`
-recognises either image format by its leading bytes.
+choice (`config.data.image_format`, docs/benchmarks.md "Input pipeline"). Labels are
+always PNG: they compress ~50x and decode in well under a millisecond.
+`decode_example` recognises either image format by its leading bytes.
 """
 
 from __future__ import annotations
