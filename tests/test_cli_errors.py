@@ -1,6 +1,8 @@
 """The entry point's failure reporting, in process (the CLI itself: tests/test_main.py)."""
 
+import gc
 import signal
+import sys
 
 import pytest
 
@@ -62,6 +64,40 @@ def test_the_sigint_handler_is_restored_after_the_command():
     before = signal.getsignal(signal.SIGINT)
     cli_errors.run_reporting_errors(lambda argv: None, ["main"])
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _raise_inside_gc(raise_error):
+    """Runs one garbage collection whose callback calls raise_error()."""
+
+    def callback(phase, info):
+        del info
+        if phase == "start":
+            gc.callbacks.remove(callback)
+            raise_error()
+
+    gc.callbacks.append(callback)
+    gc.collect()
+
+
+def test_ctrl_c_that_python_discards_stops_the_command_without_a_traceback(monkeypatch, capsys):
+    """A Ctrl-C handled inside a gc callback (as JAX's runs): Python discards its
+    KeyboardInterrupt and would print it with a traceback; the command prints one line,
+    ends with 130, and other discarded errors still reach the hook in place before."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    def run(argv):
+        _raise_inside_gc(lambda: signal.raise_signal(signal.SIGINT))
+        _raise_inside_gc(lambda: sys.exit("a bug in a gc callback"))
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_errors.run_reporting_errors(run, ["main"])
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert [unraisable.exc_type for unraisable in reported] == [SystemExit]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "Interrupted (SIGINT) outside the train loop: nothing new to save."
+    ]
+    assert sys.unraisablehook == reported.append
 
 
 @pytest.mark.parametrize("quiet", [True, False])

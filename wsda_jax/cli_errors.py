@@ -169,13 +169,15 @@ def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> N
     """Calls run(argv); bad input and interruptions end the process with one line.
 
     Ctrl-C is recorded from here on (`errors.SignalRecorder`), so that one that Python
-    discarded during start-up still stops the run."""
+    discarded during start-up still stops the run, and its discard prints nothing."""
     recorder = errors.SignalRecorder()
     previous = signal.signal(signal.SIGINT, recorder)
+    previous_unraisable_hook, sys.unraisablehook = sys.unraisablehook, recorder.discard_unraisable
     try:
         _report_errors(run, argv, recorder)
-    finally:  # For callers in process (tests): the handler they had.
+    finally:  # For callers in process (tests): the handlers they had.
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_unraisable_hook
 
 
 def _report_errors(

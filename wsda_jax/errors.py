@@ -4,6 +4,7 @@ them and `cli_errors` can catch them by type. Nothing here imports JAX."""
 from __future__ import annotations
 
 import signal
+import sys
 
 
 class Interrupted(Exception):
@@ -20,15 +21,24 @@ class SignalRecorder:
     KeyboardInterrupt as Python's own handler does. Python discards a KeyboardInterrupt
     raised inside a garbage-collector callback (or a `__del__`), so `received` keeps the
     Ctrl-C for whoever looks next: the train loop's watcher when it takes over, and the
-    entry point when the command ends."""
+    entry point when the command ends. `discard_unraisable`, as `sys.unraisablehook`,
+    keeps that discard off stderr (Python prints it with a traceback)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._other_unraisable_hook = sys.unraisablehook
 
     def __call__(self, signum: int, frame: object) -> None:
         del frame
         self.received = signum
         raise KeyboardInterrupt
+
+    def discard_unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
+        """Drops the KeyboardInterrupt of a recorded Ctrl-C; passes anything else to the
+        hook that was in place when the recorder was made."""
+        if unraisable.exc_type is KeyboardInterrupt and self.received is not None:
+            return
+        self._other_unraisable_hook(unraisable)
 
 
 class CheckpointWriteError(ValueError):
