@@ -9,7 +9,9 @@ Command:
   python -m wsda_jax.main --config=configs/synthetic_source_only.py \
       --workdir=runs/synthetic_source_only
 
-Expected runtime: 1.6 min on a 2-core x86_64 CPU (seed 2, idle machine, compile included).
+Expected runtime of the command above: 1.6 min on an idle 2-core x86_64 CPU (seed 2,
+start-up and compile included). The minutes per run in the study's results differ: one
+process there compiles once for all its runs, and two runs share the CPU.
 Expected result (target val mIoU, mean ± std over seeds): README "Results on the synthetic
 domains"; each finished run's numbers are in docs/results/synthetic/.
 """

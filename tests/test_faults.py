@@ -389,6 +389,7 @@ def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
         ("wsda_jax.tools.browse", ["--config=configs/missing.py", "--out=o"], "missing.py"),
         ("wsda_jax.tools.browse", [TINY, "--config.num_step=3"], 'Did you mean "num_steps"'),
         ("wsda_jax.tools.browse", [TINY, "--out=o", "--bogus=1"], "Unknown command line flag"),
+        ("wsda_jax.tools.browse", [TINY, "--out=README.md"], "--out='README.md' is a file"),
         ("wsda_jax.data.prepare", [], "Flag --dataset must have a value other than None"),
         ("wsda_jax.data.prepare", ["--dataset=gta5", "x"], "unexpected arguments ['x']"),
         (

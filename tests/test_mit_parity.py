@@ -32,6 +32,7 @@ import pytest
 from mit_weights import random_state_dict
 
 torch = pytest.importorskip("torch", reason="torch is not installed (the parity test needs it)")
+pytest.importorskip("timm", reason="timm is not installed (the MiT files import it)")
 
 from wsda_jax.models import imagenet_init  # noqa: E402
 from wsda_jax.models import mix_transformer as mt  # noqa: E402

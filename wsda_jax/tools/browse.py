@@ -99,6 +99,8 @@ def write_batches(config, out_dir: str, num_batches: int) -> list[dict]:
     config_lib.validate(config, num_devices=1)
     if num_batches < 1:
         raise ValueError(f"--num_batches={num_batches}: must be >= 1")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out={out_dir!r} is a file, not a folder")
     os.makedirs(out_dir, exist_ok=True)
     data = sources.open_datasets(config)
     iterator = pipeline.make_train_iterator(config, data.source, data.target)
