@@ -224,6 +224,31 @@ def test_corrupt_latest_is_moved_aside_so_it_is_saved_again(tmp_path, caplog):
     _assert_trees_equal(restored, _state(seed=3))
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        PermissionError(13, "Permission denied", "/run/checkpoints/2/state"),
+        ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.0GiB"),
+        RuntimeError("restore failed"),  # Its cause names the fault.
+    ],
+)
+def test_a_checkpoint_the_machine_cannot_read_now_is_left_in_place(tmp_path, error):
+    """No permission, an I/O error, no memory: the checkpoint is not damaged, so it is
+    neither moved aside nor skipped for an older one."""
+    if isinstance(error, RuntimeError):
+        error.__cause__ = OSError(5, "Input/output error")
+    config = _config(keep=3)
+    _save_steps(tmp_path, {1: _state(seed=1), 2: _state(seed=2)}, config)
+
+    def restore(step):
+        raise error
+
+    with checkpointing.make_manager(str(tmp_path), config) as manager:
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path}/2 cannot be read now"):
+            checkpoint_recovery.newest_readable(manager, restore, set_aside=True)
+    assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
 def test_checkpoint_of_another_model_is_named_and_left_in_place(tmp_path):
     config = _config()
     _save_steps(tmp_path, {1: _state(kernel_shape=(3, 3))}, config)

@@ -92,6 +92,22 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_rewritten(trained, tmp_pat
     assert not (workdir / "lock").exists()  # Released at exit.
 
 
+def test_a_run_whose_checkpoints_were_all_set_aside_does_not_start_over(trained, tmp_path, base):
+    """Every checkpoint unreadable: the run sets them aside and stops; the next start
+    refuses to start from scratch (that would overwrite the run's metrics)."""
+    workdir = copy_workdir(trained, tmp_path)
+    for step in _steps(workdir):
+        _truncate_arrays(workdir, step)
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    first = run_main(base, TINY, f"--workdir={workdir}")
+    assert_one_line_error(first, f"no readable checkpoint in {workdir / 'checkpoints'}")
+    second = run_main(base, TINY, f"--workdir={workdir}")
+    corrupt = workdir / "checkpoints" / "corrupt"
+    assert_one_line_error(second, f"its unreadable ones are in {corrupt} (steps 2, 4)")
+    assert sorted(os.listdir(corrupt)) == ["2", "4"] and _steps(workdir) == []
+    assert (workdir / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_eval_mode_falls_back_to_the_previous_checkpoint(trained, tmp_path, base):
     workdir = copy_workdir(trained, tmp_path)
     _truncate_arrays(workdir, 4)

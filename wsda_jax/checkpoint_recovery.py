@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging as std_logging
 import os
@@ -259,6 +260,12 @@ def newest_readable(
         except DifferentModelError:
             raise
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back.
+            if is_machine_fault(error):  # The checkpoint may read fine next time.
+                raise ValueError(
+                    f"checkpoint {manager.directory}/{step} cannot be read now "
+                    f"({type(error).__name__}: {_first_line(error)}); nothing was moved or "
+                    "changed: fix that and run the same command again"
+                ) from error
             _report_unreadable(manager, step, error, set_aside=set_aside)
     if steps:
         moved = f", moved to {manager.directory}/{CORRUPT_DIR}" if set_aside else ""
@@ -266,6 +273,49 @@ def newest_readable(
             f"no readable checkpoint in {manager.directory} (tried steps {steps}{moved})"
         )
     return None
+
+
+_MACHINE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOMEM})
+# How TensorStore and XLA name the same faults in the messages of their own errors.
+_MACHINE_MARKERS = (
+    "PERMISSION_DENIED",
+    "Permission denied",
+    "RESOURCE_EXHAUSTED",
+    "Out of memory",
+    "Input/output error",
+    "Stale file handle",
+)
+
+
+def is_machine_fault(error: BaseException) -> bool:
+    """True when a restore failed for the machine's sake (no permission, an I/O error,
+    no memory), not for the checkpoint's bytes; such a checkpoint is not damaged."""
+    seen: BaseException | None = error
+    for _ in range(16):  # The chain of causes, bounded.
+        if seen is None:
+            return False
+        if isinstance(seen, MemoryError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _MACHINE_ERRNOS:
+            return True
+        if any(marker in str(seen) for marker in _MACHINE_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def check_nothing_set_aside(directory: str) -> None:
+    """Raises a one-line ValueError when a run that found no readable checkpoint in
+    `directory` has earlier ones set aside in `corrupt/`: starting over would overwrite
+    its metrics, and the user may be able to read them again (a disk remounted)."""
+    corrupt = os.path.join(directory, CORRUPT_DIR)
+    steps = sorted(os.listdir(corrupt)) if os.path.isdir(corrupt) else []
+    if steps:
+        raise ValueError(
+            f"no readable checkpoint in {directory}, and its unreadable ones are in "
+            f"{corrupt} (steps {', '.join(steps)}): starting over would overwrite this run's "
+            f"metrics; move a readable one back, or delete {corrupt} to start over"
+        )
 
 
 def _report_unreadable(

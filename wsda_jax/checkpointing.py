@@ -52,6 +52,7 @@ BEST_METRIC = "miou"
 
 
 DifferentModelError = checkpoint_recovery.DifferentModelError
+check_nothing_set_aside = checkpoint_recovery.check_nothing_set_aside
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -131,6 +131,7 @@ def initial_state(
     if restored is not None:
         logging.info("Resuming from step %d of %s.", restored[1], manager.directory)
         return restored
+    checkpointing.check_nothing_set_aside(str(manager.directory))
     _check_fresh_start(config)
     state = init(key)  # Traced once, for the abstract state above.
     # (2) a stage-1 checkpoint (config.init.init_from) for student and teacher;

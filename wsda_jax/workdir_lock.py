@@ -2,9 +2,11 @@
 
 Two runs writing one workdir would interleave metrics.jsonl and race on checkpoints, so
 `hold(workdir)` creates the lock file exclusively (O_EXCL) and removes it when the run
-ends, however it ends short of SIGKILL. A lock left by a run that died (same host, pid
-no longer alive) is stale: it is replaced, with a warning. A lock from another host
-cannot be checked from here; the error says how to remove it.
+ends, however it ends short of SIGKILL. A lock left by a run that died (same host, and
+its pid no longer alive, or now this process's or another process's: a restarted
+container reuses pids, so the lock also holds its process's start time) is stale: it is
+replaced, with a warning. A lock from another host cannot be checked from here; the
+error says how to remove it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (Linux: clock ticks after boot), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[19] if len(fields) > 19 else None  # Field 22 of proc(5), from field 3.
+
+
 def _read(path: str) -> dict | None:
     """The lock's content, or None when it is unreadable (being written, or garbage)."""
     try:
@@ -57,20 +69,29 @@ def _create(path: str, owner: dict) -> bool:
 
 
 def _is_stale(holder: dict | None, path: str) -> bool:
-    """The holder's process is gone (same host), or the file is garbage for a while."""
+    """The holder's process is gone (same host: its pid is dead, is ours, or started at
+    another time), or the file is garbage for a while."""
     if holder is None:
         # Unreadable: another run may be writing it this very moment; garbage after 10 s.
         return time.time() - os.path.getmtime(path) > 10
     if holder.get("host") != socket.gethostname():
         return False
     pid = holder.get("pid")
-    return not (isinstance(pid, int) and pid > 0 and _pid_alive(pid))
+    if not (isinstance(pid, int) and pid > 0) or pid == os.getpid() or not _pid_alive(pid):
+        return True
+    recorded, current = holder.get("process_start"), _process_start(pid)
+    return recorded is not None and current is not None and recorded != current
 
 
 def acquire(workdir: str) -> str:
     """Takes the lock of `workdir`; returns its path. Raises WorkdirLocked (one line)."""
     path = os.path.join(workdir, LOCK_FILE)
-    owner = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    owner = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "process_start": _process_start(os.getpid()),
+        "started": time.time(),
+    }
     for _ in range(3):
         if _create(path, owner):
             return path
