@@ -24,6 +24,7 @@ def test_reference_defaults_validate():
 def test_daformer_with_tiny_mit_validates():
     changes = {"model__arch": "daformer", "model__mit": "b0", "data__crop_size": (32, 64)}
     changes.update(model__mit_embed_dims=(8, 8, 10, 16), model__remat="blocks")
+    changes.update(pseudo__ignore_top=1, pseudo__ignore_bottom=4)
     config_lib.validate(_config(**changes), num_devices=1)
 
 
@@ -65,6 +66,10 @@ def test_daformer_with_tiny_mit_validates():
         ({"data__eval_resize": ("abc",)}, 1, "config.data.eval_resize=('abc',) must be a seq"),
         ({"data__eval_resize": (4, 4)}, 1, "config.data.eval_resize=(4, 4): both sides"),
         ({"seed": -1}, 1, "config.seed=-1 must be >= 0"),
+        ({"model__aspp_dilations": (0,)}, 1, "config.model.aspp_dilations=(0,): one or more"),
+        ({"model__aspp_dilations": ()}, 1, "config.model.aspp_dilations=(): one or more"),
+        ({"data__crop_size": (128, 128)}, 1, "= 135 rows leave no row of the 128-row crop"),
+        ({"num_classes": 20}, 1, "config.num_classes=20 must be in"),
     ],
 )
 def test_bad_config_is_named(changes, num_devices, message):

@@ -424,6 +424,22 @@ def test_tools_fail_in_one_line(tool, args, expected, base):
     assert_one_line_error(result, expected)
 
 
+def test_browse_shows_the_batches_of_rare_class_sampling(trained, base, tmp_path):
+    """The browser builds the train iterator as training does, with the source's class
+    pixel counts that rare class sampling needs (`trained` made the tiny dataset)."""
+    del trained
+    copy, _ = _damaged_data_base(base, tmp_path)
+    out = tmp_path / "browse"
+    command = [sys.executable, "-m", "wsda_jax.tools.browse", TINY, f"--out={out}"]
+    command += ["--num_batches=1", f"--config.data.data_dir={copy / 'data'}"]
+    command.append("--config.data.rare_class_sampling.enabled=True")
+    result = subprocess.run(
+        command, cwd=ROOT, env=subprocesses.jax_env(base), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(json.load(open(out / "batches.json"))) >= 1
+
+
 def test_unreadable_checkpoint_in_a_read_only_folder_is_one_line(trained, tmp_path, base):
     workdir = copy_workdir(trained, tmp_path)
     _truncate_arrays(workdir, 4)

@@ -75,10 +75,16 @@ def test_val_size_mismatch_is_one_line(tmp_path):
     assert len(errors) == 1 and "is 16x16 but its label" in errors[0], errors
 
 
-@pytest.mark.parametrize("id_map", ["{bad", '{"1": "road"}'])
-def test_bad_id_map_is_one_line(tmp_path, id_map):
+@pytest.mark.parametrize(
+    "id_map",
+    ["{bad", '{"1": "road"}', '{"7": null}', '{"7": 300}', '{"-1": 3}', '{"7": 25}', "[1, 2]"],
+)
+def test_bad_id_map_is_one_line_before_anything_is_written(tmp_path, id_map):
+    """Train ids 0-18 or 255, source ids >= 0: out of range, an id would wrap around (-1
+    is 255) or be dropped by training without a word."""
     errors = _errors(_prepare_cli(tmp_path / "data", _folder(tmp_path), f"--id_map={id_map}"))
     assert len(errors) == 1 and "--id_map=" in errors[0], errors
+    assert not (tmp_path / "data").exists()
 
 
 def test_stale_incomplete_folder_is_removed(tmp_path):

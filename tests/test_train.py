@@ -66,6 +66,17 @@ def test_train_writes_metrics_checkpoints_and_eval(tiny_run):
     assert "step 4" in train.progress_summary(str(workdir))
 
 
+def test_an_unreadable_evaluation_report_does_not_fail_the_finished_run(tmp_path):
+    """The summary printed after training names a damaged report instead of raising
+    (which would end a finished run, and a `stage1 && stage2` chain, with status 1)."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "0.json").write_text(json.dumps({"student": {"miou": 0.25}}))
+    (tmp_path / "eval" / "4.json").write_text('{"student": {"miou"')
+    assert train.progress_summary(str(tmp_path)) == (
+        "Target val mIoU (%): step 0: student 25.0; step 4: report unreadable."
+    )
+
+
 def test_profile_trace_in_the_tensorboard_folder(tiny_run):
     _, workdir, _ = tiny_run
     traces = list((workdir / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))

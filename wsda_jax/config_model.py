@@ -65,6 +65,14 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.model.arch={model.arch!r}: expected one of {ARCHS}")
     if model.arch == "deeplabv2" and model.depth not in DEPTHS:
         raise ValueError(f"config.model.depth={model.depth}: expected one of {DEPTHS}")
+    dilations = tuple(model.aspp_dilations)
+    if model.arch == "deeplabv2" and not (
+        dilations and all(_is_int(d) and d > 0 for d in dilations)
+    ):
+        raise ValueError(
+            f"config.model.aspp_dilations={dilations!r}: one or more positive integers "
+            "(one ASPP branch each)"
+        )
     if model.arch == "daformer":
         _check_mit(model)
     modes = REMAT_MODES[model.arch]
@@ -80,4 +88,10 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"config.data.crop_size={tuple(config.data.crop_size)}: both sides must be "
             f"multiples of {what} and at least {least}"
+        )
+    ignored = config.pseudo.ignore_top + config.pseudo.ignore_bottom
+    if config.stage == "adapt" and ignored >= height:
+        raise ValueError(
+            f"config.pseudo.ignore_top + config.pseudo.ignore_bottom = {ignored} rows leave "
+            f"no row of the {height}-row crop (config.data.crop_size) for pseudo labels"
         )

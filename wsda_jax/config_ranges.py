@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from wsda_jax import config_schema
+from wsda_jax import classes, config_schema
 
 # (key, lowest, highest, what the message says): every numeric key's range. Keys not in
 # the config (another version of it) are skipped; None = no bound on that side.
@@ -19,7 +19,7 @@ NUMERIC_RANGES = (
     ("num_steps", 1, None, _INTEGER),
     ("profile.start_step", 0, None, _INTEGER),
     ("profile.num_steps", 1, None, _INTEGER),
-    ("num_classes", 1, 255, _INTEGER),
+    ("num_classes", 1, classes.NUM_CLASSES, _INTEGER),  # The datasets' train ids.
     ("log_every_steps", 1, None, _INTEGER),
     ("checkpoint_every_steps", 1, None, _INTEGER),
     ("keep_checkpoints", 1, None, _INTEGER),

@@ -293,8 +293,10 @@ def write_report(
         return report
     directory = os.path.join(workdir, "eval")
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{name}.json"), "w") as f:
+    path = os.path.join(directory, f"{name}.json")
+    with open(f"{path}.tmp", "w") as f:
         json.dump(report, f, indent=2)
+    os.replace(f"{path}.tmp", path)  # A kill mid-write leaves the old report whole.
     for model, (confusion, predictions) in results.items():
         plot_confusion(confusion, os.path.join(directory, f"{name}_{model}_confusion.png"))
         if predictions is not None and examples:

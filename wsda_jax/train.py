@@ -328,8 +328,13 @@ def progress_summary(workdir: str) -> str:
         return "No evaluation was written."
 
     def scores(step: int) -> str:
-        with open(os.path.join(directory, f"{step}.json")) as f:
-            return report_scores(json.load(f))
+        path = os.path.join(directory, f"{step}.json")
+        try:
+            with open(path) as f:
+                return report_scores(json.load(f))
+        except (OSError, ValueError) as error:  # Damaged by hand or by a full disk.
+            logging.warning("Unreadable evaluation report %s (%s).", path, error)
+            return "report unreadable"
 
     first, last = steps_done[0], steps_done[-1]
     if first == last:

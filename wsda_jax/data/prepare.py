@@ -72,11 +72,15 @@ def _folder_pairs_options() -> dict:
     id_map = _ID_MAP.value
     if id_map.lstrip().startswith("{"):
         try:
-            id_map = {str(k): int(v) for k, v in json.loads(id_map).items()}
-        except (ValueError, AttributeError) as error:
+            id_map = dict(json.loads(id_map))  # Its entries: builders.base.label_map_from_spec.
+        except (ValueError, TypeError) as error:
             raise ValueError(
                 f"--id_map={id_map!r} is not a JSON dict {{id: train id}}: {error}"
             ) from error
+    try:  # Before any file is read.
+        builders.base.label_map_from_spec(id_map)
+    except ValueError as error:
+        raise ValueError(f"--id_map={_ID_MAP.value!r}: {error}") from error
     return {
         "image_glob": _IMAGE_GLOB.value,
         "label_glob": _LABEL_GLOB.value,

@@ -103,7 +103,12 @@ def write_batches(config, out_dir: str, num_batches: int) -> list[dict]:
         raise ValueError(f"--out={out_dir!r} is a file, not a folder")
     os.makedirs(out_dir, exist_ok=True)
     data = sources.open_datasets(config)
-    iterator = pipeline.make_train_iterator(config, data.source, data.target)
+    iterator = pipeline.make_train_iterator(
+        config,
+        data.source,
+        data.target,
+        source_class_pixels=sources.source_class_pixels(config, data.source),
+    )
     entries = []
     try:
         for i in range(num_batches):

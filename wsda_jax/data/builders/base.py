@@ -84,13 +84,33 @@ def label_map_from_spec(spec: str | dict[int, int]) -> LabelMap:
                 f"unknown id map {spec!r}: expected one of {sorted(LABEL_MAPS)} or a dict"
             )
         return LABEL_MAPS[spec]
-    size = max(256, max(int(k) for k in spec) + 1)
+    pairs = [_id_pair(key, value) for key, value in spec.items()]
+    size = max(256, max((source_id for source_id, _ in pairs), default=0) + 1)
     lookup = np.full((size,), classes.IGNORE_LABEL, np.uint8)
     known = np.zeros((size,), bool)
-    for source_id, train_id in spec.items():
-        lookup[int(source_id)] = int(train_id)
-        known[int(source_id)] = True
+    for source_id, train_id in pairs:
+        lookup[source_id] = train_id
+        known[source_id] = True
     return LabelMap(lookup, known)
+
+
+def _id_pair(key: object, value: object) -> tuple[int, int]:
+    """(source id, train id) of one id map entry; a one-line ValueError unless the source
+    id is an integer >= 0 and the train id one of the classes' or the ignore label."""
+
+    def integer(x: object) -> int | None:
+        if isinstance(x, int) and not isinstance(x, bool):
+            return x
+        return int(x) if isinstance(x, str) and x.strip().isdigit() else None
+
+    source_id, train_id = integer(key), integer(value)
+    valid_train_ids = (*range(classes.NUM_CLASSES), classes.IGNORE_LABEL)
+    if source_id is None or source_id < 0 or train_id not in valid_train_ids:
+        raise ValueError(
+            f"id map entry {key!r}: {value!r}: source ids are integers >= 0, train ids "
+            f"0-{classes.NUM_CLASSES - 1} or {classes.IGNORE_LABEL} (ignored)"
+        )
+    return source_id, train_id
 
 
 @dataclasses.dataclass(frozen=True)

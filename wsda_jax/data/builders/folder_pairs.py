@@ -63,10 +63,7 @@ class FolderPairs(base.WsdaBuilder, skip_registration=True):
         images = _by_key(self.manual_dir, image_glob)
         labels = _by_key(self.manual_dir, label_glob)
         pairs = layout.pair_by_key(self.manual_dir, expected, images, labels, "folder_pairs")
-        id_map = self.options["id_map"]
-        if isinstance(id_map, dict):
-            id_map = {int(k): int(v) for k, v in id_map.items()}
-        label_map = base.label_map_from_spec(id_map)
+        label_map = base.label_map_from_spec(self.options["id_map"])
         weak = None
         if self.options["weak_labels"]:
             weak = base.WeakSpec(points_per_class=self.options["points_per_class"])
