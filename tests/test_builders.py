@@ -13,7 +13,7 @@ import pytest
 
 from wsda_jax import classes, errors
 from wsda_jax.data import builders, records, sources
-from wsda_jax.data.builders import image_io, layout
+from wsda_jax.data.builders import base, image_io, layout
 
 
 def _read(dataset, split, data_dir, pre_resize=False):
@@ -404,3 +404,16 @@ def test_image_format_npy_and_png_hold_the_same_pixels(trees, tmp_path):
     config_data.image_format = "png"
     with pytest.raises(sources.DatasetNotPreparedError, match="--image_format=png"):
         sources.open_split("gta5", "train", config_data)
+
+
+def test_a_worker_that_dies_stops_the_preparation_with_one_line():
+    """A pool worker killed (the OOM killer) used to leave the preparation waiting for
+    its results forever; `os._exit` ends the worker the same way."""
+    with pytest.raises(base.PreparationError, match="a gta5 train worker process died"):
+        list(base.parallel_map(os._exit, [0] * 8, num_workers=2, desc="gta5 train"))
+
+
+def test_the_worker_pool_keeps_the_task_order():
+    assert list(base.parallel_map(abs, range(-40, 0), num_workers=2, desc="x")) == list(
+        range(40, 0, -1)
+    )

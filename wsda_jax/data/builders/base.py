@@ -12,11 +12,13 @@ interrupted preparation leaves nothing that looks prepared.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -247,7 +249,8 @@ def parallel_map(
     num_workers > 1 uses a 'forkserver' process pool: workers fork from a fresh
     server process that imported this module once (cheap to start, and safe when
     the caller already runs JAX threads, unlike plain fork); fn and tasks must be
-    picklable.
+    picklable. A worker that dies (killed, out of memory) stops the map with one-line
+    PreparationError, not a hang; Ctrl-C reaches the caller only.
     """
     progress = tqdm.tqdm(
         total=len(tasks), desc=desc, unit="img", leave=False, disable=not sys.stderr.isatty()
@@ -261,12 +264,27 @@ def parallel_map(
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])
         chunksize = max(1, min(16, len(tasks) // (4 * num_workers)))
-        with context.Pool(num_workers) as pool:
-            for result in pool.imap(fn, tasks, chunksize=chunksize):
+        pool = concurrent.futures.ProcessPoolExecutor(
+            num_workers, mp_context=context, initializer=_ignore_sigint
+        )
+        try:
+            for result in pool.map(fn, tasks, chunksize=chunksize):
                 yield result
                 progress.update()
+        except concurrent.futures.process.BrokenProcessPool as error:
+            raise PreparationError(
+                f"a {desc} worker process died (killed, or out of memory): run the same "
+                "command again (with a smaller --num_workers if memory is short)"
+            ) from error
+        finally:  # On an error, or the caller's Ctrl-C: no waiting for the rest.
+            pool.shutdown(wait=False, cancel_futures=True)
     finally:
         progress.close()
+
+
+def _ignore_sigint() -> None:
+    """A pool worker leaves Ctrl-C to the main process, which stops the map."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LocalDatasetInfo(tfds.core.DatasetInfo):
