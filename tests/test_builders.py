@@ -1,5 +1,6 @@
 """Tests of the TFDS builders, record format and sources on tiny trees in the real layouts."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -417,3 +418,44 @@ def test_the_worker_pool_keeps_the_task_order():
     assert list(base.parallel_map(abs, range(-40, 0), num_workers=2, desc="x")) == list(
         range(40, 0, -1)
     )
+
+
+class _FailingRecords:
+    """Records whose every read raises `error`."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        raise self.error
+
+
+def test_a_record_the_machine_cannot_read_is_not_called_damaged():
+    """Permission denied is not damage: deleting and preparing the dataset again (the
+    damaged-dataset advice) would not help and would throw away a good dataset."""
+    denied = OSError("open() failed: Permission denied [/data/x-train.array_record-00000]")
+    records = sources.CheckedRecords(_FailingRecords(denied), "x-train.*", "prepare it again")
+    with pytest.raises(ValueError, match="cannot be read now .*the files are not damaged") as error:
+        records[0]
+    assert not isinstance(error.value, errors.DamagedDatasetError)
+    garbage = sources.CheckedRecords(_FailingRecords(RuntimeError("bad record")), "x", "again")
+    with pytest.raises(errors.DamagedDatasetError, match="record 0 of x is unreadable"):
+        garbage[0]
+
+
+def test_a_damaged_folder_pairs_dataset_is_prepared_again_with_its_own_options(tmp_path):
+    """The advice repeats the globs and id map the dataset was prepared with; example
+    globs and `--id_map=identity` would build other labels under the same name."""
+    options = {"image_glob": "img/*.jpg", "label_glob": "gt/*_ids.png", "id_map": {"7": 0}}
+    options.update(val_image_glob="", size_mismatch="resize", weak_labels=True)
+    (tmp_path / "preparation_summary.json").write_text(json.dumps({"options": options}))
+    config_data = fixture_trees.config_data(tmp_path / "data", "/data/mine")
+    hint = sources.reprepare_hint("folder_pairs/mine", config_data, str(tmp_path))
+    assert "--dataset=folder_pairs/mine --manual_dir=/data/mine" in hint
+    for flag in ("--image_glob='img/*.jpg'", "--label_glob='gt/*_ids.png'", "--weak_labels"):
+        assert flag in hint
+    assert """--id_map='{"7": 0}' --size_mismatch=resize""" in hint
+    assert "val_image_glob" not in hint

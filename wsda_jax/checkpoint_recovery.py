@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging as std_logging
 import os
@@ -39,7 +38,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from wsda_jax import config_lib
+from wsda_jax import config_lib, errors
 
 CORRUPT_DIR = "corrupt"
 # The settings that make a run what it is (a key names a value or a whole subtree): a
@@ -260,7 +259,7 @@ def newest_readable(
         except DifferentModelError:
             raise
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back.
-            if is_machine_fault(error):  # The checkpoint may read fine next time.
+            if errors.is_machine_fault(error):  # The checkpoint may read fine next time.
                 raise ValueError(
                     f"checkpoint {manager.directory}/{step} cannot be read now "
                     f"({type(error).__name__}: {_first_line(error)}); nothing was moved or "
@@ -273,35 +272,6 @@ def newest_readable(
             f"no readable checkpoint in {manager.directory} (tried steps {steps}{moved})"
         )
     return None
-
-
-_MACHINE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOMEM})
-# How TensorStore and XLA name the same faults in the messages of their own errors.
-_MACHINE_MARKERS = (
-    "PERMISSION_DENIED",
-    "Permission denied",
-    "RESOURCE_EXHAUSTED",
-    "Out of memory",
-    "Input/output error",
-    "Stale file handle",
-)
-
-
-def is_machine_fault(error: BaseException) -> bool:
-    """True when a restore failed for the machine's sake (no permission, an I/O error,
-    no memory), not for the checkpoint's bytes; such a checkpoint is not damaged."""
-    seen: BaseException | None = error
-    for _ in range(16):  # The chain of causes, bounded.
-        if seen is None:
-            return False
-        if isinstance(seen, MemoryError):
-            return True
-        if isinstance(seen, OSError) and seen.errno in _MACHINE_ERRNOS:
-            return True
-        if any(marker in str(seen) for marker in _MACHINE_MARKERS):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def check_nothing_set_aside(directory: str) -> None:

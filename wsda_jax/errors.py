@@ -3,6 +3,7 @@ them and `cli_errors` can catch them by type. Nothing here imports JAX."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 
@@ -48,3 +49,32 @@ class CheckpointWriteError(ValueError):
 class DamagedDatasetError(ValueError):
     """A prepared dataset's files cannot be read (truncated, garbage); the message names
     the file and how to prepare the dataset again."""
+
+
+_MACHINE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EIO, errno.ESTALE, errno.ENOMEM})
+# How TensorStore, ArrayRecord and XLA name the same faults in their own errors' messages.
+_MACHINE_MARKERS = (
+    "PERMISSION_DENIED",
+    "Permission denied",
+    "RESOURCE_EXHAUSTED",
+    "Out of memory",
+    "Input/output error",
+    "Stale file handle",
+)
+
+
+def is_machine_fault(error: BaseException) -> bool:
+    """True when a read failed for the machine's sake (no permission, an I/O error, no
+    memory), not for the bytes read: the file (a checkpoint, a record) is not damaged."""
+    seen: BaseException | None = error
+    for _ in range(16):  # The chain of causes, bounded.
+        if seen is None:
+            return False
+        if isinstance(seen, MemoryError):
+            return True
+        if isinstance(seen, OSError) and seen.errno in _MACHINE_ERRNOS:
+            return True
+        if any(marker in str(seen) for marker in _MACHINE_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

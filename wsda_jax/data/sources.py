@@ -8,8 +8,10 @@ are raw record dicts (PNG bytes, presence, name bytes) that
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from collections.abc import Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +28,12 @@ class DatasetNotPreparedError(FileNotFoundError):
     """The dataset was never prepared; the message gives the command to prepare it."""
 
 
-def prepare_command(dataset: str, config_data: Any) -> str:
-    """The exact `python -m wsda_jax.data.prepare ...` command for `dataset`."""
+def prepare_command(
+    dataset: str, config_data: Any, saved_options: Mapping[str, Any] | None = None
+) -> str:
+    """The exact `python -m wsda_jax.data.prepare ...` command for `dataset`; for a
+    `folder_pairs` dataset prepared before, with the options it was prepared with
+    (`saved_options`, from its preparation summary), else example globs."""
     builder_options = builders.options_for(dataset, config_data)
     manual_dir = (
         builders.manual_dir_for(dataset, config_data) or f"/path/to/raw/{dataset.split('/')[0]}"
@@ -44,7 +50,17 @@ def prepare_command(dataset: str, config_data: Any) -> str:
         command.append("--nopre_resize")
     if config_data.image_format != "npy":
         command.append(f"--image_format={config_data.image_format}")
-    if dataset.startswith("folder_pairs"):
+    if dataset.startswith("folder_pairs") and saved_options:
+        for flag in ("image_glob", "label_glob", "val_image_glob", "val_label_glob"):
+            if saved_options.get(flag):
+                command.append(f"--{flag}={shlex.quote(saved_options[flag])}")
+        id_map = saved_options.get("id_map", "identity")
+        id_map = id_map if isinstance(id_map, str) else json.dumps(id_map)
+        command.append(f"--id_map={shlex.quote(id_map)}")
+        command.append(f"--size_mismatch={saved_options.get('size_mismatch', 'error')}")
+        if saved_options.get("weak_labels"):
+            command.append("--weak_labels")
+    elif dataset.startswith("folder_pairs"):
         command += [
             "--image_glob='images/*.png'",
             "--label_glob='labels/*.png'",
@@ -79,6 +95,7 @@ def open_split(dataset: str, split: str, config_data: Any) -> Sequence[dict[str,
       split: 'train' or 'val' (whichever the dataset has).
       config_data: config.data (data_dir, manual_dir, points_per_class, synthetic.*).
     """
+    path = None  # Known once the dataset is found.
     try:
         path = ensure_prepared(dataset, config_data)
         # Reading through the directory (not the builder class) uses the features
@@ -86,7 +103,7 @@ def open_split(dataset: str, split: str, config_data: Any) -> Sequence[dict[str,
         reader = tfds.builder_from_directory(path)
     except errors.DamagedDatasetError as error:
         raise errors.DamagedDatasetError(
-            f"{error}; {reprepare_hint(dataset, config_data)}"
+            f"{error}; {reprepare_hint(dataset, config_data, path)}"
         ) from error
     if split not in reader.info.splits:
         raise ValueError(
@@ -95,17 +112,20 @@ def open_split(dataset: str, split: str, config_data: Any) -> Sequence[dict[str,
     return CheckedRecords(
         reader.as_data_source(split),
         os.path.join(path, f"{reader.name}-{split}.array_record-*"),
-        f"{reprepare_hint(dataset, config_data)} ({path})",
+        f"{reprepare_hint(dataset, config_data, path)} ({path})",
     )
 
 
-def reprepare_hint(dataset: str, config_data: Any) -> str:
-    """How to replace a damaged prepared dataset."""
+def reprepare_hint(dataset: str, config_data: Any, path: str | None) -> str:
+    """How to replace the damaged prepared dataset in `path` (its version folder)."""
     if dataset in builders.PROCEDURAL:
         return "delete the dataset's folder: the next run generates it again"
-    return (
-        f"delete the dataset's folder and prepare it again: {prepare_command(dataset, config_data)}"
-    )
+    try:
+        saved_options = builders.base.read_summary(path).get("options") if path else None
+    except (OSError, ValueError, AttributeError):  # The summary is damaged too.
+        saved_options = None
+    command = prepare_command(dataset, config_data, saved_options)
+    return f"delete the dataset's folder and prepare it again: {command}"
 
 
 class CheckedRecords(Sequence):
@@ -122,10 +142,15 @@ class CheckedRecords(Sequence):
         try:
             return self.records[index]
         except (RuntimeError, TypeError, ValueError, OSError) as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            reason = f"{type(error).__name__}: {reason}"
+            if errors.is_machine_fault(error):  # Not damaged: no reason to prepare again.
+                raise ValueError(
+                    f"record {index} of {self.files} cannot be read now ({reason}); the "
+                    "files are not damaged: fix that (permissions, the disk) and run again"
+                ) from error
             raise errors.DamagedDatasetError(
-                f"record {index} of {self.files} is unreadable ({type(error).__name__}: "
-                f"{str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}); "
-                f"{self.hint}"
+                f"record {index} of {self.files} is unreadable ({reason}); {self.hint}"
             ) from error
 
 
