@@ -12,7 +12,7 @@ import fixture_trees
 import numpy as np
 import pytest
 
-from wsda_jax import classes, errors
+from wsda_jax import classes, config_lib, errors
 from wsda_jax.data import builders, records, sources
 from wsda_jax.data.builders import base, image_io, layout
 
@@ -459,3 +459,34 @@ def test_a_damaged_folder_pairs_dataset_is_prepared_again_with_its_own_options(t
         assert flag in hint
     assert """--id_map='{"7": 0}' --size_mismatch=resize""" in hint
     assert "val_image_glob" not in hint
+
+
+def test_val_images_of_several_sizes_need_eval_resize_before_training(tmp_path):
+    """Evaluation batches val images of one size: a run on a dataset prepared with
+    several is refused when it opens its data, not at its first evaluation."""
+    train = fixture_trees.make_folder_tree(str(tmp_path / "raw"), num_images=1)
+    val = fixture_trees.make_folder_tree(str(tmp_path / "raw" / "val"), num_images=2, first=5)
+    fixture_trees.save_png(f"{val.root}/img/scene6_rgb.png", val.images["scene6"][:16])
+    ids = np.where(val.labels["scene6"] == 255, 0, val.labels["scene6"] + 1)[:16]
+    fixture_trees.save_png(f"{val.root}/gt/scene6_ids.png", ids.astype(np.uint8))
+    options = {"image_glob": "img/*_rgb.png", "label_glob": "gt/*_ids.png"}
+    options.update(val_image_glob="val/img/*_rgb.png", val_label_glob="val/gt/*_ids.png")
+    options["id_map"] = train.info["id_map"]
+    summary = fixture_trees.prepare(
+        "folder_pairs/mixed", tmp_path / "data", train.root, options=options
+    )
+    height, width = val.labels["scene5"].shape
+    assert summary["splits"]["val"] == {
+        "images": 2,
+        "out_of_map_pixels": 0,
+        f"size_{height}x{width}": 1,
+        f"size_16x{width}": 1,
+    }
+    config = config_lib.base_config()
+    config.data = fixture_trees.config_data(tmp_path / "data", train.root)
+    config.data.target = "folder_pairs/mixed"
+    expected = f"have 2 sizes \\(16x{width}, {height}x{width}; height x width\\)"
+    with pytest.raises(ValueError, match=expected):
+        sources.open_val(config)
+    config.data.eval_resize = (16, width)
+    assert len(sources.open_val(config)) == 2

@@ -190,7 +190,35 @@ def _procedural_first_on_process_zero(
 def open_val(config: ml_collections.ConfigDict) -> Sequence[Any]:
     """The target's val split alone (evaluation of a checkpoint)."""
     _procedural_first_on_process_zero(config, [config.data.target])
-    return open_split(config.data.target, "val", config.data)
+    return _open_checked_val(config)
+
+
+def _open_checked_val(config: ml_collections.ConfigDict) -> Sequence[Any]:
+    """The target's val split; a one-line ValueError, before any training, when its
+    images come in several sizes (counted when it was prepared) and config.data.eval_resize
+    is not set: evaluation batches images of one size."""
+    val = open_split(config.data.target, "val", config.data)
+    if tuple(config.data.eval_resize):
+        return val
+    path = ensure_prepared(config.data.target, config.data)
+    try:
+        counts = builders.base.read_summary(path).get("splits", {}).get("val", {})
+    except (OSError, ValueError, AttributeError):  # No summary to go by.
+        return val
+    sizes = sorted(
+        key[len(builders.base.SIZE_COUNT) :]
+        for key in counts
+        if key.startswith(builders.base.SIZE_COUNT)
+    )
+    if len(sizes) > 1:
+        height, width = (int(n) for n in sizes[0].split("x"))
+        raise ValueError(
+            f"the val images of {config.data.target!r} have {len(sizes)} sizes "
+            f"({', '.join(sizes[:4])}{', ...' if len(sizes) > 4 else ''}; height x width) "
+            f"and evaluation batches images of one size: set "
+            f"--config.data.eval_resize='({height},{width})' (or another size)"
+        )
+    return val
 
 
 def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
@@ -198,7 +226,7 @@ def open_datasets(config: ml_collections.ConfigDict) -> Datasets:
     used = [config.data.target] + ([] if config.stage == "oracle" else [config.data.source])
     _procedural_first_on_process_zero(config, used)
     target = open_split(config.data.target, "train", config.data)
-    val = open_split(config.data.target, "val", config.data)
+    val = _open_checked_val(config)
     if config.stage == "oracle":
         return Datasets(source=target, target=target, val=val)
     source = open_split(config.data.source, "train", config.data)

@@ -40,6 +40,7 @@ from wsda_jax.data.builders.image_io import (
 )
 
 SUMMARY_FILE = "preparation_summary.json"
+SIZE_COUNT = "size_"  # A summary's count of examples of one size: 'size_1024x2048'.
 
 
 def source_features() -> tfds.features.FeaturesDict:
@@ -229,6 +230,7 @@ def process_pair(task: PairTask) -> tuple[str, dict[str, Any] | None, dict[str, 
         image, maps = pre_resize(image, maps, task.resize_to)
         label, coarse = maps["label"], maps.get("coarse")
         counts["pre_resized"] += 1
+    counts[f"{SIZE_COUNT}{image.shape[0]}x{image.shape[1]}"] += 1
     # Weak labels come after the pre-resize: points are drawn at the working size.
     example, finish_counts = finish_example(task.name, image, label, coarse, task.weak)
     counts.update(finish_counts)
