@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+from absl import logging
 
 P = jax.sharding.PartitionSpec
 AXIS = "data"
@@ -42,6 +45,11 @@ def distributed_arguments(
         raise ValueError(f"several processes by hand need {', '.join(missing)} as well")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(
+            f"--coordinator_address={coordinator_address!r}: expected HOST:PORT of process 0"
+        )
     return given
 
 
@@ -57,10 +65,48 @@ def is_multiprocess(arguments: Mapping[str, Any], env: Mapping[str, str] = os.en
     )
 
 
+# How long processes wait for each other to start (jax.distributed's default).
+STARTUP_TIMEOUT_S = 300
+
+
 def initialize_processes(arguments: Mapping[str, Any]) -> None:
-    """jax.distributed.initialize(**arguments) when this is one of several processes."""
-    if is_multiprocess(arguments):
-        jax.distributed.initialize(**arguments)
+    """jax.distributed.initialize(**arguments) when this is one of several processes.
+
+    Given by hand, a process other than 0 first waits for the coordinator to answer, so
+    that a wrong address or a process 0 that never started is one line, not JAX's abort
+    (a C++ stack trace) after the timeout."""
+    if not is_multiprocess(arguments):
+        return
+    if arguments:
+        logging.info(
+            "Process %d of %d: waiting up to %d s for the others at %s.",
+            arguments["process_id"],
+            arguments["num_processes"],
+            STARTUP_TIMEOUT_S,
+            arguments["coordinator_address"],
+        )
+        if arguments["process_id"] > 0:
+            wait_for_coordinator(arguments["coordinator_address"], STARTUP_TIMEOUT_S)
+    jax.distributed.initialize(**arguments, initialization_timeout=STARTUP_TIMEOUT_S)
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Returns once something accepts connections at HOST:PORT `address`; a one-line
+    ValueError when nothing has after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise ValueError(
+                    f"--coordinator_address={address}: nothing answered there in "
+                    f"{timeout_s:g} s ({error.strerror or error}); start process 0 "
+                    "(--process_id=0) with the same address, or correct it"
+                ) from error
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
