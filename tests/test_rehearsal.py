@@ -44,8 +44,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 2
 CROP = 128
 SIZES = {"gta5": (1052, 1914), "synthia": (760, 1280), "cityscapes": (1024, 2048)}
-# Model size, step counts and crop size (and contrast_start, per run): nothing else differs
-# from the real configs.
+# Model size, step counts, crop size with the pseudo-label row margins scaled to it (15 and
+# 120 of 512 rows), and contrast_start per run: nothing else differs from the real configs.
+MARGINS = ("--config.pseudo.ignore_top=4", "--config.pseudo.ignore_bottom=30")
 OVERRIDES = (
     "--config.model.depth=18",
     "--config.model.stage_sizes=(1,1,1,1)",
@@ -55,6 +56,7 @@ OVERRIDES = (
     "--config.optim.warmup_steps=1",
     "--config.log_every_steps=1",
     f"--config.data.crop_size=({CROP},{CROP})",
+    *MARGINS,
     "--config.data.num_workers=0",
 )
 CONTRAST_SWITCH = "--config.loss.contrast_start=1"  # The contrastive and image terms at step 2.
@@ -290,6 +292,7 @@ def _browse(prepared, config, out, *overrides):
             f"--config.data.manual_dir={trees['cityscapes_weak'].root}",
             f"--config.data.source_manual_dir={trees['gta5'].root}",
             f"--config.data.crop_size=({CROP},{CROP})",
+            *MARGINS,
             "--config.data.num_workers=0",
             *overrides,
         ],

@@ -128,6 +128,13 @@ def _scaled_rows(rows: int, height: int) -> int:
     return max(1, round(rows * height / _REFERENCE_CROP_HEIGHT))
 
 
+def scale_pseudo_margins(config: ml_collections.ConfigDict, height: int) -> None:
+    """The reference's pseudo-label row margins (top 15, bottom 120 of its 512-row crops)
+    scaled to crops of `height` rows, as the smaller presets and benchmarks need."""
+    config.pseudo.ignore_top = _scaled_rows(15, height)
+    config.pseudo.ignore_bottom = _scaled_rows(120, height)
+
+
 def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.ConfigDict:
     """Returns a laptop-sized config on the synthetic dataset; `arg='tiny'` for tests,
     'daformer' (or 'daformer,tiny') for DAFormer's recipe on a small MiT, 'mit' for that
@@ -165,8 +172,7 @@ def synthetic(stage: str, weak_label: str, arg: str | None) -> ml_collections.Co
     config.ema.decay = 0.99
     config.optim.lr = 1e-2
     config.optim.warmup_steps = 50
-    config.pseudo.ignore_top = _scaled_rows(config.pseudo.ignore_top, 96)
-    config.pseudo.ignore_bottom = _scaled_rows(config.pseudo.ignore_bottom, 96)
+    scale_pseudo_margins(config, 96)
     config.mic.block_size = _scaled_block_size(96)  # 6 px: a 16 x 32 grid on 96x192 crops.
     _scale_rare_class_counts(config, 128, 256)  # 49 px per image, 53 per crop.
 
@@ -199,8 +205,7 @@ def _synthetic_daformer(config: ml_collections.ConfigDict) -> None:
     config.num_steps = 1200
     config.per_device_batch_size = 4
     config.ema.decay = 0.99
-    config.pseudo.ignore_top = _scaled_rows(15, 96)
-    config.pseudo.ignore_bottom = _scaled_rows(120, 96)
+    scale_pseudo_margins(config, 96)
     config.loss.imnet_fd = 0.0
     config.loss.contrast_start = 800
     config.eval.every_steps = 200
@@ -250,8 +255,7 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
     config.loss.inter_max_samples = 64
     config.loss.intra_max_samples = 32
     config.optim.warmup_steps = 1
-    config.pseudo.ignore_top = _scaled_rows(15, 32)
-    config.pseudo.ignore_bottom = _scaled_rows(120, 32)
+    scale_pseudo_margins(config, 32)
     config.mic.block_size = _scaled_block_size(32)  # 2 px.
     _scale_rare_class_counts(config, 32, 64)  # 3 px per image, 3 per crop.
 

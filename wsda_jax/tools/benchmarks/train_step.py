@@ -56,6 +56,7 @@ from wsda_jax import (  # noqa: E402
     aot,
     config_lib,
     config_model,
+    config_presets,
     optim,
     parallel,
     steps,
@@ -109,6 +110,7 @@ def make_config(
     config.model.width = width
     config.model.remat = remat
     config.data.crop_size = (crop, crop)
+    config_presets.scale_pseudo_margins(config, crop)  # The reference's at 512.
     config.per_device_batch_size = images_per_device
     config.compute_dtype = dtype
     config.weak_label = weak_label
