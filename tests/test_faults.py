@@ -377,10 +377,12 @@ def test_damaged_prepared_dataset_is_named(trained, tmp_path, base):
     assert "delete the dataset's folder: the next run generates it again" in result.stderr
 
 
-def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
-    """SIGINT while the run opens its data and compiles (its lock is taken first): the
-    command stops with 130 and one line; the handler is in place from the start
-    (test_checkpointing covers a Ctrl-C that Python discards inside a gc callback)."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_stops_the_run_and_frees_its_workdir(tmp_path, base, signum):
+    """SIGINT or SIGTERM while the run opens its data and compiles (its lock is taken
+    first): the command stops with 128 + signal and one line, and releases the lock; the
+    handler is in place from the start (test_checkpointing covers a Ctrl-C that Python
+    discards inside a gc callback)."""
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "wsda_jax.main", TINY, f"--workdir={workdir}"]
     command.append(f"--config.data.data_dir={base / 'data'}")
@@ -391,11 +393,14 @@ def test_ctrl_c_during_start_up_stops_the_run(tmp_path, base):
     while not (workdir / "lock").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGINT, stderr[-4000:]
+    assert process.returncode == 128 + signum, stderr[-4000:]
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-4000:]
+    # "Interrupted (SIGTERM) outside the train loop", or, when Python discarded the
+    # signal's KeyboardInterrupt in a gc callback, "Interrupted by SIGTERM at step 1".
     assert "Interrupted" in stderr.splitlines()[-1]
+    assert signal.Signals(signum).name in stderr.splitlines()[-1]
     assert not (workdir / "lock").exists()
 
 

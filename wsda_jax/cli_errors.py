@@ -165,18 +165,25 @@ def _resume_command() -> str:
     return shlex.join(["python", "-m", "wsda_jax.main", *sys.argv[1:]])
 
 
+# Recorded from a command's start: before the train loop's watcher takes them over, they
+# unwind the command (locks released) and end it with one line.
+RECORDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> None:
     """Calls run(argv); bad input and interruptions end the process with one line.
 
-    Ctrl-C is recorded from here on (`errors.SignalRecorder`), so that one that Python
-    discarded during start-up still stops the run, and its discard prints nothing."""
+    Ctrl-C and SIGTERM are recorded from here on (`errors.SignalRecorder`), so that one
+    that Python discarded during start-up still stops the run, and its discard prints
+    nothing."""
     recorder = errors.SignalRecorder()
-    previous = signal.signal(signal.SIGINT, recorder)
+    previous = {signum: signal.signal(signum, recorder) for signum in RECORDED_SIGNALS}
     previous_unraisable_hook, sys.unraisablehook = sys.unraisablehook, recorder.discard_unraisable
     try:
         _report_errors(run, argv, recorder)
     finally:  # For callers in process (tests): the handlers they had.
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         sys.unraisablehook = previous_unraisable_hook
 
 
@@ -195,9 +202,11 @@ def _report_errors(
             sys.stderr.flush()
             os._exit(1)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C before the train loop, or outside training.
-        print("Interrupted (SIGINT) outside the train loop: nothing new to save.", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+    except KeyboardInterrupt:  # A signal before the train loop, or outside training.
+        signum = recorder.received or signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"Interrupted ({name}) outside the train loop: nothing new to save.", file=sys.stderr)
+        sys.exit(128 + signum)
     except errors.Interrupted as error:
         print(
             f"Interrupted by {signal.Signals(error.signum).name} at step {error.step}; its "

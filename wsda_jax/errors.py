@@ -18,8 +18,10 @@ class Interrupted(Exception):
 
 
 class SignalRecorder:
-    """The SIGINT handler of a command from its start: records the signal, then raises
-    KeyboardInterrupt as Python's own handler does. Python discards a KeyboardInterrupt
+    """The SIGINT and SIGTERM handler of a command from its start: records the signal, then
+    raises KeyboardInterrupt as Python's own SIGINT handler does, so that a SIGTERM before
+    the train loop also unwinds (the workdir lock is released) instead of killing the
+    process where it stands. Python discards a KeyboardInterrupt
     raised inside a garbage-collector callback (or a `__del__`), so `received` keeps the
     Ctrl-C for whoever looks next: the train loop's watcher when it takes over, and the
     entry point when the command ends. `discard_unraisable`, as `sys.unraisablehook`,
@@ -35,7 +37,7 @@ class SignalRecorder:
         raise KeyboardInterrupt
 
     def discard_unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
-        """Drops the KeyboardInterrupt of a recorded Ctrl-C; passes anything else to the
+        """Drops the KeyboardInterrupt of a recorded signal; passes anything else to the
         hook that was in place when the recorder was made."""
         if unraisable.exc_type is KeyboardInterrupt and self.received is not None:
             return

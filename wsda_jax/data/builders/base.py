@@ -285,7 +285,9 @@ def parallel_map(
 
 
 def _ignore_sigint() -> None:
-    """A pool worker leaves Ctrl-C to the main process, which stops the map."""
+    """A pool worker leaves Ctrl-C (sent to the whole process group) to the main process,
+    which stops the map and the pool. SIGTERM keeps its default: the pool ends a worker
+    with it, and a worker that ignored it would outlive the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
