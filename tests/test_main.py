@@ -153,6 +153,14 @@ def test_bad_input_is_one_line(args, expected, tmp_path):
     assert_one_line_error(result, expected)
 
 
+def test_a_config_that_cannot_run_is_refused_before_the_workdir_is_made(tmp_path):
+    result = run_main(
+        tmp_path, TINY, "--config.model.aspp_dilations=(0,)", f"--workdir={tmp_path / 'w'}"
+    )
+    assert_one_line_error(result, "config.model.aspp_dilations=(0,): one or more positive")
+    assert not (tmp_path / "w").exists()
+
+
 def test_help_exits_with_zero(tmp_path):
     result = run_main(tmp_path, "--help")
     assert result.returncode == 0, result.stderr[-4000:]

@@ -93,5 +93,6 @@ def validate_model(config: ml_collections.ConfigDict) -> None:
     if config.stage == "adapt" and ignored >= height:
         raise ValueError(
             f"config.pseudo.ignore_top + config.pseudo.ignore_bottom = {ignored} rows leave "
-            f"no row of the {height}-row crop (config.data.crop_size) for pseudo labels"
+            f"no row of the {height}-row crop (config.data.crop_size) for pseudo labels; "
+            "lower them (the reference's 15 and 120 are for 512-row crops)"
         )

@@ -82,6 +82,7 @@ def _run(argv: list[str]) -> None:
         written = train.predict_images(config, workdir, FLAGS.input_dir, FLAGS.output_dir)
         logging.info("Wrote %d predictions to %s.", len(written), FLAGS.output_dir)
         return
+    config_lib.validate(config, jax.device_count())  # Before the workdir is made.
     workdir_lock.check_writable(workdir)
     with workdir_lock.hold_on_writer(workdir, jax.process_index()):
         if FLAGS.mode == "eval":
