@@ -7,10 +7,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import fixture_trees
 import numpy as np
 import pytest
+import subprocesses
 
 from wsda_jax import classes, config_lib, errors
 from wsda_jax.data import builders, records, sources
@@ -490,3 +492,26 @@ def test_val_images_of_several_sizes_need_eval_resize_before_training(tmp_path):
         sources.open_val(config)
     config.data.eval_resize = (16, width)
     assert len(sources.open_val(config)) == 2
+
+
+def test_a_stopped_preparation_does_not_wait_for_its_queued_work():
+    """The map stopped early (an error, Ctrl-C): the workers are ended at once, not left
+    to finish every chunk already handed to them while the process waits to exit."""
+    script = (
+        "import sys, time\n"
+        "from wsda_jax.data.builders import base\n"
+        "tasks = base.parallel_map(time.sleep, [2.0] * 16, num_workers=2, desc='x')\n"
+        "next(tasks)\n"
+        "tasks.close()\n"
+        "print(time.monotonic(), flush=True)\n"
+    )
+    process = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=subprocesses.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    # Without the ending, exit waits for the queued chunks: 2 s tasks, 2 per chunk.
+    assert time.monotonic() - float(process.stdout.split()[-1]) < 3.0

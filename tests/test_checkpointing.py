@@ -291,6 +291,15 @@ def test_restore_noise_filter_drops_only_the_abandoned_reads_errors():
     assert seen == [other, closed]  # Dropped only while installed.
 
 
+def test_with_several_processes_the_watcher_leaves_the_signals_alone(monkeypatch):
+    """SIGTERM belongs to the handler jax.distributed.initialize installs (its preemption
+    sync point decides when all processes save); a Python handler would replace it."""
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    with checkpointing.PreemptionWatcher():
+        assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
 def test_sigint_is_a_stop_request_like_sigterm():
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job, else Python's.
     with checkpointing.PreemptionWatcher() as watcher:

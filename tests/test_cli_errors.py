@@ -125,3 +125,18 @@ def test_orbax_failed_metadata_write_leaves_no_traceback(tmp_path, quiet):
         logger.removeHandler(handler)
         store.close()
     assert ("Traceback" in stream.getvalue()) is not quiet
+
+
+def test_an_unraisable_filter_installed_by_the_command_stays_after_it(monkeypatch):
+    """Orbax's restore-noise filter (`checkpoint_recovery.quiet_background_writes`) is
+    meant to stay on until the process exits: the command keeps it in place."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # Restored after.
+
+    def added(unraisable):
+        del unraisable
+
+    def run(argv):
+        sys.unraisablehook = added
+
+    cli_errors.run_reporting_errors(run, ["main"])
+    assert sys.unraisablehook is added

@@ -77,7 +77,16 @@ def test_val_size_mismatch_is_one_line(tmp_path):
 
 @pytest.mark.parametrize(
     "id_map",
-    ["{bad", '{"1": "road"}', '{"7": null}', '{"7": 300}', '{"-1": 3}', '{"7": 25}', "[1, 2]"],
+    [
+        "{bad",
+        '{"1": "road"}',
+        '{"7": null}',
+        '{"7": 300}',
+        '{"-1": 3}',
+        '{"7": 25}',
+        "[1, 2]",
+        '{"1099511627776": 0}',  # Would allocate a 1 TiB lookup table.
+    ],
 )
 def test_bad_id_map_is_one_line_before_anything_is_written(tmp_path, id_map):
     """Train ids 0-18 or 255, source ids >= 0: out of range, an id would wrap around (-1

@@ -75,6 +75,8 @@ def test_an_unreadable_evaluation_report_does_not_fail_the_finished_run(tmp_path
     assert train.progress_summary(str(tmp_path)) == (
         "Target val mIoU (%): step 0: student 25.0; step 4: report unreadable."
     )
+    (tmp_path / "eval" / "4.json").write_text("null")  # JSON, but not a report.
+    assert train.progress_summary(str(tmp_path)).endswith("step 4: report unreadable.")
 
 
 def test_profile_trace_in_the_tensorboard_folder(tiny_run):

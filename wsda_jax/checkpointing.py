@@ -391,8 +391,10 @@ class PreemptionWatcher:
 
     def __enter__(self) -> PreemptionWatcher:
         # With several processes a local Ctrl-C cannot stop the others in step, so it
-        # keeps its default (KeyboardInterrupt); SIGTERM reaches JAX's sync point.
-        signals = self.SIGNALS if jax.process_count() == 1 else (signal.SIGTERM,)
+        # keeps the command's handler (KeyboardInterrupt), and SIGTERM is left to the
+        # handler jax.distributed.initialize installed (a Python one would replace it, and
+        # JAX's preemption sync point would never be reached).
+        signals = self.SIGNALS if jax.process_count() == 1 else ()
         for signum in signals:
             previous = signal.signal(signum, self._handle)
             self._previous[signum] = previous

@@ -166,7 +166,8 @@ def _resume_command() -> str:
 
 
 # Recorded from a command's start: before the train loop's watcher takes them over, they
-# unwind the command (locks released) and end it with one line.
+# unwind the command (locks released) and end it with one line. (With several processes,
+# jax.distributed.initialize takes SIGTERM over for its preemption sync point.)
 RECORDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -184,7 +185,8 @@ def run_reporting_errors(run: Callable[[list[str]], None], argv: list[str]) -> N
     finally:  # For callers in process (tests): the handlers they had.
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        sys.unraisablehook = previous_unraisable_hook
+        if sys.unraisablehook == recorder.discard_unraisable:  # Not a filter added since.
+            sys.unraisablehook = previous_unraisable_hook
 
 
 def _report_errors(

@@ -79,11 +79,11 @@ def initialize_processes(arguments: Mapping[str, Any]) -> None:
         return
     if arguments:
         logging.info(
-            "Process %d of %d: waiting up to %d s for the others at %s.",
+            "Process %d of %d: joining the others at %s (each wait up to %d s).",
             arguments["process_id"],
             arguments["num_processes"],
-            STARTUP_TIMEOUT_S,
             arguments["coordinator_address"],
+            STARTUP_TIMEOUT_S,
         )
         if arguments["process_id"] > 0:
             wait_for_coordinator(arguments["coordinator_address"], STARTUP_TIMEOUT_S)

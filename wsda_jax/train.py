@@ -332,7 +332,7 @@ def progress_summary(workdir: str) -> str:
         try:
             with open(path) as f:
                 return report_scores(json.load(f))
-        except (OSError, ValueError) as error:  # Damaged by hand or by a full disk.
+        except (OSError, ValueError, AttributeError, TypeError) as error:  # Damaged.
             logging.warning("Unreadable evaluation report %s (%s).", path, error)
             return "report unreadable"
 

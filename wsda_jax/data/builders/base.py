@@ -99,7 +99,8 @@ def label_map_from_spec(spec: str | dict[int, int]) -> LabelMap:
 
 def _id_pair(key: object, value: object) -> tuple[int, int]:
     """(source id, train id) of one id map entry; a one-line ValueError unless the source
-    id is an integer >= 0 and the train id one of the classes' or the ignore label."""
+    id is a label image's value (0-65535: 8- or 16-bit) and the train id one of the
+    classes' or the ignore label."""
 
     def integer(x: object) -> int | None:
         if isinstance(x, int) and not isinstance(x, bool):
@@ -108,9 +109,9 @@ def _id_pair(key: object, value: object) -> tuple[int, int]:
 
     source_id, train_id = integer(key), integer(value)
     valid_train_ids = (*range(classes.NUM_CLASSES), classes.IGNORE_LABEL)
-    if source_id is None or source_id < 0 or train_id not in valid_train_ids:
+    if source_id is None or not 0 <= source_id <= 65535 or train_id not in valid_train_ids:
         raise ValueError(
-            f"id map entry {key!r}: {value!r}: source ids are integers >= 0, train ids "
+            f"id map entry {key!r}: {value!r}: source ids are integers 0-65535, train ids "
             f"0-{classes.NUM_CLASSES - 1} or {classes.IGNORE_LABEL} (ignored)"
         )
     return source_id, train_id
@@ -269,19 +270,30 @@ def parallel_map(
         pool = concurrent.futures.ProcessPoolExecutor(
             num_workers, mp_context=context, initializer=_ignore_sigint
         )
+        finished = False
         try:
             for result in pool.map(fn, tasks, chunksize=chunksize):
                 yield result
                 progress.update()
+            finished = True
         except concurrent.futures.process.BrokenProcessPool as error:
             raise PreparationError(
                 f"a {desc} worker process died (killed, or out of memory): run the same "
                 "command again (with a smaller --num_workers if memory is short)"
             ) from error
-        finally:  # On an error, or the caller's Ctrl-C: no waiting for the rest.
-            pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            if not finished:  # An error, Ctrl-C or SIGTERM: the queued chunks are dropped.
+                _terminate_workers(pool)
+            pool.shutdown(wait=finished, cancel_futures=True)
     finally:
         progress.close()
+
+
+def _terminate_workers(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Ends the pool's workers now; shutting down alone would wait (at exit) for every
+    chunk already handed to them. (Python 3.14 names this `terminate_workers`.)"""
+    for process in list((pool._processes or {}).values()):  # noqa: SLF001 - see above.
+        process.terminate()
 
 
 def _ignore_sigint() -> None:
