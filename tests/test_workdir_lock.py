@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import time
 
 import pytest
 
@@ -34,4 +35,42 @@ def test_a_lock_whose_pid_now_names_another_process_is_stale(tmp_path, holder):
     assert lock["pid"] == os.getpid()
     assert lock["process_start"] == workdir_lock._process_start(os.getpid()) is not None
     workdir_lock.release(path)
+    assert not os.path.exists(path)
+
+
+def _age(path, seconds):
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+@pytest.mark.parametrize(
+    "holder, age_s, stale",
+    [
+        ({"host": "preempted-vm", "pid": 7, "heartbeat": 60.0}, 11 * 60, True),
+        ({"host": "preempted-vm", "pid": 7, "heartbeat": 60.0}, 5, False),
+        ({"host": "preempted-vm", "pid": 7}, 11 * 60, False),  # No heartbeats: never.
+        # Same host, another container's pid namespace: its pid 1 is not this process.
+        ({"pid": 1, "pid_namespace": -1, "heartbeat": 60.0}, 5, False),
+        ({"pid": 1, "pid_namespace": -1, "heartbeat": 60.0}, 11 * 60, True),
+    ],
+)
+def test_a_holder_that_cannot_be_looked_up_is_stale_once_it_stops_refreshing(
+    tmp_path, holder, age_s, stale
+):
+    """Another host (a preempted VM replaced by a new one) or another pid namespace: the
+    lock's time, refreshed every minute while its run lives, decides."""
+    _write_lock(tmp_path, **holder)
+    _age(tmp_path / workdir_lock.LOCK_FILE, age_s)
+    if stale:
+        workdir_lock.release(workdir_lock.acquire(str(tmp_path)))
+    else:
+        with pytest.raises(workdir_lock.WorkdirLocked, match="replaced after 10 minutes"):
+            workdir_lock.acquire(str(tmp_path))
+
+
+def test_the_holder_refreshes_its_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(workdir_lock, "HEARTBEAT_S", 0.05)
+    with workdir_lock.hold(str(tmp_path)) as path:
+        _age(path, 3600)
+        time.sleep(0.5)
+        assert time.time() - os.path.getmtime(path) < 60
     assert not os.path.exists(path)

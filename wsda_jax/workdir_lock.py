@@ -2,11 +2,13 @@
 
 Two runs writing one workdir would interleave metrics.jsonl and race on checkpoints, so
 `hold(workdir)` creates the lock file exclusively (O_EXCL) and removes it when the run
-ends, however it ends short of SIGKILL. A lock left by a run that died (same host, and
-its pid no longer alive, or now this process's or another process's: a restarted
-container reuses pids, so the lock also holds its process's start time) is stale: it is
-replaced, with a warning. A lock from another host cannot be checked from here; the
-error says how to remove it.
+ends, however it ends short of SIGKILL. A lock left by a run that died is stale: it is
+replaced, with a warning. On the same host and in the same pid namespace the holder's
+process is looked up: gone, or its pid now this process's or another process's (a
+restarted container reuses pids, so the lock also holds its process's start time).
+Elsewhere (another host after a preemption, another container) it cannot be; there the
+holder refreshes the lock's time every minute, and a lock not refreshed for 10 minutes
+is stale.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 
 from absl import logging
 
 LOCK_FILE = "lock"
+HEARTBEAT_S = 60.0  # How often the holder refreshes the lock's modification time.
+STALE_AFTER_S = 600.0  # A lock whose holder cannot be looked up, not refreshed this long.
 
 
 class WorkdirLocked(ValueError):
@@ -48,6 +53,14 @@ def _process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None  # Field 22 of proc(5), from field 3.
 
 
+def _pid_namespace() -> int | None:
+    """This process's pid namespace (Linux), or None if unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _read(path: str) -> dict | None:
     """The lock's content, or None when it is unreadable (being written, or garbage)."""
     try:
@@ -69,13 +82,18 @@ def _create(path: str, owner: dict) -> bool:
 
 
 def _is_stale(holder: dict | None, path: str) -> bool:
-    """The holder's process is gone (same host: its pid is dead, is ours, or started at
-    another time), or the file is garbage for a while."""
+    """The holder's process is gone (same host and pid namespace: its pid is dead, is
+    ours, or started at another time; elsewhere: the lock is no longer refreshed), or
+    the file is garbage for a while."""
+    age = time.time() - os.path.getmtime(path)
     if holder is None:
         # Unreadable: another run may be writing it this very moment; garbage after 10 s.
-        return time.time() - os.path.getmtime(path) > 10
-    if holder.get("host") != socket.gethostname():
-        return False
+        return age > 10
+    same_namespace = holder.get("pid_namespace") in (None, _pid_namespace())
+    if holder.get("host") != socket.gethostname() or not same_namespace:
+        # Its process cannot be looked up from here (a lock without heartbeats, from an
+        # older version, never goes stale this way).
+        return bool(holder.get("heartbeat")) and age > STALE_AFTER_S
     pid = holder.get("pid")
     if not (isinstance(pid, int) and pid > 0) or pid == os.getpid() or not _pid_alive(pid):
         return True
@@ -90,6 +108,8 @@ def acquire(workdir: str) -> str:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "process_start": _process_start(os.getpid()),
+        "pid_namespace": _pid_namespace(),
+        "heartbeat": HEARTBEAT_S,
         "started": time.time(),
     }
     for _ in range(3):
@@ -105,7 +125,8 @@ def acquire(workdir: str) -> str:
             raise WorkdirLocked(
                 f"--workdir={workdir} is in use by another run (pid {holder.get('pid')} on "
                 f"{holder.get('host')}, started {started}); wait for it to end, or delete "
-                f"{path} if that run is gone"
+                f"{path} if that run is gone (a lock its run stopped refreshing is replaced "
+                f"after {STALE_AFTER_S / 60:g} minutes)"
             )
         # Remove only the stale file that was read, not a fresh one another run wrote.
         if _read(path) == holder:
@@ -129,12 +150,32 @@ def release(path: str) -> None:
 
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[str]:
-    """`acquire` on entry, `release` on exit (also on an exception or a handled signal)."""
+    """`acquire` on entry, `release` on exit (also on an exception or a handled signal);
+    while held, a thread refreshes the lock's time every HEARTBEAT_S seconds."""
     path = acquire(workdir)
+    stop = threading.Event()
+    beat = threading.Thread(target=_refresh, args=(path, stop), daemon=True)
+    beat.start()
     try:
         yield path
     finally:
+        stop.set()
+        beat.join()
         release(path)
+
+
+def _refresh(path: str, stop: threading.Event) -> None:
+    """Touches the lock while this process owns it, until `stop` is set."""
+    while not stop.wait(HEARTBEAT_S):
+        holder = _read(path)
+        ours = holder and (holder.get("host"), holder.get("pid")) == (
+            socket.gethostname(),
+            os.getpid(),
+        )
+        if not ours:
+            return  # Taken over or removed: never touch another run's lock.
+        with contextlib.suppress(OSError):  # A full or read-only disk: the next beat.
+            os.utime(path)
 
 
 def check_writable(workdir: str) -> None:
