@@ -76,7 +76,7 @@ def _record_training(monkeypatch):
 
     def record(config, workdir):
         trained.append(os.path.basename(workdir))
-        os.makedirs(workdir)
+        os.makedirs(workdir, exist_ok=True)
         return {"student": _result("any", 0, 0.3)["student"]}
 
     monkeypatch.setattr(train, "train_and_evaluate", record)
@@ -99,6 +99,14 @@ def test_finished_runs_are_never_retrained(tmp_path, monkeypatch):
     assert again == first and len(trained) == 2
 
 
+def test_a_resumed_run_is_marked_so_its_time_is_not_averaged(tmp_path, monkeypatch):
+    _record_training(monkeypatch)
+    outdir = tmp_path / "out"
+    os.makedirs(outdir / "source_only_seed0" / "checkpoints" / "200")  # Interrupted once.
+    assert synthetic_table.run_variant("source_only", 0, str(outdir), smoke=True)["resumed"]
+    assert "resumed" not in synthetic_table.run_variant("source_only", 1, str(outdir), True)
+
+
 def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monkeypatch):
     """Nothing is trained; a variant with no finished seed is left out, the others keep
     the order of --variants and list their seeds."""
@@ -106,6 +114,8 @@ def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monke
     kept.mkdir()
     for variant, seed, miou in (("coarse", 0, 0.40), ("coarse", 2, 0.42), ("uda", 0, 0.2)):
         (kept / f"{variant}_seed{seed}.json").write_text(json.dumps(_result(variant, seed, miou)))
+    resumed = {**_result("uda", 1, 0.2), "seconds": 6.0, "resumed": True}  # Its last part.
+    (kept / "uda_seed1.json").write_text(json.dumps(resumed))
 
     def no_training(*args, **kwargs):
         raise AssertionError("report_only trained")
@@ -118,10 +128,11 @@ def test_report_only_tables_the_finished_runs_in_the_asked_order(tmp_path, monke
         results_dir=str(kept),
         report_only=True,
     )
-    assert [len(results[v]) for v in ("coarse", "point", "uda")] == [2, 0, 1]
+    assert [len(results[v]) for v in ("coarse", "point", "uda")] == [2, 0, 2]
     table = open(tmp_path / "out" / "table.md").read()
     rows = [line for line in table.splitlines() if line.startswith("| coarse |")]
-    assert rows[0].startswith("| coarse | 41.0 ± 1.4 | 41.0 ± 1.4 | 40.0, 42.0 | 2 |")
+    assert rows[0] == "| coarse | 41.0 ± 1.4 | 41.0 ± 1.4 | 40.0, 42.0 | 2 | 1.0 |"
+    assert "| uda | 20.0 ± 0.0 | 20.0 ± 0.0 | 20.0, 20.0 | 2 | 1.0 (1 resumed left out) |" in table
     assert "| point |" not in table
     assert table.index("| coarse |") < table.index("| uda |")
 

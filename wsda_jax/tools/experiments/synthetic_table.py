@@ -225,9 +225,13 @@ def run_variant(
             config = make_config(stage_one_of(variant), seed, outdir, smoke, data_dir)
             train.train_and_evaluate(config, source_dir)
     workdir = run_dir(outdir, variant, seed)
+    # A resumed run's time counts only its last part: the table leaves it out.
+    resumed = any(name.isdigit() for name in _listdir(os.path.join(workdir, "checkpoints")))
     start = time.time()
     report = train.train_and_evaluate(make_config(variant, seed, outdir, smoke, data_dir), workdir)
     result = {"variant": variant, "seed": seed, "seconds": time.time() - start, **report}
+    if resumed:
+        result["resumed"] = True
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
     if results_dir:
@@ -235,6 +239,10 @@ def run_variant(
         with open(_kept_result(variant, seed, results_dir), "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 def _mean_std(values: Sequence[float]) -> str:
@@ -261,9 +269,12 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
         student = _mean_std([r["student"]["miou"] for r in runs])
         teacher = _mean_std([r["teacher"]["miou"] for r in runs if "teacher" in r])
         per_seed = ", ".join(f"{100 * r['student']['miou']:.1f}" for r in runs)
-        minutes = np.mean([r["seconds"] for r in runs]) / 60
+        whole = [r["seconds"] for r in runs if not r.get("resumed")]
+        minutes = f"{np.mean(whole) / 60:.1f}" if whole else "n/a"
+        if len(whole) < len(runs):
+            minutes += f" ({len(runs) - len(whole)} resumed left out)"
         lines.append(
-            f"| {variant} | {student} | {teacher} | {per_seed} | {len(runs)} | {minutes:.1f} |"
+            f"| {variant} | {student} | {teacher} | {per_seed} | {len(runs)} | {minutes} |"
         )
     lines += ["", "Per-class IoU (%, student, mean over seeds):", ""]
     names = list(classes.CLASS_NAMES)
