@@ -81,6 +81,13 @@ def _create(path: str, owner: dict) -> bool:
     return True
 
 
+def _can_look_up(holder: dict) -> bool:
+    """Whether the holder's process can be looked up from here: same host and pid
+    namespace (a lock from an older version names no namespace)."""
+    same_namespace = holder.get("pid_namespace") in (None, _pid_namespace())
+    return holder.get("host") == socket.gethostname() and same_namespace
+
+
 def _is_stale(holder: dict | None, path: str) -> bool:
     """The holder's process is gone (same host and pid namespace: its pid is dead, is
     ours, or started at another time; elsewhere: the lock is no longer refreshed), or
@@ -89,10 +96,8 @@ def _is_stale(holder: dict | None, path: str) -> bool:
     if holder is None:
         # Unreadable: another run may be writing it this very moment; garbage after 10 s.
         return age > 10
-    same_namespace = holder.get("pid_namespace") in (None, _pid_namespace())
-    if holder.get("host") != socket.gethostname() or not same_namespace:
-        # Its process cannot be looked up from here (a lock without heartbeats, from an
-        # older version, never goes stale this way).
+    if not _can_look_up(holder):
+        # A lock without heartbeats (from an older version) never goes stale this way.
         return bool(holder.get("heartbeat")) and age > STALE_AFTER_S
     pid = holder.get("pid")
     if not (isinstance(pid, int) and pid > 0) or pid == os.getpid() or not _pid_alive(pid):
@@ -122,11 +127,16 @@ def acquire(workdir: str) -> str:
             started = time.strftime(
                 "%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0)))
             )
+            replaced = (
+                f" (a lock its run stopped refreshing is replaced after {STALE_AFTER_S / 60:g} "
+                "minutes)"
+                if holder.get("heartbeat") and not _can_look_up(holder)
+                else ""
+            )
             raise WorkdirLocked(
                 f"--workdir={workdir} is in use by another run (pid {holder.get('pid')} on "
                 f"{holder.get('host')}, started {started}); wait for it to end, or delete "
-                f"{path} if that run is gone (a lock its run stopped refreshing is replaced "
-                f"after {STALE_AFTER_S / 60:g} minutes)"
+                f"{path} if that run is gone{replaced}"
             )
         # Remove only the stale file that was read, not a fresh one another run wrote.
         if _read(path) == holder:
