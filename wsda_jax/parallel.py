@@ -45,12 +45,16 @@ def distributed_arguments(
         raise ValueError(f"several processes by hand need {', '.join(missing)} as well")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
-    host, _, port = coordinator_address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(
-            f"--coordinator_address={coordinator_address!r}: expected HOST:PORT of process 0"
-        )
+    _host_and_port(coordinator_address)
     return given
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    """('host', port) of 'HOST:PORT' ('[::1]:1234' too); a one-line ValueError otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--coordinator_address={address!r}: expected HOST:PORT of process 0")
+    return host.strip("[]"), int(port)
 
 
 def is_multiprocess(arguments: Mapping[str, Any], env: Mapping[str, str] = os.environ) -> bool:
@@ -93,11 +97,11 @@ def initialize_processes(arguments: Mapping[str, Any]) -> None:
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
     """Returns once something accepts connections at HOST:PORT `address`; a one-line
     ValueError when nothing has after `timeout_s`."""
-    host, _, port = address.rpartition(":")
+    host_and_port = _host_and_port(address)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            with socket.create_connection(host_and_port, timeout=5):
                 return
         except OSError as error:
             if time.monotonic() >= deadline:

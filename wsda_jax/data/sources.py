@@ -120,12 +120,18 @@ def reprepare_hint(dataset: str, config_data: Any, path: str | None) -> str:
     """How to replace the damaged prepared dataset in `path` (its version folder)."""
     if dataset in builders.PROCEDURAL:
         return "delete the dataset's folder: the next run generates it again"
-    try:
-        saved_options = builders.base.read_summary(path).get("options") if path else None
-    except (OSError, ValueError, AttributeError):  # The summary is damaged too.
-        saved_options = None
+    saved_options = _saved_summary(path).get("options") if path else None
     command = prepare_command(dataset, config_data, saved_options)
     return f"delete the dataset's folder and prepare it again: {command}"
+
+
+def _saved_summary(path: str) -> dict[str, Any]:
+    """The preparation summary in `path`, or {} when it is absent or unreadable."""
+    try:
+        summary = builders.base.read_summary(path)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 class CheckedRecords(Sequence):
@@ -200,11 +206,8 @@ def _open_checked_val(config: ml_collections.ConfigDict) -> Sequence[Any]:
     val = open_split(config.data.target, "val", config.data)
     if tuple(config.data.eval_resize):
         return val
-    path = ensure_prepared(config.data.target, config.data)
-    try:
-        counts = builders.base.read_summary(path).get("splits", {}).get("val", {})
-    except (OSError, ValueError, AttributeError):  # No summary to go by.
-        return val
+    summary = _saved_summary(ensure_prepared(config.data.target, config.data))
+    counts = summary.get("splits", {}).get("val", {})
     sizes = sorted(
         key[len(builders.base.SIZE_COUNT) :]
         for key in counts
